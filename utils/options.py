@@ -1,0 +1,154 @@
+"""Command-line options.
+
+Every option of the original IRRA ``utils/options.py`` keeps its name and default, but is typed so that it can
+actually be set from the command line (``--img_size 384 128`` parses to two ints; periods are ints). New options:
+``--config`` (a YAML file whose values become defaults that the command line overrides), ``--device``,
+``--precision``, ``--seed``, ``--mlm_mask_caption``, ``--mlm_probability`` and a few named constants.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+import yaml
+
+VALID_LOSSES = ("itc", "sdm", "cmpm", "id", "mlm")
+PRECISIONS = ("auto", "fp32", "fp16", "amp_bf16", "amp_fp16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="IRRA Args", allow_abbrev=False)
+    ######################## general settings ########################
+    parser.add_argument("--config", default=None, help="YAML file of option values used as defaults (the command line wins)")
+    parser.add_argument("--local_rank", default=0, type=int)
+    parser.add_argument("--name", default="baseline", help="experiment name to save")
+    parser.add_argument("--output_dir", default="logs")
+    parser.add_argument("--log_period", type=int, default=100)
+    parser.add_argument("--eval_period", type=int, default=1)
+    parser.add_argument("--val_dataset", default="test", choices=("test", "val"),
+                        help="split evaluated during training")
+    parser.add_argument("--resume", default=False, action="store_true")
+    parser.add_argument("--resume_ckpt_file", default="", help="resume from ...")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: fp16 weights (the original's convert_weights) on CUDA, fp32 on CPU")
+    parser.add_argument("--seed", type=int, default=1)
+
+    ######################## model general settings ########################
+    parser.add_argument("--pretrain_choice", default="ViT-B/16",
+                        help="OpenAI CLIP name, path to a CLIP file, or scratch:<arch>")
+    parser.add_argument("--clip_download_root", default=None, help="CLIP weights cache (default ~/.cache/clip)")
+    parser.add_argument("--temperature", type=float, default=0.02,
+                        help="initial temperature value, if 0, don't use temperature")
+    parser.add_argument("--img_aug", default=False, action="store_true")
+
+    ## cross modal transfomer setting
+    parser.add_argument("--cmt_depth", type=int, default=4, help="cross modal transformer self attn layers")
+    parser.add_argument("--masked_token_rate", type=float, default=0.8, help="masked token rate for mlm task")
+    parser.add_argument("--masked_token_unchanged_rate", type=float, default=0.1,
+                        help="masked token unchanged rate")
+    parser.add_argument("--mlm_probability", type=float, default=0.15, help="probability a token is chosen for MLM")
+    parser.add_argument("--mlm_mask_caption", default=False, action="store_true",
+                        help="reproduce the original's bug: caption_ids used by SDM/ID are masked too")
+    parser.add_argument("--lr_factor", type=float, default=5.0, help="lr factor for random init self implement module")
+    parser.add_argument("--MLM", default=False, action="store_true",
+                        help="whether to use Mask Language Modeling dataset")
+
+    ######################## loss settings ########################
+    parser.add_argument("--loss_names", default="sdm+id+mlm", help=f"'+'-separated subset of {list(VALID_LOSSES)}")
+    parser.add_argument("--mlm_loss_weight", type=float, default=1.0, help="mlm loss weight")
+    parser.add_argument("--id_loss_weight", type=float, default=1.0, help="id loss weight")
+
+    ######################## vison trainsformer settings ########################
+    parser.add_argument("--img_size", type=int, nargs=2, default=(384, 128), metavar=("H", "W"))
+    parser.add_argument("--stride_size", type=int, default=16)
+
+    ######################## text transformer settings ########################
+    parser.add_argument("--text_length", type=int, default=77)
+    parser.add_argument("--vocab_size", type=int, default=49408)
+
+    ######################## solver ########################
+    parser.add_argument("--optimizer", type=str, default="Adam", help="[SGD, Adam, AdamW]")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--bias_lr_factor", type=float, default=2.0)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--weight_decay", type=float, default=4e-5)
+    parser.add_argument("--weight_decay_bias", type=float, default=0.0)
+    parser.add_argument("--alpha", type=float, default=0.9)
+    parser.add_argument("--beta", type=float, default=0.999)
+    parser.add_argument("--adam_eps", type=float, default=1e-3, help="Adam epsilon (the original's 1e-3)")
+    parser.add_argument("--adamw_eps", type=float, default=1e-8, help="AdamW epsilon")
+
+    ######################## scheduler ########################
+    parser.add_argument("--num_epoch", type=int, default=60)
+    parser.add_argument("--milestones", type=int, nargs="+", default=(20, 50))
+    parser.add_argument("--gamma", type=float, default=0.1)
+    parser.add_argument("--warmup_factor", type=float, default=0.1)
+    parser.add_argument("--warmup_epochs", type=int, default=5)
+    parser.add_argument("--warmup_method", type=str, default="linear")
+    parser.add_argument("--lrscheduler", type=str, default="cosine")
+    parser.add_argument("--target_lr", type=float, default=0)
+    parser.add_argument("--power", type=float, default=0.9)
+
+    ######################## dataset ########################
+    parser.add_argument("--dataset_name", default="CUHK-PEDES", help="[CUHK-PEDES, ICFG-PEDES, RSTPReid, SynthPEDES]")
+    parser.add_argument("--sampler", default="random", help="choose sampler from [identity, random]")
+    parser.add_argument("--num_instance", type=int, default=4)
+    parser.add_argument("--root_dir", default="./data")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--test_batch_size", type=int, default=512)
+    parser.add_argument("--num_workers", type=int, default=8)
+    parser.add_argument("--test", dest="training", default=True, action="store_false")
+    parser.add_argument("--i2t_metric", default=False, action="store_true", help="also report image-to-text metrics")
+    return parser
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """Read a YAML config and check every key is a known option."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path}: no such file")
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(cfg).__name__}")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown option(s) {unknown}; valid options are {sorted(known - {'help'})}")
+    for key in ("img_size", "milestones"):
+        if key in cfg and isinstance(cfg[key], list):
+            cfg[key] = tuple(cfg[key])
+    return cfg
+
+
+def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Normalise and cross-check options (shared by the CLI and configs loaded from disk)."""
+    args.img_size = tuple(int(v) for v in args.img_size)
+    if len(args.img_size) != 2:
+        raise ValueError(f"--img_size expects two ints H W, got {args.img_size}")
+    args.milestones = tuple(int(v) for v in args.milestones)
+    tasks = [t.strip() for t in str(args.loss_names).split("+") if t.strip()]
+    unknown = [t for t in tasks if t not in VALID_LOSSES]
+    if unknown or not tasks:
+        raise ValueError(f"--loss_names {args.loss_names!r}: unknown loss(es) {unknown}; valid names are "
+                         f"{list(VALID_LOSSES)} joined with '+', e.g. sdm+mlm+id")
+    # --MLM (the dataset side) and 'mlm' in --loss_names (the model side) must agree: one implies the other.
+    if "mlm" in tasks:
+        args.MLM = True
+    elif args.MLM:
+        tasks.append("mlm")
+    args.loss_names = "+".join(tasks)
+    if args.precision not in PRECISIONS:
+        raise ValueError(f"--precision {args.precision!r}: expected one of {list(PRECISIONS)}")
+    return args
+
+
+def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``); values from ``--config`` act as defaults."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_config_defaults(parser, pre.config))
+    args = parser.parse_args(argv)
+    return finalize_args(args)
