@@ -1,0 +1,162 @@
+"""solver: optimizer param groups and lr schedules against the original IRRA's fixtures."""
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from solver import LRSchedulerWithWarmup, build_lr_scheduler, build_optimizer
+from solver.build import ADAM_EPS, ADAMW_EPS
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+def _args(**kw) -> Namespace:
+    base = dict(
+        optimizer="Adam", lr=1e-5, lr_factor=5.0, bias_lr_factor=2.0, momentum=0.9, weight_decay=4e-5,
+        weight_decay_bias=0.0, alpha=0.9, beta=0.999, num_epoch=60, milestones=(20, 50), gamma=0.1,
+        warmup_factor=0.1, warmup_epochs=5, warmup_method="linear", lrscheduler="cosine", target_lr=0.0, power=0.9,
+    )
+    base.update(kw)
+    return Namespace(**base)
+
+
+class SpecModel(nn.Module):
+    """Module whose named_parameters() are exactly the IRRA spec names/shapes (in spec order), independent
+    of the model code: nested empty modules are created for every dotted prefix."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        for name, shape in spec.items():
+            *path, leaf = name.split(".")
+            mod = self
+            for part in path:
+                if not hasattr(mod, part):
+                    mod.add_module(part, nn.Module())
+                mod = getattr(mod, part)
+            mod.register_parameter(leaf, nn.Parameter(torch.zeros(shape)))
+
+
+@pytest.fixture(scope="module")
+def spec_model():
+    spec = json.loads((FIX / "irra_spec.json").read_text())
+    model = SpecModel(spec)
+    assert [n for n, _ in model.named_parameters()] == list(spec)
+    return model
+
+
+def test_optimizer_groups_match_fixture(spec_model):
+    fx = torch.load(FIX / "model_forward.pt", weights_only=True)
+    a = fx["args"]
+    args = _args(**{k: a[k] for k in ("optimizer", "lr", "lr_factor", "bias_lr_factor", "weight_decay",
+                                      "weight_decay_bias", "alpha", "beta", "momentum")})
+    opt = build_optimizer(args, spec_model)
+    expected = fx["optimizer_groups"]  # [[name, lr, weight_decay], ...] in named_parameters order
+    names = [n for n, _ in spec_model.named_parameters()]
+    assert len(opt.param_groups) == len(expected) == len(names)
+    by_param = {id(p): n for n, p in spec_model.named_parameters()}
+    for group, (name, lr, wd) in zip(opt.param_groups, expected):
+        assert len(group["params"]) == 1
+        assert by_param[id(group["params"][0])] == name
+        assert group["lr"] == pytest.approx(lr, rel=1e-12), name
+        assert group["weight_decay"] == pytest.approx(wd, abs=1e-15), name
+    # the fixture exercises every rule
+    lrs = {(lr, wd) for _, lr, wd in expected}
+    assert lrs == {(1e-5, 4e-5), (2e-5, 0.0), (5e-5, 4e-5), (5e-5, 0.0)}
+
+
+def test_frozen_params_skipped():
+    m = nn.Linear(3, 2)
+    m.bias.requires_grad_(False)
+    opt = build_optimizer(_args(), m)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"][0] is m.weight
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_optimizer_types(name):
+    m = nn.Linear(3, 2)
+    opt = build_optimizer(_args(optimizer=name), m)
+    if name == "SGD":
+        assert type(opt) is torch.optim.SGD
+        assert opt.defaults["momentum"] == 0.9 and opt.defaults["lr"] == 1e-5
+    else:
+        assert type(opt) is (torch.optim.Adam if name == "Adam" else torch.optim.AdamW)
+        assert opt.defaults["betas"] == (0.9, 0.999)
+        assert opt.defaults["eps"] == (1e-3 if name == "Adam" else 1e-8)
+    assert ADAM_EPS == 1e-3 and ADAMW_EPS == 1e-8
+    # weight decay / lr live per group
+    assert [g["weight_decay"] for g in opt.param_groups] == [4e-5, 0.0]
+    assert [g["lr"] for g in opt.param_groups] == [1e-5, 2e-5]
+
+
+def test_eps_override():
+    args = _args(optimizer="Adam")
+    args.adam_eps = 1e-6
+    assert build_optimizer(args, nn.Linear(2, 2)).defaults["eps"] == 1e-6
+
+
+def test_unknown_optimizer():
+    with pytest.raises(ValueError, match="valid optimizers: SGD, Adam, AdamW"):
+        build_optimizer(_args(optimizer="Lamb"), nn.Linear(2, 2))
+
+
+def _curve(mode, warmup_method, steps=60):
+    p1, p2 = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p1], "lr": 1e-5}, {"params": [p2], "lr": 5e-5}], lr=1e-5)
+    sched = LRSchedulerWithWarmup(opt, milestones=(20, 50), gamma=0.1, mode=mode, warmup_factor=0.1,
+                                  warmup_epochs=5, warmup_method=warmup_method, total_epochs=60, target_lr=0,
+                                  power=0.9)
+    out = []
+    for _ in range(steps):
+        out.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    return out
+
+
+SCHED = json.loads((FIX / "functions.json").read_text())["scheduler"]
+
+
+@pytest.mark.parametrize("key", sorted(SCHED))
+def test_scheduler_fixture(key):
+    mode, method = key.split("/")
+    expected = SCHED[key]
+    got = _curve(mode, method, len(expected))
+    assert len(expected) == 60
+    for e, g in zip(expected, got):
+        assert g == pytest.approx(e, rel=1e-9, abs=1e-20)
+
+
+def test_build_lr_scheduler_uses_args():
+    p1, p2 = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p1], "lr": 1e-5}, {"params": [p2], "lr": 5e-5}], lr=1e-5)
+    sched = build_lr_scheduler(_args(lrscheduler="step", warmup_method="constant"), opt)
+    assert (sched.mode, sched.warmup_method, sched.total_epochs, sched.milestones) == ("step", "constant", 60, [20, 50])
+    got = []
+    for _ in range(60):
+        got.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    for e, g in zip(SCHED["step/constant"], got):
+        assert g == pytest.approx(e, rel=1e-9)
+
+
+def test_scheduler_validation():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="increasing"):
+        LRSchedulerWithWarmup(opt, milestones=(50, 20))
+    with pytest.raises(ValueError, match="valid modes: step, exp, poly, cosine, linear"):
+        LRSchedulerWithWarmup(opt, milestones=(20,), mode="plateau")
+    with pytest.raises(ValueError, match="valid methods: constant, linear"):
+        LRSchedulerWithWarmup(opt, milestones=(20,), warmup_method="exp")
+
+
+def test_scheduler_total_equals_warmup_no_crash():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = LRSchedulerWithWarmup(opt, milestones=(20,), mode="cosine", warmup_epochs=2, total_epochs=2)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
