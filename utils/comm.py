@@ -105,3 +105,19 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 __all__ = ["ACCEL", "is_dist", "get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
            "resolve_device", "all_gather", "all_gather_tensor", "reduce_dict", "broadcast_object"]
+
+
+def init_distributed(device_spec: str = "auto") -> torch.device:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1) and return this process's device.
+
+    NCCL on the accelerator, gloo on the CPU.
+    """
+    device = resolve_device(device_spec)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_dist():
+        if device.type == ACCEL:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == ACCEL else "gloo", init_method="env://")
+        synchronize()
+    elif device.type == ACCEL:
+        torch.cuda.set_device(device)
+    return device

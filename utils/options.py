@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ######################## scheduler ########################
     parser.add_argument("--num_epoch", type=int, default=60)
+    parser.add_argument("--stop_epoch", type=int, default=None,
+                        help="stop after this epoch (schedule still planned for --num_epoch); continue with --resume")
     parser.add_argument("--milestones", type=int, nargs="+", default=(20, 50))
     parser.add_argument("--gamma", type=float, default=0.1)
     parser.add_argument("--warmup_factor", type=float, default=0.1)
@@ -142,6 +144,16 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.precision not in PRECISIONS:
         raise ValueError(f"--precision {args.precision!r}: expected one of {list(PRECISIONS)}")
     return args
+
+
+def load_config_args(path: str, **overrides) -> argparse.Namespace:
+    """Options of a saved run (``configs.yaml``, ours or the original's), missing ones filled with today's defaults."""
+    from utils.iotools import load_train_configs
+
+    args = build_parser().parse_args([])
+    vars(args).update(vars(load_train_configs(path)))
+    vars(args).update({k: v for k, v in overrides.items() if v is not None})
+    return finalize_args(args)
 
 
 def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

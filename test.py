@@ -1,0 +1,48 @@
+"""Evaluate a trained run:  python test.py --config_file logs/<dataset>/<run>/configs.yaml
+Works with our configs.yaml and the original IRRA's; loads best.pth from the config's directory by default.
+"""
+import argparse
+import os
+import sys
+
+from datasets import build_dataloader
+from model import build_model
+from processor.processor import do_inference
+from utils.checkpoint import Checkpointer, checkpoint_num_classes
+from utils.comm import resolve_device
+from utils.logger import setup_logger
+from utils.options import load_config_args
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="IRRA Test")
+    parser.add_argument("--config_file", required=True, help="configs.yaml of a training run")
+    parser.add_argument("--checkpoint", default=None, help="default: best.pth next to the config file")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: the run's)")
+    parser.add_argument("--root_dir", default=None, help="dataset root (default: the run's)")
+    parser.add_argument("--test_batch_size", type=int, default=None)
+    parser.add_argument("--num_workers", type=int, default=None)
+    parser.add_argument("--i2t_metric", action="store_true")
+    cli = parser.parse_args(argv)
+    if not os.path.isfile(cli.config_file):
+        raise FileNotFoundError(f"--config_file {cli.config_file}: no such file (expected logs/<dataset>/<run>/configs.yaml)")
+    run_dir = os.path.dirname(os.path.abspath(cli.config_file))
+    args = load_config_args(cli.config_file, device=cli.device, root_dir=cli.root_dir, num_workers=cli.num_workers,
+                            test_batch_size=cli.test_batch_size)
+    args.training, args.output_dir = False, run_dir
+    ckpt = cli.checkpoint or os.path.join(run_dir, "best.pth")
+    if not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"checkpoint {ckpt} not found (pass --checkpoint PATH)")
+    logger = setup_logger("IRRA", save_dir=run_dir, if_train=False)
+    logger.info(f"config {cli.config_file}, checkpoint {ckpt}")
+
+    device = resolve_device(args.device)
+    test_img_loader, test_txt_loader, num_classes = build_dataloader(args)
+    model = build_model(args, checkpoint_num_classes(ckpt, default=num_classes), device=device)
+    Checkpointer(model).load(f=ckpt)
+    model.to(device)
+    return do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
