@@ -1,0 +1,256 @@
+"""utils/retrieval.py with a transparent stand-in model: image embedding = mean RGB, text embedding = colour-word
+counts, so every score has a naive closed form. The real-model end-to-end path is in tests/test_visualize.py."""
+import logging
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+
+from utils import retrieval as R
+
+COLOURS = {"red": (230, 20, 20), "green": (20, 210, 30), "blue": (25, 30, 220), "yellow": (220, 220, 30),
+           "white": (250, 250, 250)}
+
+
+class ColourModel(torch.nn.Module):
+    """encode_image: mean RGB [B, 3]; encode_text: the ids are (#red, #green, #blue) already."""
+
+    def __init__(self):
+        super().__init__()
+        self.image_calls = 0
+        self.images_seen = 0
+
+    def encode_image(self, imgs):
+        self.image_calls += 1
+        self.images_seen += imgs.shape[0]
+        return imgs.mean(dim=(2, 3))  # [B, 3, H, W] -> [B, 3]
+
+    def encode_text(self, ids):
+        return ids.float()
+
+
+def colour_tokenize(text):
+    words = text.lower().split()
+    return torch.tensor([words.count("red"), words.count("green"), words.count("blue")], dtype=torch.long)
+
+
+def make_retriever(run_dir=None, checkpoint=None, batch_size=3):
+    tf = T.Compose([T.Resize((16, 8)), T.ToTensor()])
+    return R.Retriever(ColourModel(), tf, colour_tokenize, torch.device("cpu"), run_dir=run_dir,
+                       checkpoint=checkpoint, batch_size=batch_size)
+
+
+def write_gallery(folder):
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    paths = {}
+    for i, (name, rgb) in enumerate(COLOURS.items()):
+        sub = folder if i % 2 == 0 else folder / "sub" / "deeper"
+        ext = ".JPG" if name == "yellow" else (".png" if i % 2 else ".jpg")
+        p = sub / f"{name}{ext}"
+        Image.new("RGB", (20, 40), rgb).save(p, quality=100) if ext.lower() == ".jpg" else Image.new(
+            "RGB", (20, 40), rgb).save(p)
+        paths[name] = str(p)
+    (folder / "notes.txt").write_text("not an image")
+    return paths
+
+
+def naive_scores(retriever, paths, query):
+    q = F.normalize(colour_tokenize(query).float(), dim=0)
+    out = {}
+    for p in paths:
+        x = retriever.transform(Image.open(p).convert("RGB")).mean(dim=(1, 2))
+        out[p] = float(F.normalize(x, dim=0) @ q)
+    return out
+
+
+def test_list_images_recursive_and_errors(tmp_path):
+    paths = write_gallery(tmp_path / "g")
+    assert R.list_images(tmp_path / "g") == sorted(paths.values())  # .JPG counted, .txt ignored, recursive
+    (tmp_path / "empty" / "x").mkdir(parents=True)
+    (tmp_path / "empty" / "x" / "a.txt").write_text("hi")
+    with pytest.raises(ValueError, match="contains no images"):
+        R.list_images(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        R.list_images(tmp_path / "nope")
+
+
+def test_search_sorted_and_matches_naive_cosine(tmp_path):
+    paths = write_gallery(tmp_path / "g")
+    r = make_retriever()
+    g = r.encode_images(R.list_images(tmp_path / "g"), progress=False)
+    assert len(g) == 5 and g.embeddings.shape == (5, 3)
+    assert torch.allclose(g.embeddings.norm(dim=1), torch.ones(5))
+    for query, best in [("a man in a red jacket", "red"), ("blue trousers", "blue"), ("green green bag", "green")]:
+        scores, idx = r.search(query, g.embeddings, topk=10)
+        assert scores.shape == (5,) and idx.shape == (5,)  # topk capped at the gallery size
+        assert torch.all(scores[:-1] >= scores[1:])
+        assert g.paths[idx[0]] == paths[best]
+        naive = naive_scores(r, g.paths, query)
+        for s, i in zip(scores.tolist(), idx.tolist()):
+            assert s == pytest.approx(naive[g.paths[i]], abs=1e-5)
+    # several queries at once: [Q, k]; same numbers as one by one
+    scores, idx = r.search(["red", "blue"], g, topk=2)
+    assert scores.shape == (2, 2)
+    assert g.paths[idx[1, 0]] == paths["blue"]
+    assert torch.allclose(scores[0], r.search("red", g.embeddings, 2)[0])
+    with pytest.raises(ValueError, match="non-empty"):
+        r.search("red", torch.zeros(0, 3))
+
+
+def test_unreadable_image_skipped_with_one_warning(tmp_path, caplog):
+    paths = write_gallery(tmp_path / "g")
+    bad1, bad2 = tmp_path / "g" / "broken.jpg", tmp_path / "g" / "sub" / "zero.png"
+    bad1.write_bytes(b"\xff\xd8 this is not a jpeg")
+    bad2.write_bytes(b"")
+    r = make_retriever()
+    with caplog.at_level(logging.WARNING, logger="IRRA.retrieval"):
+        g = r.encode_images(R.list_images(tmp_path / "g"), progress=False)
+    warnings = [rec for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert str(bad1) in warnings[0].getMessage() and str(bad2) in warnings[0].getMessage()
+    assert sorted(g.paths) == sorted(paths.values()) and sorted(g.skipped) == sorted([str(bad1), str(bad2)])
+    all_paths = R.list_images(tmp_path / "g")
+    assert [all_paths[i] for i in g.indices] == g.paths
+    with pytest.raises(ValueError, match="could be opened"):
+        r.encode_images([str(bad1), str(bad2)], progress=False)
+    with pytest.raises(ValueError, match="empty gallery"):
+        r.encode_images([], progress=False)
+
+
+def test_gallery_cache_reused_and_invalidated(tmp_path):
+    paths = write_gallery(tmp_path / "g")
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = run / "best.pth"
+    ckpt.write_bytes(b"weights v1")
+    r = make_retriever(run_dir=run, checkpoint=ckpt)
+    g1 = r.encode_folder(tmp_path / "g", progress=False)
+    assert r.model.images_seen == 5 and len(list((run / R.CACHE_DIRNAME).glob("*.pt"))) == 1
+    # second call (and several queries) reuse the cache: no image is encoded again
+    g2 = r.encode_folder(tmp_path / "g", progress=False)
+    assert r.model.images_seen == 5
+    assert g2.paths == g1.paths and torch.equal(g2.embeddings, g1.embeddings)
+    for q in ["red", "blue"]:
+        assert g2.paths[r.search(q, g2, 1)[1].item()] == paths[q]
+    # a new retriever on the same run (a new process) also hits the cache
+    r2 = make_retriever(run_dir=run, checkpoint=ckpt)
+    r2.encode_folder(tmp_path / "g", progress=False)
+    assert r2.model.images_seen == 0
+    # adding a file re-encodes, and the new file is searchable
+    Image.new("RGB", (20, 40), (255, 0, 0)).save(tmp_path / "g" / "sub" / "pure_red.png")
+    g3 = r.encode_folder(tmp_path / "g", progress=False)
+    assert r.model.images_seen == 5 + 6 and len(g3) == 6
+    assert g3.paths[r.search("red", g3, 1)[1].item()].endswith("pure_red.png")
+    # modifying a file (mtime/size) re-encodes
+    Image.new("RGB", (30, 60), (0, 0, 255)).save(tmp_path / "g" / "sub" / "pure_red.png")
+    os.utime(tmp_path / "g" / "sub" / "pure_red.png", ns=(1, 1))
+    g4 = r.encode_folder(tmp_path / "g", progress=False)
+    assert r.model.images_seen == 11 + 6
+    assert not g4.paths[r.search("red", g4, 1)[1].item()].endswith("pure_red.png")
+    # another checkpoint re-encodes
+    ckpt.write_bytes(b"weights v2, retrained")
+    r.encode_folder(tmp_path / "g", progress=False)
+    assert r.model.images_seen == 17 + 6
+    r.encode_folder(tmp_path / "g", progress=False)
+    assert r.model.images_seen == 23
+    # a corrupt cache file is rebuilt, not fatal
+    (cache,) = (run / R.CACHE_DIRNAME).glob("*.pt")
+    cache.write_bytes(b"garbage")
+    assert len(r.encode_folder(tmp_path / "g", progress=False)) == 6
+    assert r.model.images_seen == 29
+
+
+def test_cache_keeps_skipped_list(tmp_path, caplog):
+    write_gallery(tmp_path / "g")
+    (tmp_path / "g" / "broken.png").write_bytes(b"nope")
+    r = make_retriever(run_dir=tmp_path / "run")
+    r.encode_folder(tmp_path / "g", progress=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="IRRA.retrieval"):
+        g = r.encode_folder(tmp_path / "g", progress=False)
+    assert r.model.images_seen == 5 and g.skipped == [str(tmp_path / "g" / "broken.png")]
+    assert sum("broken.png" in rec.getMessage() for rec in caplog.records) == 1
+
+
+def test_wrap_text_keeps_every_word_within_width():
+    font = R.load_font(R.CAPTION_FONT_SIZE)
+    text = ("The woman is wearing a long sleeved white shirt, a pair of dark blue jeans and black shoes. She carries "
+            "a red handbag on her left shoulder " + "x" * 80)
+    lines = R.wrap_text(text, font, 200)
+    assert len(lines) > 5
+    assert all(font.getlength(line) <= 200 for line in lines)
+    assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+
+
+def frame_colour(img, box):
+    """Colour at the middle of the left frame edge and the top-left frame corner (both must agree)."""
+    x0, y0, x1, y1 = box
+    mid = img.getpixel((x0 + R.FRAME // 2, (y0 + y1) // 2))
+    corner = img.getpixel((x0 + 1, y0 + 1))
+    assert mid == corner
+    return mid
+
+
+def test_query_grid_frame_colours_follow_identities(tmp_path):
+    paths = write_gallery(tmp_path / "g")
+    names = list(COLOURS)
+    pids = [3, 7, 3, 3, 9]
+    res = R.QueryResult(index=12, caption="a person in red " * 30, pid=3, gt_path=paths["red"],
+                        paths=[paths[n] for n in names], pids=pids, scores=[0.9, 0.8, 0.7, 0.6, 0.5])
+    img = R.draw_query_grid(res)
+    img.save(tmp_path / "q.png")
+    img = Image.open(tmp_path / "q.png").convert("RGB")
+    lines = R.wrap_text(f"[query 12, pid 3] {res.caption}", R.load_font(R.CAPTION_FONT_SIZE),
+                        R._caption_width(6, R.DEFAULT_TILE_SIZE))
+    (w, h), boxes = R.grid_layout(6, len(lines))
+    assert img.size == (w, h) and len(lines) >= 3  # the long caption is wrapped, not cut
+    assert boxes[0][2] - boxes[0][0] + 1 == 128 + 2 * R.FRAME and boxes[0][3] - boxes[0][1] + 1 == 256 + 2 * R.FRAME
+    assert frame_colour(img, boxes[0]) == R.GT_COLOR
+    for box, pid in zip(boxes[1:], pids):
+        assert frame_colour(img, box) == (R.MATCH_COLOR if pid == 3 else R.MISMATCH_COLOR)
+    # the image is inside the frame: the blue gallery image (index 2) shows blue at its centre
+    x0, y0, x1, y1 = boxes[3]
+    r_, g_, b_ = img.getpixel(((x0 + x1) // 2, (y0 + y1) // 2))
+    assert b_ > 180 and r_ < 60
+    # caption text is drawn on every wrapped line (dark pixels in each line band)
+    lh = R._line_height(R.load_font(R.CAPTION_FONT_SIZE))
+    for i in range(len(lines)):
+        band = img.crop((0, R.MARGIN + i * lh, w, R.MARGIN + (i + 1) * lh)).convert("L")
+        assert band.getextrema()[0] < 100
+
+
+def test_search_grid_is_neutral_and_sized_to_run_aspect(tmp_path):
+    paths = write_gallery(tmp_path / "g")
+    tile = R.tile_size_for(type("A", (), {"img_size": (384, 128)})())
+    assert tile == (128, 384)
+    img = R.draw_search_grid("red", [paths["red"], paths["blue"]], torch.tensor([0.9, 0.1]), tile)
+    (w, h), boxes = R.grid_layout(2, 1, tile)
+    assert img.size == (w, h)
+    assert {frame_colour(img, b) for b in boxes} == {R.NEUTRAL_COLOR}
+
+
+def test_pick_queries():
+    def res(i, ok):
+        return R.QueryResult(i, f"c{i}", 1, None, ["p"], [1 if ok else 2], [0.5])
+
+    results = [res(i, ok) for i, ok in enumerate([True, False, True, False, False, True])]
+    assert [q.index for q in R.pick_queries(results, failures=True, num_queries=10)] == [1, 3, 4]
+    assert [q.index for q in R.pick_queries(results, failures=True, num_queries=2)] == [1, 4]
+    assert [q.index for q in R.pick_queries(results, num_queries=3)] == [0, 2, 5]  # spread over the split
+    assert [q.index for q in R.pick_queries(results, query_indices=[5, 0])] == [5, 0]
+    with pytest.raises(ValueError, match=r"out of range.*6 queries"):
+        R.pick_queries(results, query_indices=[6])
+    assert R.pick_queries([res(0, True)], failures=True) == []
+
+
+def test_from_run_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="configs.yaml"):
+        R.Retriever.from_run(tmp_path)
+    (tmp_path / "configs.yaml").write_text("dataset_name: SynthPEDES\n")
+    with pytest.raises(FileNotFoundError, match="best.pth"):
+        R.Retriever.from_run(tmp_path / "configs.yaml")
+    with pytest.raises(FileNotFoundError, match="last.pth"):
+        R.Retriever.from_run(tmp_path, checkpoint=tmp_path / "last.pth")

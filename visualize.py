@@ -1,0 +1,64 @@
+"""Draw text-to-image retrieval results of a trained run (the logic lives in utils/retrieval.py).
+
+Test queries of the run's dataset (green frame = right identity, red = wrong, blue = ground truth):
+    python visualize.py --config_file logs/<dataset>/<run>/configs.yaml [--query_index 0 7 ...] [--num_queries 5]
+        [--failures] [--topk 10] [--out DIR]
+Free-text search over any folder of images (embeddings cached next to the run):
+    python visualize.py --config_file logs/<dataset>/<run>/configs.yaml --gallery my_photos/ \
+        --query "a man in a blue jacket with a black backpack" [--query "..."]
+"""
+import argparse
+import logging
+from pathlib import Path
+
+from utils import retrieval as R
+
+
+def main(argv=None) -> list[Path]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config_file", required=True, help="the run's configs.yaml (or the run directory)")
+    p.add_argument("--checkpoint", default=None, help="weights file (default: best.pth of the run)")
+    p.add_argument("--query", action="append", default=[], help="free-text query; repeatable")
+    p.add_argument("--gallery", default=None, help="folder of .jpg/.png searched by --query (default: test images)")
+    p.add_argument("--query_index", type=int, nargs="+", default=None, help="test query indices to draw")
+    p.add_argument("--num_queries", type=int, default=5, help="test queries drawn when no --query_index")
+    p.add_argument("--failures", action="store_true", help="draw test queries whose top-1 is wrong")
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--out", default=None, help="output folder (default: <run>/vis)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--num_workers", type=int, default=4)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    r = R.Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers)
+    out = Path(a.out) if a.out else r.run_dir / "vis"
+    out.mkdir(parents=True, exist_ok=True)
+    tile = R.tile_size_for(r.args)
+    saved = []
+    if a.query:
+        if a.gallery:
+            gallery = r.encode_folder(a.gallery)
+        else:
+            gallery = R.encode_test_gallery(r, R.load_test_split(r.args))
+        for i, q in enumerate(a.query):
+            scores, idx = r.search(q, gallery, a.topk)
+            paths = [gallery.paths[j] for j in idx.tolist()]
+            saved.append(out / f"search_{i:02d}_{R.slug(q)}.png")
+            R.draw_search_grid(q, paths, scores, tile).save(saved[-1])
+            print(f"\nquery: {q}\n" + "\n".join(f"{k:3d}  {s:.4f}  {pth}" for k, (s, pth)
+                                                in enumerate(zip(scores.tolist(), paths), start=1)))
+    else:
+        results = R.rank_test_queries(r, R.load_test_split(r.args), a.topk)
+        picked = R.pick_queries(results, a.query_index, a.num_queries, a.failures)
+        if not picked:
+            print("no query to draw" + (" (every top-1 is correct)" if a.failures else ""))
+        for res in picked:
+            saved.append(out / f"query_{res.index:05d}.png")
+            R.draw_query_grid(res, tile).save(saved[-1])
+    print("\n" + "\n".join(f"saved {s}" for s in saved))
+    return saved
+
+
+if __name__ == "__main__":
+    main()
