@@ -1,0 +1,199 @@
+"""IRRA: CLIP backbone + SDM/ITC/CMPM/ID losses + implicit relation reasoning (cross-modal MLM)."""
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import OrderedDict
+from typing import Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from model import objectives
+from model.clip_model import LayerNorm, QuickGELU, Transformer, build_CLIP_from_openai_pretrained, convert_weights
+from utils.comm import ACCEL, resolve_device
+
+logger = logging.getLogger("IRRA.model.build")
+
+VALID_LOSSES = ("itc", "sdm", "cmpm", "id", "mlm")
+VALID_PRECISIONS = ("auto", "fp32", "fp16", "amp_bf16", "amp_fp16")
+HEAD_DIM = 64  # attention head width of the cross-modal modules (heads = embed_dim // 64), as the original
+
+
+def parse_loss_names(loss_names: str) -> list:
+    """'sdm+id+mlm' -> ['sdm', 'id', 'mlm']; unknown names raise a ValueError listing the valid ones."""
+    names = [n.strip() for n in str(loss_names).split("+")]
+    bad = [n for n in names if n not in VALID_LOSSES]
+    if bad:
+        raise ValueError(f"--loss_names {loss_names!r}: unknown loss {bad}; valid: {'+'.join(VALID_LOSSES)}")
+    return names
+
+
+class IRRA(nn.Module):
+    """IRRA model. ``forward(batch)`` returns a dict of losses/accuracies (keys as the original).
+
+    Speed switch ``self.fast`` (default True; numbers identical to False up to float rounding):
+    (a) the MLM head is applied only at masked positions (label != 0);
+    (b) caption ids are cut to the longest caption of the batch before the text transformer on the caption path
+        (causal attention + EOT pooling make this exact). ``mlm_ids`` are NOT cut: the cross-modal transformer
+        attends over all text positions (padding included), so cutting them would change the MLM loss.
+    """
+
+    def __init__(self, args: argparse.Namespace, num_classes: int = 11003) -> None:
+        super().__init__()
+        self.args = args
+        self.num_classes = num_classes
+        self._set_task()
+        self.fast = True
+        self.base_model, base_cfg = build_CLIP_from_openai_pretrained(
+            args.pretrain_choice, args.img_size, args.stride_size,
+            download_root=getattr(args, "clip_download_root", None), text_length=getattr(args, "text_length", None))
+        self.embed_dim = base_cfg["embed_dim"]
+        self.vocab_size = getattr(args, "vocab_size", base_cfg["vocab_size"])
+        if self.vocab_size != base_cfg["vocab_size"]:
+            raise ValueError(f"--vocab_size {self.vocab_size} differs from the CLIP vocabulary ({base_cfg['vocab_size']})")
+        # fixed temperature (not learned): a non-persistent buffer so it follows .to(device) and stays out of
+        # the state dict (original checkpoints have no such key)
+        self.register_buffer("logit_scale", torch.ones([]) * (1 / args.temperature), persistent=False)
+
+        if "id" in self.current_task:
+            self.classifier = nn.Linear(self.embed_dim, self.num_classes)
+            nn.init.normal_(self.classifier.weight.data, std=0.001)
+            nn.init.constant_(self.classifier.bias.data, val=0.0)
+
+        if "mlm" in self.current_task:
+            heads = max(self.embed_dim // HEAD_DIM, 1)
+            self.cross_attn = nn.MultiheadAttention(self.embed_dim, heads, batch_first=True)
+            self.cross_modal_transformer = Transformer(width=self.embed_dim, layers=args.cmt_depth, heads=heads)
+            scale = self.cross_modal_transformer.width ** -0.5
+            self.ln_pre_t = LayerNorm(self.embed_dim)
+            self.ln_pre_i = LayerNorm(self.embed_dim)
+            self.ln_post = LayerNorm(self.embed_dim)
+            proj_std = scale * ((2 * self.cross_modal_transformer.layers) ** -0.5)
+            attn_std = scale
+            fc_std = (2 * self.cross_modal_transformer.width) ** -0.5
+            for block in self.cross_modal_transformer.resblocks:
+                nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            # init cross attn
+            nn.init.normal_(self.cross_attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(self.cross_attn.out_proj.weight, std=proj_std)
+            self.mlm_head = nn.Sequential(OrderedDict([
+                ("dense", nn.Linear(self.embed_dim, self.embed_dim)),
+                ("gelu", QuickGELU()),
+                ("ln", LayerNorm(self.embed_dim)),
+                ("fc", nn.Linear(self.embed_dim, self.vocab_size)),
+            ]))
+            # init mlm head
+            nn.init.normal_(self.mlm_head.dense.weight, std=fc_std)
+            nn.init.normal_(self.mlm_head.fc.weight, std=proj_std)
+
+    def _set_task(self) -> None:
+        self.current_task = parse_loss_names(self.args.loss_names)
+        logger.info("Training Model with %s tasks", self.current_task)
+
+    def cross_former(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Text tokens q [B, L, D] attend to image tokens k/v [B, P, D], then cmt_depth self-attention blocks."""
+        x = self.cross_attn(self.ln_pre_t(q), self.ln_pre_i(k), self.ln_pre_i(v), need_weights=False)[0]
+        x = x.permute(1, 0, 2)  # NLD -> LND
+        x = self.cross_modal_transformer(x)
+        x = x.permute(1, 0, 2)  # LND -> NLD
+        x = self.ln_post(x)
+        return x
+
+    @staticmethod
+    def _cut_text(text: torch.Tensor) -> torch.Tensor:
+        """[B, L] -> [B, L'] with L' = 1 + the largest EOT position (EOT = argmax id) in the batch."""
+        length = int(text.argmax(dim=-1).max().item()) + 1
+        return text[:, :length]
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, D] float (CLS token for ViT, attention-pooled token for ResNet)."""
+        x = self.base_model.encode_image(image)
+        return x[:, 0, :].float()
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids -> [B, D] float (features at the EOT token)."""
+        if self.fast:
+            text = self._cut_text(text)
+        x = self.base_model.encode_text(text)
+        return x[torch.arange(x.shape[0]), text.argmax(dim=-1)].float()
+
+    def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """batch: images [B,3,H,W], caption_ids [B,L], pids [B] (+ mlm_ids, mlm_labels [B,L] for mlm)."""
+        ret: Dict[str, torch.Tensor] = dict()
+        images = batch["images"]
+        caption_ids = batch["caption_ids"]
+        if self.fast:
+            caption_ids = self._cut_text(caption_ids)
+        image_feats, text_feats = self.base_model(images, caption_ids)  # [B, 1+P, D], [B, L, D]
+        i_feats = image_feats[:, 0, :].float()
+        t_feats = text_feats[torch.arange(text_feats.shape[0]), caption_ids.argmax(dim=-1)].float()
+
+        logit_scale = self.logit_scale
+        ret.update({"temperature": 1 / logit_scale})
+
+        if "itc" in self.current_task:
+            ret.update({"itc_loss": objectives.compute_itc(i_feats, t_feats, logit_scale)})
+
+        if "sdm" in self.current_task:
+            ret.update({"sdm_loss": objectives.compute_sdm(i_feats, t_feats, batch["pids"], logit_scale)})
+
+        if "cmpm" in self.current_task:
+            ret.update({"cmpm_loss": objectives.compute_cmpm(i_feats, t_feats, batch["pids"])})
+
+        if "id" in self.current_task:
+            wdtype = self.classifier.weight.dtype  # the original casts with .half() (its weights are always fp16)
+            image_logits = self.classifier(i_feats.to(wdtype)).float()
+            text_logits = self.classifier(t_feats.to(wdtype)).float()
+            id_loss = objectives.compute_id(image_logits, text_logits, batch["pids"]) * self.args.id_loss_weight
+            ret.update({"id_loss": id_loss})
+            image_pred = torch.argmax(image_logits, dim=1)
+            text_pred = torch.argmax(text_logits, dim=1)
+            ret.update({"img_acc": (image_pred == batch["pids"]).float().mean()})
+            ret.update({"txt_acc": (text_pred == batch["pids"]).float().mean()})
+
+        if "mlm" in self.current_task:
+            if "mlm_ids" not in batch or "mlm_labels" not in batch:
+                raise KeyError("loss 'mlm' needs batch['mlm_ids'] and batch['mlm_labels'] (build the data with --MLM)")
+            mlm_ids = batch["mlm_ids"]  # full length: see the class docstring
+            mlm_feats = self.base_model.encode_text(mlm_ids)  # [B, L, D]
+            x = self.cross_former(mlm_feats, image_feats, image_feats)  # [B, L, D]
+            if self.fast:
+                keep = batch["mlm_labels"] != 0  # [B, L]
+                mlm_labels = batch["mlm_labels"][keep]  # [M]
+                scores = self.mlm_head(x[keep]).float()  # [B, L, D] -> [M, D] -> [M, vocab]
+            else:
+                x = self.mlm_head(x)  # [B, L, vocab]
+                scores = x.float().reshape(-1, self.vocab_size)  # [B, L, vocab] -> [B*L, vocab]
+                mlm_labels = batch["mlm_labels"].reshape(-1)  # [B, L] -> [B*L]
+            ret.update({"mlm_loss": objectives.compute_mlm(scores, mlm_labels) * self.args.mlm_loss_weight})
+            pred = scores.max(1)[1]
+            mlm_label_idx = torch.nonzero(mlm_labels)
+            acc = (pred[mlm_label_idx] == mlm_labels[mlm_label_idx]).float().mean()
+            ret.update({"mlm_acc": acc})
+
+        return ret
+
+
+def build_model(args: argparse.Namespace, num_classes: int = 11003,
+                device: Optional[Union[str, torch.device]] = None) -> IRRA:
+    """Build IRRA (on CPU) and apply the precision rule for the target ``device``.
+
+    ``args.precision``: fp16 -> convert_weights (OpenAI fp16 weights); auto -> fp16 when the target device
+    (``device`` or ``args.device``) is the accelerator, fp32 otherwise; fp32 / amp_bf16 / amp_fp16 -> fp32
+    weights (the trainer autocasts for amp_*). Missing ``args.precision`` / ``args.device`` mean fp32 / CPU.
+    """
+    precision = getattr(args, "precision", "fp32") or "fp32"
+    if precision not in VALID_PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: expected one of {', '.join(VALID_PRECISIONS)}")
+    if device is None:
+        device = resolve_device(getattr(args, "device", "cpu") or "cpu")
+    device = torch.device(device)
+    model = IRRA(args, num_classes)
+    if precision == "fp16" or (precision == "auto" and device.type == ACCEL):
+        convert_weights(model)
+        logger.info("model weights converted to fp16 (precision=%s, device=%s)", precision, device)
+    return model
