@@ -203,9 +203,8 @@ def test_query_grid_frame_colours_follow_identities(tmp_path):
     img = R.draw_query_grid(res)
     img.save(tmp_path / "q.png")
     img = Image.open(tmp_path / "q.png").convert("RGB")
-    lines = R.wrap_text(f"[query 12, pid 3] {res.caption}", R.load_font(R.CAPTION_FONT_SIZE),
-                        R._caption_width(6, R.DEFAULT_TILE_SIZE))
-    (w, h), boxes = R.grid_layout(6, len(lines))
+    lines, (w, h), boxes = R.caption_layout(R.query_title(res), 6)
+    assert R.query_title(res).startswith("[query 12, pid 3] a person in red")
     assert img.size == (w, h) and len(lines) >= 3  # the long caption is wrapped, not cut
     assert boxes[0][2] - boxes[0][0] + 1 == 128 + 2 * R.FRAME and boxes[0][3] - boxes[0][1] + 1 == 256 + 2 * R.FRAME
     assert frame_colour(img, boxes[0]) == R.GT_COLOR

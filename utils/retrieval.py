@@ -333,16 +333,10 @@ class Retriever:
 
 
 def load_test_split(args) -> dict:
-    """The run dataset's test dict {image_pids, img_paths, caption_pids, captions} (from datasets.build)."""
-    from datasets import build as dbuild
+    """The run dataset's test dict {image_pids, img_paths, caption_pids, captions} (datasets.build registry)."""
+    from datasets.build import build_dataset
 
-    factory = getattr(dbuild, "__factory", None) or getattr(dbuild, "FACTORY", None)
-    if factory is None:
-        raise RuntimeError("datasets/build.py exposes no dataset registry (__factory)")
-    if args.dataset_name not in factory:
-        raise ValueError(f"unknown dataset_name {args.dataset_name!r}; valid: {sorted(factory)}")
-    dataset = factory[args.dataset_name](root=args.root_dir)
-    return dataset.test
+    return build_dataset(args.dataset_name, root=args.root_dir, verbose=False).test
 
 
 @dataclass
@@ -510,11 +504,18 @@ def _paste_letterboxed(canvas: Image.Image, path: str | None, box: tuple[int, in
     canvas.paste(cell, (x0, y0))
 
 
+def caption_layout(caption: str, num_tiles: int, tile_size: tuple[int, int] = DEFAULT_TILE_SIZE
+                   ) -> tuple[list[str], tuple[int, int], list[tuple[int, int, int, int]]]:
+    """Wrapped caption lines, canvas size and tile boxes of the grid :func:`draw_grid` draws for this caption."""
+    lines = wrap_text(caption, load_font(CAPTION_FONT_SIZE), _caption_width(num_tiles, tile_size))
+    size, boxes = grid_layout(num_tiles, len(lines), tile_size)
+    return lines, size, boxes
+
+
 def draw_grid(caption: str, tiles: Sequence[Tile], tile_size: tuple[int, int] = DEFAULT_TILE_SIZE) -> Image.Image:
     """A row of framed image tiles with labels under each, under the caption wrapped to the grid width."""
     cap_font, lab_font = load_font(CAPTION_FONT_SIZE), load_font(LABEL_FONT_SIZE)
-    lines = wrap_text(caption, cap_font, _caption_width(len(tiles), tile_size))
-    (width, height), boxes = grid_layout(len(tiles), len(lines), tile_size)
+    lines, (width, height), boxes = caption_layout(caption, len(tiles), tile_size)
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     lh = _line_height(cap_font)
@@ -537,7 +538,12 @@ def draw_query_grid(result: QueryResult, tile_size: tuple[int, int] = DEFAULT_TI
     for r, (path, pid, score) in enumerate(zip(result.paths, result.pids, result.scores), start=1):
         tiles.append(Tile(path, [f"#{r}  sim {score:.3f}", f"pid {pid}"],
                           MATCH_COLOR if pid == result.pid else MISMATCH_COLOR))
-    return draw_grid(f"[query {result.index}, pid {result.pid}] {result.caption}", tiles, tile_size)
+    return draw_grid(query_title(result), tiles, tile_size)
+
+
+def query_title(result: QueryResult) -> str:
+    """The caption line of a test-query grid."""
+    return f"[query {result.index}, pid {result.pid}] {result.caption}"
 
 
 def draw_search_grid(query: str, paths: Sequence[str], scores: Sequence[float] | torch.Tensor,
