@@ -1,0 +1,358 @@
+"""Dataset parsing base class and the torch Datasets that feed IRRA.
+
+Annotation format (CUHK-PEDES ``reid_raw.json``, ICFG-PEDES ``ICFG-PEDES.json``, RSTPReid ``data_captions.json``):
+a json list of entries ``{"split": "train"|"test"|other (-> val), "id": int, <path_key>: str, "captions": [str]}``.
+
+Parsed splits (identical to the original IRRA):
+- ``train``: list of ``(pid, image_id, img_path, caption)``, one row per caption; ``image_id`` counts train images in
+  file order; pids must be 0..N-1 without gaps.
+- ``test`` / ``val``: dicts ``{"image_pids", "img_paths", "caption_pids", "captions"}`` in file order.
+
+Captions are tokenized once per torch Dataset (an int32 ``[N, L]`` table); ``__getitem__`` returns a fresh copy, so
+MLM masking never touches the cached ids.
+"""
+from __future__ import annotations
+
+import logging
+import os.path as op
+import random
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from prettytable import PrettyTable
+from torch.utils.data import Dataset
+
+from utils.iotools import read_image, read_json
+
+logger = logging.getLogger("IRRA.dataset")
+
+# Re-exported for code written against the original (datasets.bases.tokenize).
+from utils.simple_tokenizer import SimpleTokenizer, tokenize  # noqa: E402
+
+TrainRow = Tuple[int, int, str, str]
+EvalSplit = Dict[str, list]
+
+# How many missing image paths are quoted in the error message.
+MAX_MISSING_SHOWN = 5
+
+
+class DatasetFormatError(ValueError):
+    """An annotation file holds an entry that cannot be parsed."""
+
+
+class BaseDataset:
+    """Parses ``<root>/<dataset_dir>/{imgs/, <annotation json>}`` into train / test / val.
+
+    Subclasses set the class attributes below; ``__init__`` does the work the original did per dataset.
+    """
+
+    logger = logger
+    dataset_dir: str = ""                    # folder under root
+    anno_files: Tuple[str, ...] = ()        # accepted annotation file names (first that exists wins)
+    path_key: str = "file_path"             # entry key holding the image path relative to imgs/
+    train_pid_offset: int = 0               # train pid = int(id) - train_pid_offset (CUHK-PEDES ids are 1-based)
+    source_url: str = ""                    # where to get the data
+    expected_tree: str = ""                 # the expected layout under <root>/<dataset_dir>/
+    display_name: str = ""
+
+    def __init__(self, root: str = "", verbose: bool = True) -> None:
+        self.root = root
+        self.dataset_dir = op.join(root, type(self).dataset_dir)
+        self.img_dir = op.join(self.dataset_dir, "imgs/")
+        self.anno_path = self._check_before_run()
+        annos = self._read_annos(self.anno_path)
+        self.train_annos, self.test_annos, self.val_annos = self._split_anno(annos)
+        self.train, self.train_id_container = self._process_anno(self.train_annos, training=True)
+        self.test, self.test_id_container = self._process_anno(self.test_annos)
+        self.val, self.val_id_container = self._process_anno(self.val_annos)
+        if verbose:
+            self.logger.info("=> %s Images and Captions are loaded", self.display_name or type(self).dataset_dir)
+            self.show_dataset_info()
+
+    # ------------------------------------------------------------------ parsing
+    def _layout_help(self) -> str:
+        name = type(self).dataset_dir
+        return (f"Expected layout for {self.display_name or name}:\n"
+                f"  {op.join(self.root, name)}/\n{self.expected_tree}"
+                f"Get the data from {self.source_url} and point --root_dir at the folder that contains '{name}/'.")
+
+    def _check_before_run(self) -> str:
+        """Check the dataset folder, imgs/ and the annotation file; return the annotation path."""
+        anno_paths = [op.join(self.dataset_dir, f) for f in self.anno_files]
+        problems = []
+        if not op.isdir(self.dataset_dir):
+            problems.append(f"dataset folder '{self.dataset_dir}' is not available")
+        else:
+            if not op.isdir(self.img_dir):
+                problems.append(f"image folder '{self.img_dir}' is not available")
+            if not any(op.isfile(p) for p in anno_paths):
+                problems.append("annotation file " + " or ".join(f"'{p}'" for p in anno_paths) + " is not available")
+        if problems:
+            raise FileNotFoundError("; ".join(problems) + ".\n" + self._layout_help())
+        return next(p for p in anno_paths if op.isfile(p))
+
+    def _read_annos(self, anno_path: str) -> List[dict]:
+        """Read and validate the annotation list; drop empty / whitespace-only captions (with a warning)."""
+        annos = read_json(anno_path)
+        if not isinstance(annos, list):
+            raise DatasetFormatError(f"{anno_path}: expected a JSON list of entries, got {type(annos).__name__}")
+        required = ("split", "id", self.path_key, "captions")
+        cleaned, n_dropped = [], 0
+        for i, anno in enumerate(annos):
+            where = f"{anno_path}: entry {i}"
+            if not isinstance(anno, dict):
+                raise DatasetFormatError(f"{where}: expected an object, got {type(anno).__name__}")
+            for key in required:
+                if key not in anno:
+                    raise DatasetFormatError(f"{where}: missing key '{key}' (entries need {list(required)})")
+            pid = anno["id"]
+            if isinstance(pid, bool) or not isinstance(pid, (int, str)) or not _is_int(pid):
+                raise DatasetFormatError(f"{where}: key 'id' must be an integer, got {pid!r}")
+            if not isinstance(anno[self.path_key], str) or not anno[self.path_key]:
+                raise DatasetFormatError(f"{where}: key '{self.path_key}' must be a non-empty string, "
+                                         f"got {anno[self.path_key]!r}")
+            caps = anno["captions"]
+            if not isinstance(caps, list) or len(caps) == 0:
+                raise DatasetFormatError(f"{where}: key 'captions' must be a non-empty list of strings, got {caps!r}")
+            for j, c in enumerate(caps):
+                if not isinstance(c, str):
+                    raise DatasetFormatError(f"{where}: key 'captions'[{j}] must be a string, got {c!r}")
+            kept = [c for c in caps if c.strip()]
+            n_dropped += len(caps) - len(kept)
+            cleaned.append({**anno, "id": int(pid), "captions": kept})
+        if n_dropped:
+            self.logger.warning("%s: dropped %d empty/whitespace-only captions", anno_path, n_dropped)
+        return cleaned
+
+    def _split_anno(self, annos: List[dict]) -> Tuple[List[dict], List[dict], List[dict]]:
+        """split 'train' -> train, 'test' -> test, anything else -> val (as the original)."""
+        train, test, val = [], [], []
+        for anno in annos:
+            if anno["split"] == "train":
+                train.append(anno)
+            elif anno["split"] == "test":
+                test.append(anno)
+            else:
+                val.append(anno)
+        return train, test, val
+
+    def _process_anno(self, annos: List[dict], training: bool = False):
+        pid_container = set()
+        if training:
+            dataset: List[TrainRow] = []
+            for image_id, anno in enumerate(annos):
+                pid = anno["id"] - self.train_pid_offset
+                pid_container.add(pid)
+                img_path = op.join(self.img_dir, anno[self.path_key])
+                for caption in anno["captions"]:
+                    dataset.append((pid, image_id, img_path, caption))
+            self._check_contiguous_pids(pid_container)
+            return dataset, pid_container
+        img_paths, captions, image_pids, caption_pids = [], [], [], []
+        for anno in annos:
+            pid = anno["id"]
+            pid_container.add(pid)
+            img_paths.append(op.join(self.img_dir, anno[self.path_key]))
+            image_pids.append(pid)
+            for caption in anno["captions"]:
+                captions.append(caption)
+                caption_pids.append(pid)
+        split = {"image_pids": image_pids, "img_paths": img_paths, "caption_pids": caption_pids, "captions": captions}
+        return split, pid_container
+
+    def _check_contiguous_pids(self, pid_container: set) -> None:
+        """Train pids index the ID classifier, so they must be exactly 0..N-1."""
+        for expected, pid in enumerate(sorted(pid_container)):
+            if pid != expected:
+                raw = pid + self.train_pid_offset
+                raise DatasetFormatError(
+                    f"{self.anno_path}: train pids must be 0..{len(pid_container) - 1} without gaps "
+                    f"(pid = id - {self.train_pid_offset}); first offending id is {raw} (pid {pid}), "
+                    f"expected pid {expected} (id {expected + self.train_pid_offset})")
+
+    # ------------------------------------------------------------------ info
+    def show_dataset_info(self) -> None:
+        """Log a table of ids / images / captions per split."""
+        table = PrettyTable(["subset", "ids", "images", "captions"])
+        table.add_row(["train", len(self.train_id_container), len(self.train_annos), len(self.train)])
+        table.add_row(["test", len(self.test_id_container), len(self.test["img_paths"]), len(self.test["captions"])])
+        table.add_row(["val", len(self.val_id_container), len(self.val["img_paths"]), len(self.val["captions"])])
+        self.logger.info("%s statistics:\n%s", type(self).__name__, table)
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, int):
+        return True
+    try:
+        int(value.strip())
+        return True
+    except ValueError:
+        return False
+
+
+def check_image_files(img_paths: Sequence[str], what: str = "dataset") -> None:
+    """Raise one FileNotFoundError if any image path is missing (count + the first few)."""
+    unique = list(dict.fromkeys(img_paths))
+    missing = [p for p in unique if not op.isfile(p)]
+    if missing:
+        shown = "\n  ".join(missing[:MAX_MISSING_SHOWN])
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(unique)} image files of the {what} are missing; first "
+            f"{min(len(missing), MAX_MISSING_SHOWN)}:\n  {shown}\nCheck --root_dir and the dataset's imgs/ folder.")
+
+
+def tokenize_all(captions: Sequence[str], tokenizer: SimpleTokenizer, text_length: int = 77,
+                 truncate: bool = True) -> torch.Tensor:
+    """Tokenize every distinct caption once; returns int32 ids ``[len(captions), text_length]``."""
+    cache: Dict[str, torch.Tensor] = {}
+    out = torch.zeros(len(captions), text_length, dtype=torch.int32)
+    for i, c in enumerate(captions):
+        ids = cache.get(c)
+        if ids is None:
+            ids = cache[c] = tokenize(c, tokenizer, text_length=text_length, truncate=truncate).to(torch.int32)
+        out[i] = ids
+    return out
+
+
+class ImageTextDataset(Dataset):
+    """Train rows ``(pid, image_id, img_path, caption)`` -> dict(pids, image_ids, images, caption_ids)."""
+
+    def __init__(self, dataset: List[TrainRow], transform: Optional[Callable] = None, text_length: int = 77,
+                 truncate: bool = True, tokenizer: Optional[SimpleTokenizer] = None, check_files: bool = True) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.text_length = text_length
+        self.truncate = truncate
+        if check_files:
+            check_image_files([row[2] for row in dataset], "train set")
+        self.tokenizer = tokenizer if tokenizer is not None else SimpleTokenizer()
+        self.caption_ids = tokenize_all([row[3] for row in dataset], self.tokenizer, text_length, truncate)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _load(self, index: int) -> Tuple[int, int, Any, torch.Tensor]:
+        pid, image_id, img_path, _ = self.dataset[index]
+        img = read_image(img_path)
+        if self.transform is not None:
+            img = self.transform(img)
+        return pid, image_id, img, self.caption_ids[index].long()  # .long() copies the cached row
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        pid, image_id, img, caption_ids = self._load(index)
+        return {"pids": pid, "image_ids": image_id, "images": img, "caption_ids": caption_ids}
+
+
+class ImageDataset(Dataset):
+    """Gallery images -> ``(pid, img)``."""
+
+    def __init__(self, image_pids: Sequence[int], img_paths: Sequence[str], transform: Optional[Callable] = None,
+                 check_files: bool = True) -> None:
+        if len(image_pids) != len(img_paths):
+            raise ValueError(f"ImageDataset: {len(image_pids)} pids but {len(img_paths)} image paths")
+        self.image_pids = image_pids
+        self.img_paths = img_paths
+        self.transform = transform
+        if check_files:
+            check_image_files(img_paths, "evaluation set")
+
+    def __len__(self) -> int:
+        return len(self.image_pids)
+
+    def __getitem__(self, index: int) -> Tuple[int, Any]:
+        img = read_image(self.img_paths[index])
+        if self.transform is not None:
+            img = self.transform(img)
+        return self.image_pids[index], img
+
+
+class TextDataset(Dataset):
+    """Query captions -> ``(pid, caption_ids [L])``."""
+
+    def __init__(self, caption_pids: Sequence[int], captions: Sequence[str], text_length: int = 77,
+                 truncate: bool = True, tokenizer: Optional[SimpleTokenizer] = None) -> None:
+        if len(caption_pids) != len(captions):
+            raise ValueError(f"TextDataset: {len(caption_pids)} pids but {len(captions)} captions")
+        self.caption_pids = caption_pids
+        self.captions = captions
+        self.text_length = text_length
+        self.truncate = truncate
+        self.tokenizer = tokenizer if tokenizer is not None else SimpleTokenizer()
+        self.caption_ids = tokenize_all(captions, self.tokenizer, text_length, truncate)
+
+    def __len__(self) -> int:
+        return len(self.caption_pids)
+
+    def __getitem__(self, index: int) -> Tuple[int, torch.Tensor]:
+        return self.caption_pids[index], self.caption_ids[index].long()
+
+
+def build_random_masked_tokens_and_labels(
+        tokens: List[int], mask_token: int, rng: Any = random, mlm_probability: float = 0.15,
+        masked_token_rate: float = 0.8, masked_token_unchanged_rate: float = 0.1,
+        force_position: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """BERT-style masking of one caption (the original's algorithm and RNG-consumption order).
+
+    Every token with ``0 < id < mask_token`` (i.e. not padding, not a special token) is chosen with probability
+    ``mlm_probability``; a chosen token becomes ``mask_token`` with prob. ``masked_token_rate``, a random id in
+    ``[1, mask_token)`` with prob. ``1 - masked_token_rate - masked_token_unchanged_rate`` and stays unchanged
+    otherwise. If nothing was chosen, position ``force_position`` is masked. ``tokens`` is not modified.
+
+    Returns ``(mlm_ids [L], mlm_labels [L])`` long tensors; labels hold the original id at chosen positions, else 0.
+    """
+    tokens = list(tokens)
+    random_upper = masked_token_rate + (1.0 - masked_token_rate - masked_token_unchanged_rate)
+    token_range = range(1, mask_token)
+    labels = [0] * len(tokens)
+    for i, token in enumerate(tokens):
+        if 0 < token < mask_token:
+            prob = rng.random()
+            if prob < mlm_probability:
+                prob /= mlm_probability
+                if prob < masked_token_rate:
+                    tokens[i] = mask_token
+                elif prob < random_upper:
+                    tokens[i] = rng.choice(token_range)
+                labels[i] = token
+    if not any(labels):
+        labels[force_position] = tokens[force_position]
+        tokens[force_position] = mask_token
+    return torch.tensor(tokens, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+class ImageTextMLMDataset(ImageTextDataset):
+    """ImageTextDataset plus ``mlm_ids`` / ``mlm_labels`` (BERT-style masking, python ``random`` as the original).
+
+    ``mlm_mask_caption=False`` (default) returns clean ``caption_ids``; ``True`` reproduces the original, whose
+    in-place masking made ``caption_ids`` equal to ``mlm_ids``.
+    """
+
+    def __init__(self, dataset: List[TrainRow], transform: Optional[Callable] = None, text_length: int = 77,
+                 truncate: bool = True, tokenizer: Optional[SimpleTokenizer] = None, check_files: bool = True,
+                 mlm_probability: float = 0.15, masked_token_rate: float = 0.8,
+                 masked_token_unchanged_rate: float = 0.1, mlm_mask_caption: bool = False) -> None:
+        super().__init__(dataset, transform, text_length, truncate, tokenizer, check_files)
+        for name, p in (("mlm_probability", mlm_probability), ("masked_token_rate", masked_token_rate),
+                        ("masked_token_unchanged_rate", masked_token_unchanged_rate)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        if masked_token_rate + masked_token_unchanged_rate > 1.0:
+            raise ValueError(f"masked_token_rate + masked_token_unchanged_rate must be <= 1, got "
+                             f"{masked_token_rate} + {masked_token_unchanged_rate}")
+        if mlm_probability == 0.0:
+            raise ValueError("mlm_probability must be > 0")
+        self.mlm_probability = mlm_probability
+        self.masked_token_rate = masked_token_rate
+        self.masked_token_unchanged_rate = masked_token_unchanged_rate
+        self.mlm_mask_caption = mlm_mask_caption
+        self.mask_token = self.tokenizer.encoder["<|mask|>"]
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        pid, image_id, img, caption_ids = self._load(index)
+        mlm_ids, mlm_labels = build_random_masked_tokens_and_labels(
+            caption_ids.tolist(), self.mask_token, random, self.mlm_probability, self.masked_token_rate,
+            self.masked_token_unchanged_rate)
+        if self.mlm_mask_caption:
+            caption_ids = mlm_ids.clone()
+        return {"pids": pid, "image_ids": image_id, "images": img, "caption_ids": caption_ids,
+                "mlm_ids": mlm_ids, "mlm_labels": mlm_labels}

@@ -1,0 +1,69 @@
+"""Distributed identity sampler: each rank gets the same number of batches of disjoint indices.
+
+All ranks build the same global epoch (``identity_batches`` with ``random.Random(seed + epoch)``); every global batch
+of ``batch_size`` = N ids x K is cut into ``world_size`` consecutive slices of ``batch_size // world_size`` (whole
+identities, as batch_size is a multiple of K x world_size) and rank r takes slice r. Within an epoch each dataset
+index lands in at most one K-chunk, so ranks never share indices. Wrap it with
+``BatchSampler(sampler, batch_size // world_size, drop_last=True)``. Call ``set_epoch(epoch)`` for a new shuffle (it
+also advances by itself after every full iteration).
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterator, List, Optional, Sequence
+
+import torch.distributed as dist
+from torch.utils.data.sampler import Sampler
+
+from datasets.sampler import build_pid_index, check_identity_batch, identity_batches
+
+
+class RandomIdentitySampler_DDP(Sampler):
+    """Yields this rank's indices (``batch_size // world_size`` per batch, N/world ids x K instances)."""
+
+    def __init__(self, data_source: Sequence, batch_size: int, num_instances: int, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, seed: int = 0) -> None:
+        initialized = dist.is_available() and dist.is_initialized()
+        if world_size is None:
+            world_size = dist.get_world_size() if initialized else 1
+        if rank is None:
+            rank = dist.get_rank() if initialized else 0
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world size {world_size}")
+        check_identity_batch(batch_size, num_instances, world_size)
+        self.data_source = data_source
+        self.batch_size = batch_size
+        self.num_instances = num_instances
+        self.rank = rank
+        self.world_size = world_size
+        self.mini_batch_size = batch_size // world_size
+        self.num_pids_per_batch = batch_size // num_instances
+        self.index_dic = build_pid_index(data_source)
+        if len(self.index_dic) < self.num_pids_per_batch:
+            raise ValueError(f"identity sampler: batch_size {batch_size} / num_instance {num_instances} needs "
+                             f"{self.num_pids_per_batch} identities per batch but the train set has "
+                             f"{len(self.index_dic)}")
+        self.seed = int(seed)
+        self.epoch = 0
+        self._cache: Optional[tuple] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration use epoch ``epoch``'s order (same on every rank)."""
+        self.epoch = int(epoch)
+
+    def _rank_batches(self) -> List[List[int]]:
+        if self._cache is None or self._cache[0] != self.epoch:
+            rng = random.Random(self.seed + self.epoch)
+            batches = identity_batches(self.index_dic, self.num_pids_per_batch, self.num_instances, rng)
+            lo = self.rank * self.mini_batch_size
+            self._cache = (self.epoch, [b[lo:lo + self.mini_batch_size] for b in batches])
+        return self._cache[1]
+
+    def __iter__(self) -> Iterator[int]:
+        batches = self._rank_batches()
+        self.epoch += 1
+        for batch in batches:
+            yield from batch
+
+    def __len__(self) -> int:
+        return len(self._rank_batches()) * self.mini_batch_size

@@ -1,0 +1,147 @@
+"""Small I/O helpers: images, json, directories and the run's configs.yaml.
+
+``load_train_configs`` reads both our configs.yaml (plain YAML, tuples written as lists) and the ORIGINAL IRRA's,
+which ``yaml.dump`` wrote with ``!!python/tuple [384, 128]`` tags. Only that one python tag is accepted; any other
+``!!python/...`` tag raises a clear error instead of constructing arbitrary objects.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import os.path as osp
+import time
+from typing import Any
+
+import yaml
+from PIL import Image
+
+logger = logging.getLogger("IRRA.iotools")
+
+CONFIG_FILE_NAME = "configs.yaml"
+# Options that are tuples in args (utils/options.py); lists read from YAML are turned back into tuples.
+TUPLE_OPTIONS = ("img_size", "milestones")
+
+
+def read_image(img_path: str, retries: int = 3, retry_delay: float = 0.1) -> Image.Image:
+    """Open ``img_path`` as an RGB PIL image.
+
+    Transient ``OSError`` (e.g. network file systems under load) is retried ``retries`` times in total, sleeping
+    ``retry_delay`` seconds in between; then an ``OSError`` naming the file is raised. A file that does not exist
+    raises ``FileNotFoundError`` at once (the original looped forever in both cases).
+    """
+    if retries < 1:
+        raise ValueError(f"read_image: retries must be >= 1, got {retries}")
+    last_err: Exception | None = None
+    for attempt in range(1, retries + 1):
+        if not osp.exists(img_path):
+            raise FileNotFoundError(f"Image file does not exist: '{img_path}'")
+        try:
+            with Image.open(img_path) as img:
+                return img.convert("RGB")
+        except OSError as err:  # PIL.UnidentifiedImageError is an OSError too
+            last_err = err
+            logger.warning("IOError reading '%s' (attempt %d/%d): %s", img_path, attempt, retries, err)
+            if attempt < retries:
+                time.sleep(retry_delay)
+    raise OSError(f"Could not read image '{img_path}' after {retries} attempts: {last_err}") from last_err
+
+
+def mkdir_if_missing(directory: str) -> None:
+    """Create ``directory`` (and parents) unless it exists."""
+    if not osp.exists(directory):
+        try:
+            os.makedirs(directory)
+        except OSError as e:
+            if e.errno != errno.EEXIST:
+                raise
+
+
+def check_isfile(path: str) -> bool:
+    """True if ``path`` is an existing file; logs a warning otherwise."""
+    isfile = osp.isfile(path)
+    if not isfile:
+        logger.warning("No file found at '%s'", path)
+    return isfile
+
+
+def read_json(fpath: str) -> Any:
+    """Load a json file; a missing or malformed file raises an error naming it."""
+    if not osp.isfile(fpath):
+        raise FileNotFoundError(f"JSON file not found: '{fpath}'")
+    with open(fpath, "r", encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Malformed JSON in '{fpath}': {e}") from e
+
+
+def write_json(obj: Any, fpath: str) -> None:
+    """Write ``obj`` as indented json, creating the parent directory."""
+    mkdir_if_missing(osp.dirname(fpath) or ".")
+    with open(fpath, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=4, separators=(",", ": "))
+
+
+def _to_yaml_safe(value: Any) -> Any:
+    """Turn tuples into lists (recursively) and unknown objects (torch.device...) into strings."""
+    if isinstance(value, (list, tuple)):
+        return [_to_yaml_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_yaml_safe(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def save_train_configs(path: str, args: argparse.Namespace | dict) -> str:
+    """Write ``vars(args)`` to ``<path>/configs.yaml`` with ``yaml.safe_dump``; returns the file path."""
+    mkdir_if_missing(path)
+    cfg = dict(args) if isinstance(args, dict) else dict(vars(args))
+    fpath = osp.join(path, CONFIG_FILE_NAME)
+    with open(fpath, "w", encoding="utf-8") as f:
+        yaml.safe_dump(_to_yaml_safe(cfg), f, default_flow_style=False, sort_keys=True)
+    return fpath
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that also understands the original IRRA configs.yaml (``!!python/tuple``)."""
+
+
+def _construct_tuple(loader: ConfigLoader, node: yaml.Node) -> tuple:
+    return tuple(loader.construct_sequence(node, deep=True))
+
+
+def _reject_python_tag(loader: ConfigLoader, tag_suffix: str, node: yaml.Node) -> Any:
+    raise yaml.constructor.ConstructorError(
+        None, None,
+        f"unsupported YAML tag '!!python/{tag_suffix}' (only !!python/tuple is accepted in configs.yaml)",
+        node.start_mark)
+
+
+ConfigLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
+ConfigLoader.add_multi_constructor("tag:yaml.org,2002:python/", _reject_python_tag)
+
+
+def load_train_configs(path: str) -> argparse.Namespace:
+    """Read a configs.yaml (``path`` is the file or its run directory) into an ``argparse.Namespace``.
+
+    ``img_size`` and ``milestones`` come back as tuples whether they were written as lists or python tuples.
+    """
+    fpath = osp.join(path, CONFIG_FILE_NAME) if osp.isdir(path) else path
+    if not osp.isfile(fpath):
+        raise FileNotFoundError(f"Config file not found: '{fpath}'")
+    with open(fpath, "r", encoding="utf-8") as f:
+        try:
+            cfg = yaml.load(f, Loader=ConfigLoader)
+        except yaml.YAMLError as e:
+            raise ValueError(f"Cannot read config file '{fpath}': {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"Config file '{fpath}' must hold a mapping of option names to values, "
+                         f"got {type(cfg).__name__}")
+    for key in TUPLE_OPTIONS:
+        if isinstance(cfg.get(key), list):
+            cfg[key] = tuple(cfg[key])
+    return argparse.Namespace(**cfg)
