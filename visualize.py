@@ -1,4 +1,4 @@
-"""Draw text-to-image retrieval results of a trained run (the logic lives in utils/retrieval.py).
+r"""Draw text-to-image retrieval results of a trained run (the logic lives in utils/retrieval.py).
 
 Test queries of the run's dataset (green frame = right identity, red = wrong, blue = ground truth):
     python visualize.py --config_file logs/<dataset>/<run>/configs.yaml [--query_index 0 7 ...] [--num_queries 5]
@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from utils import retrieval as R
+from utils.comm import ACCEL
 
 
 def main(argv=None) -> list[Path]:
@@ -25,7 +26,7 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--failures", action="store_true", help="draw test queries whose top-1 is wrong")
     p.add_argument("--topk", type=int, default=10)
     p.add_argument("--out", default=None, help="output folder (default: <run>/vis)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help=f"auto | cpu | {ACCEL} | {ACCEL}:N")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=4)
     a = p.parse_args(argv)

@@ -4,6 +4,7 @@ The run directory is built by hand (configs.yaml + best.pth of a from-scratch Vi
 leaves behind; frame colours are checked against identities ranked independently here.
 """
 import functools
+import contextlib
 import logging
 import re
 import shutil
@@ -23,6 +24,21 @@ from utils.checkpoint import Checkpointer
 from utils.iotools import save_train_configs
 from utils.options import get_args
 from utils.simple_tokenizer import SimpleTokenizer, tokenize
+
+@contextlib.contextmanager
+def retrieval_warnings():
+    """Collect IRRA.retrieval warnings with a handler on that logger (the trainer's setup_logger turns off
+    propagation of "IRRA", so pytest's caplog on the root logger may not see them)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    lg = logging.getLogger("IRRA.retrieval")
+    lg.addHandler(handler)
+    try:
+        yield records
+    finally:
+        lg.removeHandler(handler)
+
 
 TINY = dict(num_train_ids=6, num_val_ids=0, num_test_ids=5, images_per_id=2, img_height=64, img_width=32, seed=3,
             show_progress=False)
@@ -103,3 +119,113 @@ def test_test_queries_grid_colours_match_identities(tiny_synth, run_dir, tmp_pat
     assert torch.allclose(torch.tensor([r.scores for r in results]), scores, atol=1e-5)
     # the ground truth drawn first is an image of the query's identity
     assert all(split["image_pids"][split["img_paths"].index(r.gt_path)] == r.pid for r in results)
+
+
+def test_failures_only_draws_wrong_top1(tiny_synth, run_dir, tmp_path):
+    split = dbuild.build_dataset("SynthPEDES", root=str(tiny_synth), verbose=False).test
+    _, topk_pids = independent_ranking(run_dir, split, 3)
+    wrong = [q for q in range(len(split["captions"])) if topk_pids[q, 0] != split["caption_pids"][q]]
+    assert wrong, "the untrained tiny model should miss some queries"
+    saved = visualize.main(["--config_file", str(run_dir), "--failures", "--num_queries", "50", "--topk", "3",
+                            "--out", str(tmp_path), "--device", "cpu", "--num_workers", "0"])
+    assert sorted(int(re.search(r"(\d+)", p.name).group(1)) for p in saved) == wrong
+    for png in saved[:3]:
+        q = int(re.search(r"(\d+)", png.name).group(1))
+        res = R.QueryResult(q, split["captions"][q], split["caption_pids"][q], None, [], [], [])
+        assert read_grid_colours(png, R.query_title(res), 4, (128, 256))[1] == R.MISMATCH_COLOR
+    # explicit indices, and a clear error out of range
+    saved = visualize.main(["--config_file", str(run_dir / "configs.yaml"), "--query_index", "4", "1", "--topk", "2",
+                            "--out", str(tmp_path / "idx"), "--device", "cpu", "--num_workers", "0"])
+    assert [p.name for p in saved] == ["query_00004.png", "query_00001.png"]
+    with pytest.raises(ValueError, match="out of range"):
+        visualize.main(["--config_file", str(run_dir), "--query_index", "999", "--out", str(tmp_path / "bad"),
+                        "--device", "cpu", "--num_workers", "0"])
+
+
+def parse_printed(text):
+    """{query: [(score, path), ...]} from visualize's printout."""
+    out, cur = {}, None
+    for line in text.splitlines():
+        if line.startswith("query: "):
+            cur = out.setdefault(line[len("query: "):], [])
+        elif cur is not None and re.match(r"\s*\d+\s+-?\d\.\d{4}\s+\S", line):
+            _, s, p = line.split(maxsplit=2)
+            cur.append((float(s), p))
+    return out
+
+
+def test_free_text_search_cache_and_reencode(tiny_synth, run_dir, tmp_path, capsys, monkeypatch):
+    split = dbuild.build_dataset("SynthPEDES", root=str(tiny_synth), verbose=False).test
+    gallery = tmp_path / "my photos"
+    for i, p in enumerate(split["img_paths"][:6]):
+        sub = gallery / ("a" if i % 2 else "b/c")
+        sub.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, sub / Path(p).name)
+    encoded = []
+    real = R.Retriever.encode_images
+    monkeypatch.setattr(R.Retriever, "encode_images",
+                        lambda self, paths, progress=True: encoded.append(list(paths)) or real(self, paths, progress))
+    queries = ["a man in a blue jacket with a black backpack", "a woman with long blonde hair in a red skirt"]
+    argv = ["--config_file", str(run_dir / "configs.yaml"), "--gallery", str(gallery), "--query", queries[0],
+            "--query", queries[1], "--topk", "4", "--out", str(tmp_path / "out"), "--device", "cpu",
+            "--num_workers", "0"]
+    saved = visualize.main(argv)
+    assert len(encoded) == 1 and len(encoded[0]) == 6  # the folder is encoded once for both queries
+    printed = parse_printed(capsys.readouterr().out)
+    assert list(printed) == queries and len(saved) == 2
+    r = R.Retriever.from_run(run_dir, device="cpu")
+    for q, rows in printed.items():
+        assert len(rows) == 4
+        scores = [s for s, _ in rows]
+        assert scores == sorted(scores, reverse=True)
+        assert all(Path(p).is_file() and Path(p).is_relative_to(gallery) for _, p in rows)
+        t = r.encode_texts([q])
+        for s, p in rows:  # printed scores are the cosine similarities of those files
+            assert s == pytest.approx(float(t[0] @ r.encode_images([p], progress=False).embeddings[0]), abs=2e-4)
+    encoded.clear()
+    # the grid: neutral frames, one tile per result, readable size
+    img = Image.open(saved[0]).convert("RGB")
+    _, size, boxes = R.caption_layout(queries[0], 4, (128, 256))
+    assert img.size == size and {frame_colour(img, b) for b in boxes} == {R.NEUTRAL_COLOR}
+    # second call: cache hit, no image encoded, same results
+    visualize.main(argv)
+    assert encoded == [] and parse_printed(capsys.readouterr().out) == printed
+    assert len(list((run_dir / R.CACHE_DIRNAME).glob("folder_*.pt"))) == 1
+    # a new file -> the whole folder is re-encoded
+    shutil.copy(split["img_paths"][-1], gallery / "new.png")
+    visualize.main(argv)
+    assert len(encoded) == 1 and len(encoded[0]) == 7
+    capsys.readouterr()
+    # no --gallery: the sentence searches the run's test images
+    visualize.main(argv[:2] + ["--query", queries[0], "--topk", "3", "--out", str(tmp_path / "t"), "--device", "cpu",
+                               "--num_workers", "0"])
+    rows = parse_printed(capsys.readouterr().out)[queries[0]]
+    assert len(rows) == 3 and all(p in split["img_paths"] for _, p in rows)
+
+
+def test_bad_inputs_give_clear_messages(run_dir, tmp_path):
+    base = ["--config_file", str(run_dir), "--query", "a man", "--out", str(tmp_path / "o"), "--device", "cpu",
+            "--num_workers", "0"]
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"contains no images"):
+        visualize.main(base + ["--gallery", str(tmp_path / "empty")])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        visualize.main(base + ["--gallery", str(tmp_path / "missing")])
+    no_best = tmp_path / "run_without_best"
+    no_best.mkdir()
+    shutil.copy(run_dir / "configs.yaml", no_best / "configs.yaml")
+    with pytest.raises(FileNotFoundError, match=r"best\.pth"):
+        visualize.main(["--config_file", str(no_best / "configs.yaml"), "--query", "a man", "--gallery",
+                        str(tmp_path)])
+    # an unreadable image: skipped with one warning naming it, the others still ranked
+    gal = tmp_path / "gal"
+    gal.mkdir()
+    for k, c in enumerate([(200, 20, 20), (20, 20, 200)]):
+        Image.new("RGB", (32, 64), c).save(gal / f"ok{k}.png")
+    (gal / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    with retrieval_warnings() as records:
+        saved = visualize.main(base + ["--gallery", str(gal), "--topk", "5"])
+    warnings = [r.getMessage() for r in records]
+    assert len(warnings) == 1 and str(gal / "broken.jpg") in warnings[0]
+    _, size, _ = R.caption_layout("a man", 2, (128, 256))
+    assert Image.open(saved[0]).size == size  # two results, not three
