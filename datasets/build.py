@@ -1,15 +1,17 @@
 """Dataset registry, transforms, collate and the dataloaders.
 
 Epochs and reproducibility (for the trainer):
-- the train DataLoader is built with ``generator=torch.Generator().manual_seed(args.seed)`` and
+- the train DataLoader gets ``generator`` (default ``torch.Generator().manual_seed(args.seed + rank)``) and
   ``worker_init_fn=seed_worker``;
-- ``train_loader.train_sampler`` is the sampler that has ``set_epoch`` (RandomIdentitySampler,
-  RandomIdentitySampler_DDP or DistributedSampler), or None for plain random sampling; it is also reachable as
-  ``loader.sampler`` (non-DDP identity / DistributedSampler) or ``loader.batch_sampler.sampler`` (DDP identity);
-- ``set_train_epoch(train_loader, epoch, seed)`` calls ``set_epoch`` on it and re-seeds the loader generator with
-  ``seed + epoch``, so epoch ``e`` gets the same order and worker seeds whether or not the run was resumed. MLM masking
-  uses python ``random``: in workers it is seeded by the DataLoader from the generator; with ``num_workers=0`` the
-  trainer's ``random.seed`` drives it.
+- every train sampler has ``set_epoch(epoch)``: ``train_loader.train_sampler`` is it, also reachable as
+  ``loader.sampler`` (single process, or DistributedSampler) or ``loader.batch_sampler.sampler`` (DDP identity).
+  Samplers: identity -> RandomIdentitySampler / RandomIdentitySampler_DDP; random -> EpochRandomSampler /
+  DistributedRandomSampler (torch's DistributedSampler);
+- ``set_epoch(e)`` fixes the order of epoch ``e`` (seed + e) and re-seeds the loader generator with ``seed + rank + e``
+  (that generator draws the workers' base seed), so a resumed run repeats an uninterrupted one. Without set_epoch
+  calls the samplers advance one epoch per iteration. MLM masking and flips use python ``random`` / torch RNG: in
+  workers they are seeded from that base seed; with ``num_workers=0`` the trainer's per-epoch seeding drives them.
+- ``set_train_epoch(loader, epoch)`` is a helper that finds the sampler and calls ``set_epoch``.
 """
 from __future__ import annotations
 
@@ -22,14 +24,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torchvision.transforms as T
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader
 
 from datasets.bases import ImageDataset, ImageTextDataset, ImageTextMLMDataset, TextDataset
 from datasets.cuhkpedes import CUHKPEDES
 from datasets.icfgpedes import ICFGPEDES
 from datasets.rstpreid import RSTPReid
-from datasets.sampler import RandomIdentitySampler, check_identity_batch
-from datasets.sampler_ddp import RandomIdentitySampler_DDP
+from datasets.sampler import EpochRandomSampler, RandomIdentitySampler, check_identity_batch
+from datasets.sampler_ddp import DistributedRandomSampler, RandomIdentitySampler_DDP
 from datasets.synthpedes import SynthPEDES
 
 logger = logging.getLogger("IRRA.dataset")
@@ -127,13 +129,12 @@ def get_train_sampler(loader: DataLoader):
     return getattr(loader, "train_sampler", None)
 
 
-def set_train_epoch(loader: DataLoader, epoch: int, seed: Optional[int] = None) -> None:
-    """Prepare ``loader`` for epoch ``epoch``: sampler.set_epoch and generator re-seeded to ``seed + epoch``."""
+def set_train_epoch(loader: DataLoader, epoch: int) -> None:
+    """Prepare a train loader for epoch ``epoch`` (sampler order + loader generator), see the module docstring."""
     sampler = get_train_sampler(loader)
-    if sampler is not None and hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    if seed is not None and loader.generator is not None:
-        loader.generator.manual_seed(int(seed) + int(epoch))
+    if sampler is None:
+        raise ValueError("set_train_epoch: this loader has no train_sampler (not built by build_dataloader)")
+    sampler.set_epoch(epoch)
 
 
 def build_dataloader(args: argparse.Namespace, tranforms: Optional[Callable] = None,
@@ -168,7 +169,7 @@ def build_dataloader(args: argparse.Namespace, tranforms: Optional[Callable] = N
     distributed, rank, world_size = _dist_info()
     seed = int(getattr(args, "seed", 1) or 0)
     if generator is None:
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed + rank)
 
     train_transforms = build_transforms(img_size=args.img_size, aug=args.img_aug, is_train=True)
     if args.MLM:
@@ -199,14 +200,15 @@ def build_dataloader(args: argparse.Namespace, tranforms: Optional[Callable] = N
         if distributed:
             if args.batch_size % world_size != 0:
                 raise ValueError(f"--batch_size {args.batch_size} must be divisible by the world size {world_size}")
-            train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
-                                               seed=seed, drop_last=True)
+            train_sampler = DistributedRandomSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                                     seed=seed, drop_last=True)
             train_loader = DataLoader(train_set, batch_size=args.batch_size // world_size, sampler=train_sampler,
                                       drop_last=True, **common)
         else:
-            train_sampler = None
-            train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, **common)
+            train_sampler = EpochRandomSampler(train_set, seed=seed)
+            train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler, **common)
         logger.info("using random sampler%s", f" (DistributedSampler over {world_size} ranks)" if distributed else "")
+    train_sampler.attach_loader_generator(generator, seed + rank)
     train_loader.train_sampler = train_sampler
 
     ds = dataset.val if args.val_dataset == "val" else dataset.test

@@ -3,6 +3,10 @@
 Each epoch draws its order from ``random.Random(seed + epoch)``: ``seed`` defaults to a draw from the global
 ``random`` module at construction (so seeding ``random`` before building the loader makes runs reproducible), and the
 epoch advances by one after every full iteration or is set explicitly with ``set_epoch(epoch)`` (resume).
+
+All train samplers here share ``EpochSeeded``: ``attach_loader_generator(generator, seed)`` makes ``set_epoch(e)``
+also re-seed the DataLoader's generator with ``seed + e`` (it draws the workers' base seed), so epoch ``e`` of a
+resumed run sees the same order, worker seeds, flips and MLM masks as an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -10,7 +14,44 @@ import random
 from collections import defaultdict
 from typing import Dict, Iterator, List, Optional, Sequence
 
+import torch
 from torch.utils.data.sampler import Sampler
+
+
+class EpochSeeded:
+    """``set_epoch`` support: the epoch used for the next iteration + optional DataLoader generator re-seeding."""
+
+    epoch: int = 0
+    loader_generator: Optional[torch.Generator] = None
+    loader_seed: int = 0
+
+    def attach_loader_generator(self, generator: Optional[torch.Generator], seed: int) -> None:
+        """Re-seed ``generator`` with ``seed + epoch`` on every ``set_epoch(epoch)``."""
+        self.loader_generator = generator
+        self.loader_seed = int(seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration use epoch ``epoch``'s order (and re-seed the attached generator)."""
+        self.epoch = int(epoch)
+        if self.loader_generator is not None:
+            self.loader_generator.manual_seed(self.loader_seed + self.epoch)
+
+
+class EpochRandomSampler(EpochSeeded, Sampler):
+    """Random permutation per epoch from ``torch.Generator().manual_seed(seed + epoch)`` (single process)."""
+
+    def __init__(self, data_source: Sequence, seed: int = 0) -> None:
+        self.data_source = data_source
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        yield from torch.randperm(len(self.data_source), generator=g).tolist()
+
+    def __len__(self) -> int:
+        return len(self.data_source)
 
 
 def check_identity_batch(batch_size: int, num_instances: int, world_size: int = 1) -> None:
@@ -57,7 +98,7 @@ def identity_batches(index_dic: Dict[int, List[int]], num_pids_per_batch: int, n
     return batches
 
 
-class RandomIdentitySampler(Sampler):
+class RandomIdentitySampler(EpochSeeded, Sampler):
     """Yields dataset indices, ``batch_size`` at a time: N ids x K instances (use with DataLoader(batch_size=...)).
 
     Args:
@@ -82,10 +123,6 @@ class RandomIdentitySampler(Sampler):
         self.seed = random.getrandbits(31) if seed is None else int(seed)
         self.epoch = 0
         self._cache: Optional[tuple] = None
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration use epoch ``epoch``'s order."""
-        self.epoch = int(epoch)
 
     def _batches(self) -> List[List[int]]:
         if self._cache is None or self._cache[0] != self.epoch:

@@ -13,12 +13,26 @@ import random
 from typing import Iterator, List, Optional, Sequence
 
 import torch.distributed as dist
+from torch.utils.data import DistributedSampler
 from torch.utils.data.sampler import Sampler
 
-from datasets.sampler import build_pid_index, check_identity_batch, identity_batches
+from datasets.sampler import EpochSeeded, build_pid_index, check_identity_batch, identity_batches
 
 
-class RandomIdentitySampler_DDP(Sampler):
+class DistributedRandomSampler(EpochSeeded, DistributedSampler):
+    """torch DistributedSampler (shuffle, same seed on all ranks) whose ``set_epoch`` also re-seeds the generator;
+    like the other samplers here the epoch also advances by one after every iteration."""
+
+    def set_epoch(self, epoch: int) -> None:
+        EpochSeeded.set_epoch(self, epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = DistributedSampler.__iter__(self)  # computed eagerly from seed + epoch
+        self.epoch += 1
+        return indices
+
+
+class RandomIdentitySampler_DDP(EpochSeeded, Sampler):
     """Yields this rank's indices (``batch_size // world_size`` per batch, N/world ids x K instances)."""
 
     def __init__(self, data_source: Sequence, batch_size: int, num_instances: int, rank: Optional[int] = None,
@@ -46,10 +60,6 @@ class RandomIdentitySampler_DDP(Sampler):
         self.seed = int(seed)
         self.epoch = 0
         self._cache: Optional[tuple] = None
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration use epoch ``epoch``'s order (same on every rank)."""
-        self.epoch = int(epoch)
 
     def _rank_batches(self) -> List[List[int]]:
         if self._cache is None or self._cache[0] != self.epoch:
