@@ -42,6 +42,8 @@ def retrieval_warnings():
 
 TINY = dict(num_train_ids=6, num_val_ids=0, num_test_ids=5, images_per_id=2, img_height=64, img_width=32, seed=3,
             show_progress=False)
+# != the 6 training identities: from_run must take num_classes from the checkpoint's classifier.weight
+NUM_CLASSES = 9
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +57,14 @@ def tiny_synth(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_synth, tmp_path_factory):
-    """logs/SynthPEDES/<run>/ with configs.yaml and best.pth of a scratch ViT-Micro with an id classifier."""
+    """logs/SynthPEDES/<run>/ with configs.yaml and best.pth of a scratch ViT-Micro with a 9-way id classifier."""
     run = tmp_path_factory.mktemp("logs") / "SynthPEDES" / "20240101_000000_tiny"
     run.mkdir(parents=True)
     args = get_args(["--dataset_name", "SynthPEDES", "--root_dir", str(tiny_synth), "--pretrain_choice",
                      "scratch:ViT-Micro", "--img_size", "64", "32", "--loss_names", "sdm+id", "--device", "cpu",
                      "--output_dir", str(run)])
     torch.manual_seed(0)
-    model = build_model(args, num_classes=6, device=torch.device("cpu"))
+    model = build_model(args, num_classes=NUM_CLASSES, device=torch.device("cpu"))
     save_train_configs(str(run), args)
     Checkpointer(model, save_dir=str(run)).save("best", epoch=1)
     return run
@@ -71,7 +73,7 @@ def run_dir(tiny_synth, tmp_path_factory):
 def independent_ranking(run, split, topk):
     """Top-k test pids per caption, computed without utils.retrieval."""
     args = get_args(["--pretrain_choice", "scratch:ViT-Micro", "--img_size", "64", "32", "--loss_names", "sdm+id"])
-    model = build_model(args, num_classes=6, device=torch.device("cpu")).eval()
+    model = build_model(args, num_classes=NUM_CLASSES, device=torch.device("cpu")).eval()
     model.load_state_dict(torch.load(run / "best.pth", weights_only=True)["model"])
     tf = dbuild.build_transforms((64, 32), is_train=False)
     tok = SimpleTokenizer()

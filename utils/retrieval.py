@@ -63,7 +63,7 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None]:
         try:
             with Image.open(self.paths[index]) as img:
                 img = img.convert("RGB")
@@ -72,7 +72,8 @@ class _ImageFiles(torch.utils.data.Dataset):
         return index, self.transform(img)
 
 
-def _collate_skip_failed(batch):
+def _collate_skip_failed(batch: list[tuple[int, torch.Tensor | None]]
+                         ) -> tuple[list[int], torch.Tensor | None, list[int]]:
     """Collate (index, tensor-or-None) pairs: returns (ok indices, stacked images or None, failed indices)."""
     ok = [(i, x) for i, x in batch if x is not None]
     failed = [i for i, x in batch if x is None]
@@ -180,7 +181,10 @@ class Retriever:
         args = load_config_args(str(config_file), training=False)
         dev = device if isinstance(device, torch.device) else resolve_device(str(device))
         # num_classes must match the trained classifier; it exists only when the run used the id loss.
-        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        try:  # mmap: only the classifier's shape is read here, not the whole file
+            state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
         state = state.get("model", state)
         cls_w = next((v for k, v in state.items() if k.removeprefix("module.") == "classifier.weight"), None)
         del state
@@ -353,6 +357,7 @@ class QueryResult:
 
     @property
     def top1_correct(self) -> bool:
+        """Whether the first-ranked gallery image has the query's identity."""
         return bool(self.pids) and self.pids[0] == self.pid
 
 
@@ -417,6 +422,7 @@ def load_font(size: int) -> ImageFont.ImageFont:
 
 
 def _text_width(font: ImageFont.ImageFont, text: str) -> float:
+    """Rendered width of ``text`` in pixels."""
     return font.getlength(text)
 
 
@@ -453,6 +459,7 @@ def _fit_label(text: str, font: ImageFont.ImageFont, max_width: int) -> str:
 
 
 def _line_height(font: ImageFont.ImageFont) -> int:
+    """Pixels from one text line to the next."""
     box = font.getbbox("Ayg|")
     return int(box[3] - min(box[1], 0)) + 4
 
@@ -485,6 +492,7 @@ def grid_layout(num_tiles: int, caption_lines: int, tile_size: tuple[int, int] =
 
 
 def _caption_width(num_tiles: int, tile_size: tuple[int, int]) -> int:
+    """Width available to the caption: that of the row of tiles."""
     return max(num_tiles, 1) * (tile_size[0] + 2 * FRAME) + max(num_tiles - 1, 0) * TILE_GAP
 
 
