@@ -70,15 +70,32 @@ def rank_naive(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Ten
     return all_cmc, mAP, mINP, indices
 
 
-def _rank_chunk(sim: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, max_rank: int, get_mAP: bool):
+def _positive_index(q_pids: torch.Tensor, g_pids: torch.Tensor):
+    """Where each query's positives sit in the gallery, without an [nq, ng] mask.
+
+    Returns (order [ng]: gallery indices grouped by pid, start [nq]: first slot of the query's pid in ``order``,
+    num_rel [nq]: number of gallery items with the query's pid).
+    """
+    order = torch.argsort(g_pids, stable=True)  # [ng]
+    uniq, counts = torch.unique_consecutive(g_pids[order], return_counts=True)  # [u], [u]
+    starts = counts.cumsum(0) - counts  # [u]
+    slot = torch.searchsorted(uniq, q_pids).clamp(max=uniq.numel() - 1)  # [nq]
+    present = uniq[slot] == q_pids
+    num_rel = torch.where(present, counts[slot], torch.zeros_like(counts[slot]))  # [nq]
+    return order, starts[slot], num_rel
+
+
+def _rank_chunk(sim: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, max_rank: int, get_mAP: bool,
+                pos_index=None):
     """Metrics of one chunk of queries.
 
     Args:
-        sim: [c, ng] similarities (any float dtype, any device).
+        sim: [c, ng] similarities (float, any device).
         q_pids: [c] query ids, g_pids: [ng] gallery ids (same device as ``sim``).
+        pos_index: ``_positive_index`` of (q_pids, g_pids) (computed here when None).
     Returns:
-        hits [max_rank] (number of queries with a positive within the top-k, k = 1..max_rank), indices [c, max_rank],
-        and when get_mAP: AP [c] float64, INP [c] float64, has_pos [c] bool.
+        hits [k] (number of queries with a positive within the top-j, j = 1..k, k = min(max_rank, ng)),
+        indices [c, k], and when get_mAP: AP [c] float64, INP [c] float64, has_pos [c] bool (else None x3).
     """
     k = min(max_rank, sim.shape[1])
     _, indices = torch.topk(sim, k=k, dim=1, largest=True, sorted=True)  # [c, k]
@@ -88,34 +105,37 @@ def _rank_chunk(sim: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, m
         return hits, indices, None, None, None
 
     c, ng = sim.shape
-    mask = g_pids[None, :] == q_pids[:, None]  # [c, ng] positives
-    num_rel = mask.sum(1)  # [c]
+    dev = sim.device
+    order, start, num_rel = pos_index if pos_index is not None else _positive_index(q_pids, g_pids)
+    has_pos = num_rel > 0  # [c]
     pmax = int(num_rel.max()) if c > 0 else 0
-    has_pos = num_rel > 0
     if pmax == 0:
-        zeros = torch.zeros(c, dtype=torch.float64, device=sim.device)
+        zeros = torch.zeros(c, dtype=torch.float64, device=dev)
         return hits, indices, zeros, zeros, has_pos
-    masked = sim.masked_fill(~mask, float("-inf"))  # [c, ng]
-    pos_desc, _ = torch.topk(masked, k=pmax, dim=1, largest=True, sorted=True)  # [c, pmax], -inf padded
-    del masked
-    pos_asc = pos_desc.flip(1).contiguous()  # [c, pmax] ascending, as searchsorted requires
-    # bucket of every gallery item: number of positives strictly greater than it (pads are -inf, always <= v)
-    below_or_eq = torch.searchsorted(pos_asc, sim.contiguous(), right=True, out_int32=True)  # [c, ng]
-    bucket = pmax - below_or_eq  # [c, ng] in [0, pmax]
-    del below_or_eq
-    nb = pmax + 2  # buckets 0..pmax for negatives, pmax + 1 = positives (ignored)
-    bucket.masked_fill_(mask, pmax + 1)
-    rows = torch.arange(c, device=sim.device, dtype=torch.int64)[:, None] * nb  # [c, 1]
-    flat = (bucket.to(torch.int64) + rows).view(-1)  # [c * ng]
-    del bucket
-    hist = torch.bincount(flat, minlength=c * nb).view(c, nb)  # [c, nb]
+    slots = torch.arange(pmax, device=dev)  # [P]
+    valid = slots[None, :] < num_rel[:, None]  # [c, P]
+    pos_g = order[(start[:, None] + slots[None, :]).clamp(max=ng - 1)]  # [c, P] gallery index of each positive
+    pos_sim = sim.gather(1, pos_g).masked_fill(~valid, float("-inf"))  # [c, P]
+    pos_desc, _ = torch.sort(pos_sim, dim=1, descending=True)  # [c, P], -inf pads last
+    pos_asc = pos_desc.flip(1).contiguous()  # [c, P] ascending, as searchsorted requires
+    # bucket(v) = #positives with sim > v = P - #(entries <= v) (pads are -inf, always <= v); the histogram index
+    # of gallery item v of row r is r * (P + 1) + bucket(v), computed in int32 (bincount is much faster on it)
+    n_le = torch.searchsorted(pos_asc, sim.contiguous(), right=True, out_int32=True)  # [c, ng]
+    nb = pmax + 1
+    base = torch.arange(c, device=dev, dtype=torch.int32) * nb + pmax  # [c]
+    flat = (base[:, None] - n_le).view(-1)  # [c * ng]
+    del n_le
+    hist = torch.bincount(flat, minlength=c * nb)  # [c * nb]
     del flat
-    neg_above = hist[:, :pmax].cumsum(1)  # [c, pmax]: negatives with sim >= p_k
-    ks = torch.arange(1, pmax + 1, device=sim.device, dtype=torch.float64)  # [pmax]
-    pos_rank = neg_above.to(torch.float64) + ks  # [c, pmax] 1-based rank of the k-th positive
-    valid = ks[None, :] <= num_rel[:, None]  # [c, pmax]
-    num_rel_f = num_rel.to(torch.float64).clamp(min=1)
-    ap = ((ks / pos_rank) * valid).sum(1) / num_rel_f  # [c]
+    # remove the positives themselves: the k-th positive's bucket is the number of positives strictly above it
+    pos_bucket = (pos_desc[:, None, :] > pos_desc[:, :, None]).sum(-1)  # [c, P]
+    rows = torch.arange(c, device=dev)[:, None] * nb  # [c, 1]
+    own = (rows + pos_bucket)[valid]  # [n_pos] histogram slots of the positives
+    hist.scatter_add_(0, own, torch.full(own.shape, -1, dtype=hist.dtype, device=dev))
+    neg_above = hist.view(c, nb)[:, :pmax].cumsum(1)  # [c, P]: negatives with sim >= p_k
+    ks = torch.arange(1, pmax + 1, device=dev, dtype=torch.float64)  # [P]
+    pos_rank = neg_above.to(torch.float64) + ks  # [c, P] 1-based rank of the k-th positive (ties: pessimistic)
+    ap = ((ks / pos_rank) * valid).sum(1) / num_rel.to(torch.float64).clamp(min=1)  # [c]
     last = (num_rel - 1).clamp(min=0).to(torch.int64)[:, None]  # [c, 1]
     inp = num_rel.to(torch.float64) / pos_rank.gather(1, last).squeeze(1)  # [c]
     return hits, indices, ap, inp, has_pos
@@ -179,9 +199,11 @@ def rank(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, m
     device = similarity.device
     q_pids = q_pids.to(device).view(-1)
     g_pids = g_pids.to(device).view(-1)
+    order, start, num_rel = _positive_index(q_pids, g_pids)
     acc = _RankAccumulator(get_mAP)
     for s in range(0, similarity.shape[0], chunk_size):
-        acc.add(*_rank_chunk(similarity[s:s + chunk_size], q_pids[s:s + chunk_size], g_pids, max_rank, get_mAP))
+        e = s + chunk_size
+        acc.add(*_rank_chunk(similarity[s:e], q_pids[s:e], g_pids, max_rank, get_mAP, (order, start[s:e], num_rel[s:e])))
     return acc.result()
 
 
@@ -198,10 +220,12 @@ def rank_from_features(q_feats: torch.Tensor, g_feats: torch.Tensor, q_pids: tor
     q_pids = q_pids.to(device).view(-1)
     g_pids = g_pids.to(device).view(-1)
     g_t = g_feats.t()  # [D, ng]
+    order, start, num_rel = _positive_index(q_pids, g_pids)
     acc = _RankAccumulator(get_mAP)
     for s in range(0, q_feats.shape[0], chunk_size):
-        sim = q_feats[s:s + chunk_size] @ g_t  # [c, ng]
-        acc.add(*_rank_chunk(sim, q_pids[s:s + chunk_size], g_pids, max_rank, get_mAP))
+        e = s + chunk_size
+        sim = q_feats[s:e] @ g_t  # [c, ng]
+        acc.add(*_rank_chunk(sim, q_pids[s:e], g_pids, max_rank, get_mAP, (order, start[s:e], num_rel[s:e])))
         del sim
     return acc.result()
 
