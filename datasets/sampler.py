@@ -2,7 +2,8 @@
 
 Each epoch draws its order from ``random.Random(seed + epoch)``: ``seed`` defaults to a draw from the global
 ``random`` module at construction (so seeding ``random`` before building the loader makes runs reproducible), and the
-epoch advances by one after every full iteration or is set explicitly with ``set_epoch(epoch)`` (resume).
+epoch is set with ``set_epoch(epoch)`` (resume) or, when an iteration starts without a ``set_epoch`` call since the
+previous one, advances by one. ``len()`` is the length of the current (last started or set) epoch.
 
 All train samplers here share ``EpochSeeded``: ``attach_loader_generator(generator, seed)`` makes ``set_epoch(e)``
 also re-seed the DataLoader's generator with ``seed + e`` (it draws the workers' base seed), so epoch ``e`` of a
@@ -24,6 +25,7 @@ class EpochSeeded:
     epoch: int = 0
     loader_generator: Optional[torch.Generator] = None
     loader_seed: int = 0
+    _iterated: bool = False  # an iteration started since the last set_epoch
 
     def attach_loader_generator(self, generator: Optional[torch.Generator], seed: int) -> None:
         """Re-seed ``generator`` with ``seed + epoch`` on every ``set_epoch(epoch)``."""
@@ -33,8 +35,16 @@ class EpochSeeded:
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration use epoch ``epoch``'s order (and re-seed the attached generator)."""
         self.epoch = int(epoch)
+        self._iterated = False
         if self.loader_generator is not None:
             self.loader_generator.manual_seed(self.loader_seed + self.epoch)
+
+    def _begin_epoch(self) -> int:
+        """Epoch for an iteration that starts now: the set one, or the previous one + 1."""
+        if self._iterated:
+            self.epoch += 1
+        self._iterated = True
+        return self.epoch
 
 
 class EpochRandomSampler(EpochSeeded, Sampler):
@@ -46,9 +56,8 @@ class EpochRandomSampler(EpochSeeded, Sampler):
         self.epoch = 0
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
-        yield from torch.randperm(len(self.data_source), generator=g).tolist()
+        g = torch.Generator().manual_seed(self.seed + self._begin_epoch())
+        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
 
     def __len__(self) -> int:
         return len(self.data_source)
@@ -132,10 +141,8 @@ class RandomIdentitySampler(EpochSeeded, Sampler):
         return self._cache[1]
 
     def __iter__(self) -> Iterator[int]:
-        batches = self._batches()
-        self.epoch += 1
-        for batch in batches:
-            yield from batch
+        self._begin_epoch()
+        return iter([i for batch in self._batches() for i in batch])
 
     def __len__(self) -> int:
         return len(self._batches()) * self.batch_size

@@ -5,7 +5,7 @@ of ``batch_size`` = N ids x K is cut into ``world_size`` consecutive slices of `
 identities, as batch_size is a multiple of K x world_size) and rank r takes slice r. Within an epoch each dataset
 index lands in at most one K-chunk, so ranks never share indices. Wrap it with
 ``BatchSampler(sampler, batch_size // world_size, drop_last=True)``. Call ``set_epoch(epoch)`` for a new shuffle (it
-also advances by itself after every full iteration).
+also advances by itself when iterated again without a ``set_epoch`` call, see datasets/sampler.py).
 """
 from __future__ import annotations
 
@@ -21,15 +21,14 @@ from datasets.sampler import EpochSeeded, build_pid_index, check_identity_batch,
 
 class DistributedRandomSampler(EpochSeeded, DistributedSampler):
     """torch DistributedSampler (shuffle, same seed on all ranks) whose ``set_epoch`` also re-seeds the generator;
-    like the other samplers here the epoch also advances by one after every iteration."""
+    like the other samplers here the epoch also advances by itself when iterated again without ``set_epoch``."""
 
     def set_epoch(self, epoch: int) -> None:
         EpochSeeded.set_epoch(self, epoch)
 
     def __iter__(self) -> Iterator[int]:
-        indices = DistributedSampler.__iter__(self)  # computed eagerly from seed + epoch
-        self.epoch += 1
-        return indices
+        self._begin_epoch()
+        return DistributedSampler.__iter__(self)  # computed eagerly from seed + epoch
 
 
 class RandomIdentitySampler_DDP(EpochSeeded, Sampler):
@@ -70,10 +69,8 @@ class RandomIdentitySampler_DDP(EpochSeeded, Sampler):
         return self._cache[1]
 
     def __iter__(self) -> Iterator[int]:
-        batches = self._rank_batches()
-        self.epoch += 1
-        for batch in batches:
-            yield from batch
+        self._begin_epoch()
+        return iter([i for batch in self._rank_batches() for i in batch])
 
     def __len__(self) -> int:
         return len(self._rank_batches()) * self.mini_batch_size

@@ -1,0 +1,144 @@
+"""Identity sampler (N ids x K), its DDP version (disjoint, equal shards for world sizes 1-4), random samplers."""
+import random
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler
+
+from datasets.sampler import EpochRandomSampler, RandomIdentitySampler
+from datasets.sampler_ddp import DistributedRandomSampler, RandomIdentitySampler_DDP
+
+
+def rows(counts):
+    """Train rows (pid, image_id, path, caption); ``counts[pid]`` rows per pid, interleaved order."""
+    out = []
+    rng = random.Random(0)
+    for pid, n in enumerate(counts):
+        out += [(pid, len(out) + j, f"{pid}_{j}.png", "c") for j in range(n)]
+    rng.shuffle(out)
+    return out
+
+
+COUNTS = [rng_n for rng_n in (8, 3, 5, 12, 4, 1, 6, 9, 2, 7, 4, 4, 10, 5, 8, 3)] * 4  # 64 ids, some < K
+
+
+def test_identity_batches_are_n_ids_by_k():
+    data = rows(COUNTS)
+    K, B = 4, 16
+    s = RandomIdentitySampler(data, B, K, seed=1)
+    idx = list(s)
+    assert len(idx) == len(s) and len(idx) % B == 0 and len(idx) > 0
+    seen = Counter()
+    for b in range(0, len(idx), B):
+        batch = idx[b:b + B]
+        pids = [data[i][0] for i in batch]
+        groups = [pids[g:g + K] for g in range(0, B, K)]
+        assert all(len(set(g)) == 1 for g in groups)          # K instances of one id
+        assert len({g[0] for g in groups}) == B // K          # N distinct ids
+        for g in range(0, B, K):
+            chunk = batch[g:g + K]
+            n_avail = COUNTS[data[chunk[0]][0]]
+            if n_avail >= K:
+                assert len(set(chunk)) == K  # without replacement when the id has enough rows
+                seen.update(chunk)
+            else:
+                assert set(chunk) <= {i for i, r in enumerate(data) if r[0] == data[chunk[0]][0]}
+    assert max(seen.values()) == 1  # each row at most once per epoch (ids with >= K rows)
+    # ids with fewer than K rows are sampled with replacement
+    small = [p for p, n in enumerate(COUNTS) if n < K]
+    assert any(data[i][0] in small for i in idx)
+
+
+def test_identity_epochs_deterministic_and_different():
+    data = rows(COUNTS)
+    a = RandomIdentitySampler(data, 8, 2, seed=7)
+    e0, e1 = list(a), list(a)  # advances by itself
+    assert e0 != e1
+    b = RandomIdentitySampler(data, 8, 2, seed=7)
+    b.set_epoch(1)
+    assert list(b) == e1
+    b.set_epoch(0)
+    assert list(b) == e0
+    random.seed(3)
+    c = RandomIdentitySampler(data, 8, 2)  # seed drawn from the global random state
+    random.seed(3)
+    d = RandomIdentitySampler(data, 8, 2)
+    assert list(c) == list(d)
+
+
+def test_identity_bad_batch_sizes():
+    data = rows(COUNTS)
+    with pytest.raises(ValueError, match=r"--batch_size 10 must be a positive multiple of num_instance \(4\)"):
+        RandomIdentitySampler(data, 10, 4)
+    with pytest.raises(ValueError, match=r"needs 8 identities per batch but the train set has 3"):
+        RandomIdentitySampler(rows([4, 4, 4]), 32, 4)
+    with pytest.raises(ValueError, match=r"multiple of num_instance \(4\) x world size \(3\)"):
+        RandomIdentitySampler_DDP(data, 16, 4, rank=0, world_size=3)
+    with pytest.raises(ValueError, match=r"rank 4 out of range for world size 4"):
+        RandomIdentitySampler_DDP(data, 16, 4, rank=4, world_size=4)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_identity_ddp_shards_disjoint_equal(world):
+    data = rows(COUNTS)
+    K = 2
+    B = K * 2 * world  # 2 ids per rank per step
+    single = RandomIdentitySampler(data, B, K, seed=5)
+    shards = []
+    for rank in range(world):
+        s = RandomIdentitySampler_DDP(data, B, K, rank=rank, world_size=world, seed=5)
+        bs = BatchSampler(s, B // world, drop_last=True)
+        batches = list(bs)
+        assert len(batches) == len(bs) and len(s) == len(batches) * (B // world)
+        for batch in batches:
+            pids = [data[i][0] for i in batch]
+            assert len(batch) == B // world
+            assert all(len(set(pids[g:g + K])) == 1 for g in range(0, len(pids), K))
+        shards.append(batches)
+    assert len({len(b) for b in shards}) == 1  # same number of batches on every rank
+    sets = [set(i for b in sh for i in b) for sh in shards]
+    for a in range(world):
+        for b in range(a + 1, world):
+            assert not sets[a] & sets[b]
+    # the ranks' step-t batches together form the single-process global batch t (same seed/epoch)
+    merged = [i for t in range(len(shards[0])) for r in range(world) for i in shards[r][t]]
+    assert merged == list(single)
+
+
+def test_identity_ddp_new_shuffle_per_epoch():
+    data = rows(COUNTS)
+    s = RandomIdentitySampler_DDP(data, 8, 2, rank=1, world_size=2, seed=0)
+    s.set_epoch(0)
+    e0 = list(s)
+    s.set_epoch(1)
+    e1 = list(s)
+    assert e0 != e1 and len(e0) == len(s)
+    s.set_epoch(0)
+    assert list(s) == e0
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_distributed_random_sampler_shards(world):
+    n = 50
+    gen = torch.Generator()
+    per_rank = []
+    for rank in range(world):
+        s = DistributedRandomSampler(list(range(n)), num_replicas=world, rank=rank, shuffle=True, seed=2,
+                                     drop_last=True)
+        s.attach_loader_generator(gen, 10)
+        s.set_epoch(3)
+        per_rank.append(list(s))
+    assert len({len(p) for p in per_rank}) == 1 and len(per_rank[0]) == n // world
+    assert len(set(i for p in per_rank for i in p)) == sum(len(p) for p in per_rank)
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(13).get_state())
+    s.set_epoch(4)
+    assert list(s) != per_rank[-1]
+
+
+def test_epoch_random_sampler():
+    s = EpochRandomSampler(list(range(30)), seed=4)
+    e0, e1 = list(s), list(s)
+    assert sorted(e0) == list(range(30)) and e0 != e1
+    s.set_epoch(0)
+    assert list(s) == e0 == torch.randperm(30, generator=torch.Generator().manual_seed(4)).tolist()
