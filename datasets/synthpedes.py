@@ -137,17 +137,15 @@ def make_caption(ident: dict, rng: random.Random) -> str:
         extras.append(f"{rng.choice(PRONOUNS)} carries no bag.")
     rng.shuffle(extras)
 
-    subject = rng.choice(SUBJECTS)
+    outfit_last = rng.random() < 0.3  # sometimes the outfit sentence comes last
+    subject = rng.choice(PRONOUNS if outfit_last else SUBJECTS)
     if hair_in_subject:
         subject += f" with {hair}"
     if rng.random() < 0.5:
-        first = f"{subject} {rng.choice(WEAR)} {upper} and {lower}."
+        outfit = f"{subject} {rng.choice(WEAR)} {upper} and {lower}."
     else:  # lower garment first
-        first = f"{subject} {rng.choice(WEAR)} {lower} with {upper}."
-    sentences = [first] + extras
-    if rng.random() < 0.3:  # sometimes the outfit sentence comes last
-        sentences = extras + [first.replace(subject, rng.choice(PRONOUNS), 1)]
-    return " ".join(sentences)
+        outfit = f"{subject} {rng.choice(WEAR)} {lower} with {upper}."
+    return " ".join(extras + [outfit] if outfit_last else [outfit] + extras)
 
 
 # ---------------------------------------------------------------------------------------------------- drawing
