@@ -1,0 +1,159 @@
+"""Time one IRRA training step (forward + backward + Adam) with and without the model's fast path.
+
+The fast path (``model.fast = True``, the default) (a) runs the MLM head only at masked positions and (b) cuts
+the caption ids to the longest caption of the batch before the text transformer; both give the same numbers.
+This script builds a tiny IRRA (scratch CLIP, width 128), a batch of realistic template captions, checks that the
+two paths give the same losses, then times both and prints samples/s (median of --runs) and the speed-up.
+
+    python benchmarks/bench_train_step.py                       # defaults: bs 32, 192x64, sdm+mlm+id
+    python benchmarks/bench_train_step.py --profile             # + a torch.profiler table for each path
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model.build import build_model  # noqa: E402
+from utils.simple_tokenizer import get_tokenizer, tokenize  # noqa: E402
+
+COLORS = ["black", "white", "red", "blue", "green", "grey", "yellow", "brown", "pink", "navy"]
+TOPS = ["t-shirt", "jacket", "coat", "hoodie", "sweater", "shirt", "dress", "blouse"]
+BOTTOMS = ["jeans", "shorts", "trousers", "skirt", "pants", "leggings"]
+EXTRAS = ["a backpack", "a handbag", "sneakers", "boots", "a cap", "glasses", "an umbrella", "a phone"]
+SUBJECTS = ["The man", "A woman", "The young lady", "An old man", "A boy", "The girl", "A tall person"]
+
+
+def make_caption(rng: random.Random) -> str:
+    """A template person description of roughly 15-30 BPE tokens."""
+    c = rng.sample(COLORS, 4)
+    s = (f"{rng.choice(SUBJECTS)} is wearing a {c[0]} {rng.choice(TOPS)} and {c[1]} {rng.choice(BOTTOMS)}. "
+         f"{rng.choice(['He', 'She', 'The person'])} carries {rng.choice(EXTRAS)}")
+    if rng.random() < 0.6:
+        s += f" and wears {c[2]} {rng.choice(['shoes', 'boots', 'sandals'])}"
+    if rng.random() < 0.4:
+        s += f", walking next to a {c[3]} car"
+    return s + "."
+
+
+def make_batch(bs: int, img_size: tuple, text_length: int, num_classes: int, seed: int = 0,
+               mlm_probability: float = 0.15) -> Dict[str, torch.Tensor]:
+    """images, caption_ids, pids (bs//4 ids x 4), image_ids, mlm_ids / mlm_labels (15% of words masked)."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    tok = get_tokenizer()
+    mask_id = tok.encoder["<|mask|>"]
+    caps = torch.stack([tokenize(make_caption(rng), tok, text_length) for _ in range(bs)])  # [B, L]
+    mlm_ids, mlm_labels = caps.clone(), torch.zeros_like(caps)
+    for i in range(bs):
+        eot = int(caps[i].argmax())
+        pos = list(range(1, eot))
+        chosen = [p for p in pos if rng.random() < mlm_probability] or [rng.choice(pos)]
+        for p in chosen:
+            mlm_labels[i, p] = caps[i, p]
+            mlm_ids[i, p] = mask_id
+    pids = torch.arange(bs) // 4 % num_classes
+    return dict(images=torch.randn(bs, 3, *img_size, generator=g), caption_ids=caps, pids=pids,
+                image_ids=torch.arange(bs), mlm_ids=mlm_ids, mlm_labels=mlm_labels)
+
+
+def make_args(opt: argparse.Namespace) -> argparse.Namespace:
+    """The IRRA options the model reads (original defaults except the tiny backbone)."""
+    return argparse.Namespace(pretrain_choice=opt.arch, img_size=tuple(opt.img_size), stride_size=16,
+                              temperature=0.02, loss_names=opt.loss_names, cmt_depth=opt.cmt_depth,
+                              vocab_size=49408, id_loss_weight=1.0, mlm_loss_weight=1.0,
+                              text_length=opt.text_length, precision="fp32", device="cpu")
+
+
+def time_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Dict[str, torch.Tensor],
+               warmup: int, runs: int) -> List[float]:
+    """Seconds per training step, ``runs`` measurements after ``warmup`` untimed steps."""
+    times = []
+    for i in range(warmup + runs):
+        t0 = time.perf_counter()
+        ret = model(batch)
+        loss = sum(v for k, v in ret.items() if "loss" in k)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+    return times
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="scratch:ViT-Tiny")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--img_size", type=int, nargs=2, default=(192, 64))
+    p.add_argument("--text_length", type=int, default=77)
+    p.add_argument("--loss_names", default="sdm+mlm+id")
+    p.add_argument("--cmt_depth", type=int, default=4)
+    p.add_argument("--num_classes", type=int, default=11003)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table for one step of each path")
+    opt = p.parse_args(argv)
+    if opt.threads:
+        torch.set_num_threads(opt.threads)
+    torch.manual_seed(0)
+
+    model = build_model(make_args(opt), opt.num_classes)
+    model.train()
+    batch = make_batch(opt.batch_size, tuple(opt.img_size), opt.text_length, opt.num_classes)
+    lens = (batch["caption_ids"].argmax(-1) + 1).float()
+    n_masked = int((batch["mlm_labels"] != 0).sum())
+    print(f"arch {opt.arch}, bs {opt.batch_size}, img {tuple(opt.img_size)}, losses {opt.loss_names}, "
+          f"cmt_depth {opt.cmt_depth}, threads {torch.get_num_threads()}")
+    print(f"caption tokens (with SOT/EOT): mean {lens.mean():.1f}, max {int(lens.max())} of {opt.text_length}; "
+          f"masked tokens {n_masked} of {opt.batch_size * opt.text_length} positions")
+
+    # same numbers on both paths (eval mode: no dropout anyway, but keep it explicit)
+    with torch.no_grad():
+        model.fast = False
+        ref = model(batch)
+        model.fast = True
+        fast = model(batch)
+    diffs = {k: abs(float(ref[k]) - float(fast[k])) for k in ref}
+    print("max |fast - full| over the forward dict:", f"{max(diffs.values()):.2e}",
+          {k: f"{float(fast[k]):.5f}" for k in fast})
+
+    optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-5)
+    # interleave the two paths step by step so that background load hits both alike
+    times: Dict[bool, List[float]] = {False: [], True: []}
+    for i in range(opt.warmup + opt.runs):
+        for fast_path in (False, True):
+            model.fast = fast_path
+            dt = time_steps(model, optimizer, batch, 0, 1)[0]
+            if i >= opt.warmup:
+                times[fast_path].append(dt)
+    results = {}
+    for fast_path in (False, True):
+        results[fast_path] = statistics.median(times[fast_path])
+        print(f"fast={fast_path!s:5}: median {results[fast_path] * 1e3:8.1f} ms/step  "
+              f"{opt.batch_size / results[fast_path]:8.1f} samples/s  (runs: "
+              + ", ".join(f"{t * 1e3:.0f}" for t in times[fast_path]) + " ms)")
+    print(f"speed-up fast/full: {results[False] / results[True]:.2f}x")
+
+    if opt.profile:
+        from torch.profiler import ProfilerActivity, profile
+        for fast_path in (False, True):
+            model.fast = fast_path
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                time_steps(model, optimizer, batch, 0, 1)
+            print(f"--- profile fast={fast_path}")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
