@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from utils.meter import AverageMeter
-from utils.metrics import Evaluator, rank, rank_from_features, rank_naive
+from utils.metrics import Evaluator, _rank_chunk, _RankAccumulator, rank, rank_from_features, rank_naive
 
 FIX = Path(__file__).parent / "fixtures"
 RANK_CASES = json.loads((FIX / "functions.json").read_text())["rank"]
@@ -68,6 +68,22 @@ def test_rank_from_features_matches_naive():
     ref = rank_naive(qf @ gf.t(), qp, gp, max_rank=10)
     for chunk in (1, 4, 100):
         _assert_same(rank_from_features(qf, gf, qp, gp, max_rank=10, chunk_size=chunk), ref, 10)
+
+
+def test_rank_from_features_without_indices_and_unsorted_chunks():
+    sim, qp, gp = make_case(50, 40, 9, 8)
+    ref = rank_naive(sim, qp, gp, max_rank=10)
+    g = torch.Generator().manual_seed(1)
+    qf, gf = torch.randn(50, 8, generator=g), torch.randn(40, 8, generator=g)
+    cmc, mAP, mINP, ind = rank_from_features(qf, gf, qp, gp, chunk_size=7, need_indices=False)
+    assert ind is None
+    rcmc, rmAP, rmINP, _ = rank_naive(qf @ gf.t(), qp, gp)
+    assert torch.allclose(cmc, rcmc, atol=1e-4)
+    assert (float(mAP), float(mINP)) == pytest.approx((float(rmAP), float(rmINP)), abs=1e-4)
+    acc = _RankAccumulator(True)  # chunks in natural query order (rows re-sorted inside _rank_chunk)
+    for s in range(0, 50, 16):
+        acc.add(*_rank_chunk(sim[s:s + 16], qp[s:s + 16], gp, 10, True))
+    _assert_same(acc.result(), ref, 10)
 
 
 def _naive_pessimistic_ties(sim, qp, gp):

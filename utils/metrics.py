@@ -1,18 +1,22 @@
 """Retrieval metrics (R@k / mAP / mINP) and the text-to-image Evaluator.
 
 ``rank`` returns the same numbers as the original IRRA ``rank`` (kept as ``rank_naive``) but never sorts the
-full similarity matrix and never builds an ``[nq, ng]`` float/int matrix beyond one query chunk:
+similarity matrix, has no Python loop over queries, and works on query chunks (memory O(chunk_size * ng)):
 
-* CMC and the returned ``indices`` come from ``topk(max_rank)`` per chunk.
-* AP / mINP only need the 1-based rank of every positive. With the positives of a query sorted by descending
-  similarity ``p_1 >= p_2 >= ...``, the k-th positive's rank is ``k + #{negatives with sim >= p_k}``. Each
-  negative's bucket ``b = #{positives with sim > v}`` comes from a batched ``searchsorted``; a per-(query, bucket)
-  ``bincount`` followed by a cumulative sum gives ``#{negatives with sim >= p_k}`` for every k.
+* All metrics only need the 1-based rank of every positive. With a query's positives sorted by descending
+  similarity ``p_1 >= p_2 >= ...`` (found through a pid index of the gallery, no [nq, ng] mask), the k-th
+  positive's rank is ``k + #{negatives with sim >= p_k}`` and ``#{items >= p_k}`` is one compare-and-count pass
+  over the chunk. Queries are processed in order of decreasing number of positives, so the pass for the k-th
+  positive only touches the prefix of the chunk whose queries have more than k positives: the total work is
+  (number of positive pairs) x ng compares, done with numpy's vectorised ``count_nonzero`` on CPU and torch on
+  other devices. R@k: hit iff the first positive's rank <= k. AP = mean_k k / rank_k, INP = n_pos / rank_last.
+* ``indices`` (top-``max_rank`` gallery items per query) come from ``torch.topk`` per chunk (skipped by the
+  Evaluator, which does not need them).
 
 Ties: the original uses ``torch.argsort`` (unstable), so the order of equal similarities is unspecified there.
 Here a negative whose similarity equals a positive's is counted *above* it (pessimistic), and equal positives
-take consecutive ranks. With continuous similarities (real embeddings) ties have probability ~0 and both agree;
-``indices`` order equal scores as ``torch.topk`` does.
+take consecutive ranks. With continuous similarities (real embeddings) ties are rare and both agree; ``indices``
+order equal scores as ``torch.topk`` does (may differ from ``argsort`` only in the order of equal scores).
 
 Queries without any positive in the gallery: the original crashes (``row.nonzero()[-1]`` on an empty tensor,
 and its AP would be 0/0 = nan). Here such queries count as misses in the CMC (as the original's CMC does) and are
@@ -24,6 +28,7 @@ from __future__ import annotations
 import logging
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from prettytable import PrettyTable
@@ -85,59 +90,72 @@ def _positive_index(q_pids: torch.Tensor, g_pids: torch.Tensor):
     return order, starts[slot], num_rel
 
 
+def _count_ge(sim: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """Per row, the number of entries >= the row's threshold: sim [n, ng], thr [n] -> [n] int64."""
+    if sim.device.type == "cpu":  # numpy's compare + count_nonzero is several times faster than torch's on CPU
+        a = sim.numpy() if sim.dtype in (torch.float32, torch.float64, torch.float16) else sim.float().numpy()
+        t = thr.to(sim.dtype if sim.dtype != torch.bfloat16 else torch.float32).numpy()
+        return torch.from_numpy(np.count_nonzero(a >= t[:, None], axis=1).astype(np.int64))
+    return (sim >= thr[:, None]).sum(1)  # [n]
+
+
 def _rank_chunk(sim: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, max_rank: int, get_mAP: bool,
-                pos_index=None):
+                pos_index=None, need_indices: bool = True):
     """Metrics of one chunk of queries.
 
     Args:
         sim: [c, ng] similarities (float, any device).
         q_pids: [c] query ids, g_pids: [ng] gallery ids (same device as ``sim``).
-        pos_index: ``_positive_index`` of (q_pids, g_pids) (computed here when None).
+        pos_index: ``_positive_index`` of (q_pids, g_pids) restricted to the chunk (computed here when None).
+        need_indices: also return the top-k gallery indices (else None).
     Returns:
         hits [k] (number of queries with a positive within the top-j, j = 1..k, k = min(max_rank, ng)),
-        indices [c, k], and when get_mAP: AP [c] float64, INP [c] float64, has_pos [c] bool (else None x3).
+        indices [c, k] or None, and when get_mAP: AP [c] float64, INP [c] float64, has_pos [c] bool (else None x3).
     """
-    k = min(max_rank, sim.shape[1])
-    _, indices = torch.topk(sim, k=k, dim=1, largest=True, sorted=True)  # [c, k]
-    top_matches = g_pids[indices] == q_pids[:, None]  # [c, k]
-    hits = (top_matches.cumsum(1) > 0).sum(0)  # [k]
-    if not get_mAP:
-        return hits, indices, None, None, None
-
     c, ng = sim.shape
+    k = min(max_rank, ng)
     dev = sim.device
+    indices = None
+    if need_indices or not get_mAP:
+        _, indices = torch.topk(sim, k=k, dim=1, largest=True, sorted=True)  # [c, k]
+    if not get_mAP:
+        top_matches = g_pids[indices] == q_pids[:, None]  # [c, k]
+        return (top_matches.cumsum(1) > 0).sum(0), indices, None, None, None
+
     order, start, num_rel = pos_index if pos_index is not None else _positive_index(q_pids, g_pids)
     has_pos = num_rel > 0  # [c]
     pmax = int(num_rel.max()) if c > 0 else 0
     if pmax == 0:
         zeros = torch.zeros(c, dtype=torch.float64, device=dev)
-        return hits, indices, zeros, zeros, has_pos
+        return torch.zeros(k, dtype=torch.int64, device=dev), indices, zeros, zeros, has_pos
+    # rows by decreasing number of positives, so the rows having a k-th positive are a prefix
+    perm = torch.argsort(num_rel, descending=True, stable=True)  # [c]
+    sorted_already = bool((perm == torch.arange(c, device=dev)).all())
+    if not sorted_already:
+        sim, start, num_rel = sim[perm], start[perm], num_rel[perm]
+    sim = sim.detach().contiguous()
     slots = torch.arange(pmax, device=dev)  # [P]
     valid = slots[None, :] < num_rel[:, None]  # [c, P]
     pos_g = order[(start[:, None] + slots[None, :]).clamp(max=ng - 1)]  # [c, P] gallery index of each positive
     pos_sim = sim.gather(1, pos_g).masked_fill(~valid, float("-inf"))  # [c, P]
     pos_desc, _ = torch.sort(pos_sim, dim=1, descending=True)  # [c, P], -inf pads last
-    pos_asc = pos_desc.flip(1).contiguous()  # [c, P] ascending, as searchsorted requires
-    # bucket(v) = #positives with sim > v = P - #(entries <= v) (pads are -inf, always <= v); the histogram index
-    # of gallery item v of row r is r * (P + 1) + bucket(v), computed in int32 (bincount is much faster on it)
-    n_le = torch.searchsorted(pos_asc, sim.contiguous(), right=True, out_int32=True)  # [c, ng]
-    nb = pmax + 1
-    base = torch.arange(c, device=dev, dtype=torch.int32) * nb + pmax  # [c]
-    flat = (base[:, None] - n_le).view(-1)  # [c * ng]
-    del n_le
-    hist = torch.bincount(flat, minlength=c * nb)  # [c * nb]
-    del flat
-    # remove the positives themselves: the k-th positive's bucket is the number of positives strictly above it
-    pos_bucket = (pos_desc[:, None, :] > pos_desc[:, :, None]).sum(-1)  # [c, P]
-    rows = torch.arange(c, device=dev)[:, None] * nb  # [c, 1]
-    own = (rows + pos_bucket)[valid]  # [n_pos] histogram slots of the positives
-    hist.scatter_add_(0, own, torch.full(own.shape, -1, dtype=hist.dtype, device=dev))
-    neg_above = hist.view(c, nb)[:, :pmax].cumsum(1)  # [c, P]: negatives with sim >= p_k
+    n_rows = (num_rel[None, :] > slots[:, None]).sum(1).tolist()  # [P]: rows having a (k+1)-th positive
+    ge = torch.zeros(c, pmax, dtype=torch.int64, device=dev)  # [c, P] items with sim >= p_k
+    for j, n in enumerate(n_rows):  # loop over positive slots (<= max positives per id), not over queries
+        ge[:n, j] = _count_ge(sim[:n], pos_desc[:n, j].contiguous()).to(dev)
+    pos_ge = (pos_desc[:, None, :] >= pos_desc[:, :, None]).sum(-1)  # [c, P] positives with sim >= p_k
     ks = torch.arange(1, pmax + 1, device=dev, dtype=torch.float64)  # [P]
-    pos_rank = neg_above.to(torch.float64) + ks  # [c, P] 1-based rank of the k-th positive (ties: pessimistic)
-    ap = ((ks / pos_rank) * valid).sum(1) / num_rel.to(torch.float64).clamp(min=1)  # [c]
+    pos_rank = (ge - pos_ge).to(torch.float64) + ks  # [c, P] 1-based rank of the k-th positive (ties: pessimistic)
+    first = torch.where(num_rel > 0, pos_rank[:, 0], torch.full_like(pos_rank[:, 0], float("inf")))  # [c]
+    hits = (first[:, None] <= torch.arange(1, k + 1, device=dev, dtype=torch.float64)[None, :]).sum(0)  # [k]
+    pos_rank = torch.where(valid, pos_rank, torch.full_like(pos_rank, float("inf")))  # slots without a positive
+    ap = (ks / pos_rank).sum(1) / num_rel.to(torch.float64).clamp(min=1)  # [c]
     last = (num_rel - 1).clamp(min=0).to(torch.int64)[:, None]  # [c, 1]
     inp = num_rel.to(torch.float64) / pos_rank.gather(1, last).squeeze(1)  # [c]
+    if not sorted_already:
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(c, device=dev)
+        ap, inp = ap[inv], inp[inv]
     return hits, indices, ap, inp, has_pos
 
 
@@ -152,29 +170,41 @@ class _RankAccumulator:
         self.inp_sum = 0.0
         self.n_pos = 0
         self.n = 0
-        self.n_no_pos = 0
 
     def add(self, hits, indices, ap, inp, has_pos) -> None:
         self.hits = hits if self.hits is None else self.hits + hits
-        self.indices.append(indices)
-        self.n += indices.shape[0]
+        if indices is not None:
+            self.indices.append(indices)
+        self.n += has_pos.numel() if has_pos is not None else indices.shape[0]
         if self.get_mAP:
             self.ap_sum += float(ap[has_pos].sum())
             self.inp_sum += float(inp[has_pos].sum())
-            n_pos = int(has_pos.sum())
-            self.n_pos += n_pos
-            self.n_no_pos += indices.shape[0] - n_pos
+            self.n_pos += int(has_pos.sum())
 
     def result(self):
-        cmc = self.hits.to(torch.float64) / self.n * 100
-        cmc = cmc.to(torch.float32)
-        indices = torch.cat(self.indices, 0)
+        cmc = (self.hits.to(torch.float64) / self.n * 100).to(torch.float32)
+        indices = torch.cat(self.indices, 0) if self.indices else None
         if not self.get_mAP:
             return cmc, indices
-        denom = self.n_pos if self.n_pos > 0 else float("nan")
-        mAP = torch.tensor(self.ap_sum / denom * 100 if self.n_pos else float("nan"), dtype=torch.float32)
-        mINP = torch.tensor(self.inp_sum / denom * 100 if self.n_pos else float("nan"), dtype=torch.float32)
+        nan = float("nan")
+        mAP = torch.tensor(self.ap_sum / self.n_pos * 100 if self.n_pos else nan, dtype=torch.float32)
+        mINP = torch.tensor(self.inp_sum / self.n_pos * 100 if self.n_pos else nan, dtype=torch.float32)
         return cmc, mAP, mINP, indices
+
+
+def _query_order(q_pids: torch.Tensor, g_pids: torch.Tensor):
+    """Positive index and the query order (decreasing number of positives) used to form chunks."""
+    order, start, num_rel = _positive_index(q_pids, g_pids)
+    qorder = torch.argsort(num_rel, descending=True, stable=True)  # [nq]
+    return order, start, num_rel, qorder
+
+
+def _unpermute(indices: Optional[torch.Tensor], qorder: torch.Tensor) -> Optional[torch.Tensor]:
+    if indices is None:
+        return None
+    out = torch.empty_like(indices)
+    out[qorder] = indices  # row i of ``indices`` belongs to query qorder[i]
+    return out
 
 
 def rank(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, max_rank: int = 10,
@@ -199,35 +229,44 @@ def rank(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, m
     device = similarity.device
     q_pids = q_pids.to(device).view(-1)
     g_pids = g_pids.to(device).view(-1)
-    order, start, num_rel = _positive_index(q_pids, g_pids)
     acc = _RankAccumulator(get_mAP)
+    if not get_mAP:
+        for s in range(0, similarity.shape[0], chunk_size):
+            acc.add(*_rank_chunk(similarity[s:s + chunk_size], q_pids[s:s + chunk_size], g_pids, max_rank, False))
+        return acc.result()
+    order, start, num_rel, qorder = _query_order(q_pids, g_pids)
     for s in range(0, similarity.shape[0], chunk_size):
-        e = s + chunk_size
-        acc.add(*_rank_chunk(similarity[s:e], q_pids[s:e], g_pids, max_rank, get_mAP, (order, start[s:e], num_rel[s:e])))
-    return acc.result()
+        rows = qorder[s:s + chunk_size]  # [c]
+        sim = similarity.index_select(0, rows)  # [c, ng]
+        acc.add(*_rank_chunk(sim, q_pids[rows], g_pids, max_rank, True, (order, start[rows], num_rel[rows])))
+    cmc, mAP, mINP, indices = acc.result()
+    return cmc, mAP, mINP, _unpermute(indices, qorder)
 
 
 def rank_from_features(q_feats: torch.Tensor, g_feats: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor,
-                       max_rank: int = 10, get_mAP: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE):
-    """``rank(q_feats @ g_feats.T, ...)`` without materialising the similarity matrix (one chunk at a time).
+                       max_rank: int = 10, chunk_size: int = DEFAULT_CHUNK_SIZE, need_indices: bool = True):
+    """``rank(q_feats @ g_feats.T, ...)`` (get_mAP=True) without materialising the similarity matrix.
 
     Args:
         q_feats: [nq, D] query features; g_feats: [ng, D] gallery features (same device; not normalised here).
+        need_indices: compute the top-``max_rank`` indices (else the 4th returned value is None; faster).
     """
     if chunk_size < 1:
         raise ValueError(f"rank_from_features: chunk_size must be >= 1, got {chunk_size}")
     device = q_feats.device
     q_pids = q_pids.to(device).view(-1)
     g_pids = g_pids.to(device).view(-1)
+    order, start, num_rel, qorder = _query_order(q_pids, g_pids)
     g_t = g_feats.t()  # [D, ng]
-    order, start, num_rel = _positive_index(q_pids, g_pids)
-    acc = _RankAccumulator(get_mAP)
+    acc = _RankAccumulator(True)
     for s in range(0, q_feats.shape[0], chunk_size):
-        e = s + chunk_size
-        sim = q_feats[s:e] @ g_t  # [c, ng]
-        acc.add(*_rank_chunk(sim, q_pids[s:e], g_pids, max_rank, get_mAP, (order, start[s:e], num_rel[s:e])))
+        rows = qorder[s:s + chunk_size]  # [c]
+        sim = q_feats[rows] @ g_t  # [c, ng]
+        acc.add(*_rank_chunk(sim, q_pids[rows], g_pids, max_rank, True, (order, start[rows], num_rel[rows]),
+                             need_indices))
         del sim
-    return acc.result()
+    cmc, mAP, mINP, indices = acc.result()
+    return cmc, mAP, mINP, _unpermute(indices, qorder)
 
 
 def _shard_loader(loader: DataLoader, rank_: int, world: int) -> DataLoader:
@@ -309,14 +348,14 @@ class Evaluator:
         if n_no_pos:
             self.logger.warning("%d of %d text queries have no image of their identity in the gallery: they count "
                                 "as misses in R@k and are left out of mAP/mINP", n_no_pos, qids.numel())
-        cmc, mAP, mINP, _ = rank_from_features(qfeats, gfeats, qids, gids, max_rank=10, get_mAP=True,
-                                               chunk_size=self.chunk_size)
+        cmc, mAP, mINP, _ = rank_from_features(qfeats, gfeats, qids, gids, max_rank=10,
+                                               chunk_size=self.chunk_size, need_indices=False)
         table = PrettyTable(["task", "R1", "R5", "R10", "mAP", "mINP"])
         out = _as_dict(cmc, mAP, mINP, "")
         table.add_row(["t2i", out["R1"], out["R5"], out["R10"], out["mAP"], out["mINP"]])
         if i2t_metric:
-            cmc, mAP, mINP, _ = rank_from_features(gfeats, qfeats, gids, qids, max_rank=10, get_mAP=True,
-                                                   chunk_size=self.chunk_size)
+            cmc, mAP, mINP, _ = rank_from_features(gfeats, qfeats, gids, qids, max_rank=10,
+                                                   chunk_size=self.chunk_size, need_indices=False)
             i2t = _as_dict(cmc, mAP, mINP, "i2t_")
             table.add_row(["i2t", i2t["i2t_R1"], i2t["i2t_R5"], i2t["i2t_R10"], i2t["i2t_mAP"], i2t["i2t_mINP"]])
             out.update(i2t)
