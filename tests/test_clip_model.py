@@ -169,6 +169,21 @@ def test_build_text_length_resizes_text_pos(tmp_path, source_sd):
     assert long.encode_text(torch.randint(0, 300, (1, 30))).shape == (1, 30, 64)
 
 
+def test_resnet_attnpool_pos_embed_resized_on_load(tmp_path):
+    torch.manual_seed(0)
+    # ModifiedResNet CLIP trained at 64x64 (2x2 attnpool grid), loaded for 96x64 inputs (3x2 grid)
+    src = CLIP(32, (64, 64), (1, 1, 1, 1), 8, None, 16, 20, 300, 64, 1, 1)
+    sd = src.state_dict()
+    torch.save(sd, tmp_path / "rn.pt")
+    model, cfg = build_CLIP_from_openai_pretrained(str(tmp_path / "rn.pt"), (96, 64), 16)
+    assert cfg["vision_layers"] == (1, 1, 1, 1) and cfg["vision_width"] == 8 and cfg["vision_patch_size"] is None
+    pos = model.visual.attnpool.positional_embedding
+    assert pos.shape == (1 + 3 * 2, 256)
+    torch.testing.assert_close(pos.data, resize_pos_embed(sd["visual.attnpool.positional_embedding"], pos, 3, 2))
+    torch.testing.assert_close(model.visual.layer1[0].conv1.weight.data, sd["visual.layer1.0.conv1.weight"])
+    assert model.encode_image(torch.randn(1, 3, 96, 64)).shape == (1, 7, 32)
+
+
 def test_load_param_shape_mismatch_is_error(source_sd):
     model = small_clip()
     bad = {k: v for k, v in source_sd.items() if not k.startswith("visual.positional")}
@@ -223,6 +238,8 @@ def test_download_offline_names_path_and_url(tmp_path, monkeypatch):
     msg = str(err.value)
     assert str(tmp_path / "cache" / "ViT-B-16.pt") in msg and url in msg
     assert not list((tmp_path / "cache").glob("*"))  # no partial file left
+    with pytest.raises(FileNotFoundError, match="ViT-B-16.pt"):
+        build_CLIP_from_openai_pretrained("ViT-B/16", (64, 32), 16, download_root=str(tmp_path / "cache"))
 
 
 class _FakeResponse(io.BytesIO):
