@@ -33,7 +33,7 @@ from datasets.cuhkpedes import CUHKPEDES
 
 logger = logging.getLogger("IRRA.dataset")
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # bump whenever the images or captions change
 META_FILE = "meta.json"
 ANNO_FILE = "reid_raw.json"
 SUPERSAMPLE = 3  # figures are drawn at 3x and downsampled (anti-aliasing)
@@ -171,7 +171,8 @@ def _background(h: int, w: int, rng: random.Random, nrng: np.random.Generator) -
     ground = np.array(rng.choice(BACKGROUNDS), dtype=np.float32) * rng.uniform(0.7, 1.0)
     horizon = int(h * rng.uniform(0.7, 0.85))
     img = np.empty((h, w, 3), dtype=np.float32)  # HWC
-    t = np.linspace(0.0, 1.0, horizon, dtype=np.float32)[:, None]
+    t = np.linspace(0.0, 1.0, horizon, dtype=np.float32)[:, None]  # [horizon] -> [horizon, 1]
+    # vertical gradient [horizon, 3] -> [horizon, 1, 3], broadcast over the width
     img[:horizon] = (top[None, :] * (1 - t) + base[None, :] * t)[:, None, :]
     img[horizon:] = ground
     for _ in range(rng.randint(1, 4)):  # buildings / windows / poles

@@ -320,3 +320,29 @@ def test_train_loader_reproducible_per_epoch(tmp_path):
         full = run([0, 1, 2])
         assert run([2])[0] == full[2]
         assert full[0] != full[1]
+
+
+@pytest.mark.parametrize("sampler", ["identity", "random"])
+def test_build_dataloader_distributed_shards(tmp_path, monkeypatch, sampler):
+    """DDP path without processes: every rank's loader gets disjoint rows and the same number of batches."""
+    write_dataset(tmp_path, "RSTPReid")
+    make_images(tmp_path, "RSTPReid")
+    world = 2
+    shards = []
+    for rank in range(world):
+        monkeypatch.setattr(dbuild, "_dist_info", lambda r=rank: (True, r, world))
+        tl, _, _, _ = build_dataloader(make_args(tmp_path, sampler=sampler, batch_size=4, num_instance=2, seed=0))
+        s = tl.train_sampler
+        assert s is (tl.batch_sampler.sampler if sampler == "identity" else tl.sampler)
+        dbuild.set_train_epoch(tl, 1)
+        batches = [(b["image_ids"].tolist(), b["caption_ids"].tolist(), b["pids"].tolist()) for b in tl]
+        assert all(len(ids) == 2 for ids, _, _ in batches)  # batch_size // world per rank
+        if sampler == "identity":
+            assert all(p[0] == p[1] for _, _, p in batches)  # one id x K=2 per rank and step
+        shards.append(batches)
+    assert len(shards[0]) == len(shards[1]) > 0
+    rows0 = {(i, tuple(c)) for ids, caps, _ in shards[0] for i, c in zip(ids, caps)}
+    rows1 = {(i, tuple(c)) for ids, caps, _ in shards[1] for i, c in zip(ids, caps)}
+    assert not rows0 & rows1
+    with pytest.raises(ValueError, match=r"multiple of num_instance \(2\) x world size \(2\)"):
+        build_dataloader(make_args(tmp_path, sampler="identity", batch_size=6, num_instance=2))
