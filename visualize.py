@@ -50,7 +50,9 @@ def main(argv=None) -> list[Path]:
             print(f"\nquery: {q}\n" + "\n".join(f"{k:3d}  {s:.4f}  {pth}" for k, (s, pth)
                                                 in enumerate(zip(scores.tolist(), paths), start=1)))
     else:
-        results = R.rank_test_queries(r, R.load_test_split(r.args), a.topk)
+        split = R.load_test_split(r.args)
+        R.check_query_indices(a.query_index, len(split["captions"]))
+        results = R.rank_test_queries(r, split, a.topk)
         picked = R.pick_queries(results, a.query_index, a.num_queries, a.failures)
         if not picked:
             print("no query to draw" + (" (every top-1 is correct)" if a.failures else ""))

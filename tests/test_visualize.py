@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import train
 import visualize
 from datasets import build as dbuild
 from datasets.synthpedes import SynthPEDES
@@ -42,8 +43,7 @@ def retrieval_warnings():
 
 TINY = dict(num_train_ids=6, num_val_ids=0, num_test_ids=5, images_per_id=2, img_height=64, img_width=32, seed=3,
             show_progress=False)
-# != the 6 training identities: from_run must take num_classes from the checkpoint's classifier.weight
-NUM_CLASSES = 9
+TINY_RUN = ["--pretrain_choice", "scratch:ViT-Micro", "--img_size", "64", "32", "--loss_names", "sdm+id"]
 
 
 @pytest.fixture(scope="module")
@@ -57,24 +57,21 @@ def tiny_synth(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_synth, tmp_path_factory):
-    """logs/SynthPEDES/<run>/ with configs.yaml and best.pth of a scratch ViT-Micro with a 9-way id classifier."""
-    run = tmp_path_factory.mktemp("logs") / "SynthPEDES" / "20240101_000000_tiny"
-    run.mkdir(parents=True)
-    args = get_args(["--dataset_name", "SynthPEDES", "--root_dir", str(tiny_synth), "--pretrain_choice",
-                     "scratch:ViT-Micro", "--img_size", "64", "32", "--loss_names", "sdm+id", "--device", "cpu",
-                     "--output_dir", str(run)])
-    torch.manual_seed(0)
-    model = build_model(args, num_classes=NUM_CLASSES, device=torch.device("cpu"))
-    save_train_configs(str(run), args)
-    Checkpointer(model, save_dir=str(run)).save("best", epoch=1)
+    """A real run: train.main for one epoch of a scratch ViT-Micro (sdm+id) on the tiny SynthPEDES."""
+    out = train.main(TINY_RUN + ["--dataset_name", "SynthPEDES", "--root_dir", str(tiny_synth), "--output_dir",
+                                 str(tmp_path_factory.mktemp("logs")), "--num_epoch", "1", "--batch_size", "4",
+                                 "--test_batch_size", "8", "--num_workers", "0", "--device", "cpu", "--name", "tiny"])
+    run = Path(out["run_dir"])
+    assert (run / "configs.yaml").is_file() and (run / "best.pth").is_file()
     return run
 
 
 def independent_ranking(run, split, topk):
-    """Top-k test pids per caption, computed without utils.retrieval."""
-    args = get_args(["--pretrain_choice", "scratch:ViT-Micro", "--img_size", "64", "32", "--loss_names", "sdm+id"])
-    model = build_model(args, num_classes=NUM_CLASSES, device=torch.device("cpu")).eval()
-    model.load_state_dict(torch.load(run / "best.pth", weights_only=True)["model"])
+    """Top-k scores and test pids per caption, computed without utils.retrieval."""
+    sd = torch.load(run / "best.pth", weights_only=True)["model"]
+    model = build_model(get_args(TINY_RUN), num_classes=sd["classifier.weight"].shape[0],
+                        device=torch.device("cpu")).eval()
+    model.load_state_dict(sd)
     tf = dbuild.build_transforms((64, 32), is_train=False)
     tok = SimpleTokenizer()
     with torch.no_grad():
@@ -231,3 +228,25 @@ def test_bad_inputs_give_clear_messages(run_dir, tmp_path):
     assert len(warnings) == 1 and str(gal / "broken.jpg") in warnings[0]
     _, size, _ = R.caption_layout("a man", 2, (128, 256))
     assert Image.open(saved[0]).size == size  # two results, not three
+
+
+@pytest.mark.parametrize("loss_names,num_classes", [("sdm+id", 9), ("sdm", None)])
+def test_num_classes_from_checkpoint(tiny_synth, tmp_path, loss_names, num_classes):
+    """A hand-made run whose classifier (9-way) differs from the dataset's 6 identities, and one without a
+    classifier: from_run builds the right model in both cases and ranks with it."""
+    args = get_args(TINY_RUN + ["--loss_names", loss_names, "--dataset_name", "SynthPEDES", "--root_dir",
+                                str(tiny_synth), "--device", "cpu"])
+    torch.manual_seed(0)
+    model = build_model(args, num_classes=num_classes or 6, device=torch.device("cpu")).eval()
+    assert hasattr(model, "classifier") == (num_classes is not None)
+    save_train_configs(str(tmp_path), args)
+    Checkpointer(model, save_dir=str(tmp_path)).save("best", epoch=1)
+    r = R.Retriever.from_run(tmp_path / "configs.yaml", device="cpu")
+    if num_classes:
+        assert r.model.classifier.out_features == num_classes
+    split = R.load_test_split(r.args)
+    g = r.encode_images(split["img_paths"][:4], progress=False)
+    with torch.no_grad():
+        want = F.normalize(model.encode_image(torch.stack([r.transform(Image.open(p).convert("RGB"))
+                                                           for p in g.paths])), dim=-1)
+    assert torch.allclose(g.embeddings, want, atol=1e-5)

@@ -389,14 +389,19 @@ def rank_test_queries(retriever: Retriever, split: dict, topk: int = 10, progres
     return results
 
 
+def check_query_indices(query_indices: Sequence[int] | None, num_queries: int) -> None:
+    """ValueError naming the valid range when an index is not a test query (checked before any encoding)."""
+    bad = [i for i in query_indices or [] if not 0 <= i < num_queries]
+    if bad:
+        raise ValueError(f"--query_index {bad} out of range: the test split has {num_queries} queries "
+                         f"(valid 0..{num_queries - 1})")
+
+
 def pick_queries(results: Sequence[QueryResult], query_indices: Sequence[int] | None = None,
                  num_queries: int = 5, failures: bool = False) -> list[QueryResult]:
     """Explicit indices (validated), else ``num_queries`` spread evenly over all (or only top-1-wrong) queries."""
     if query_indices:
-        bad = [i for i in query_indices if not 0 <= i < len(results)]
-        if bad:
-            raise ValueError(f"--query_index {bad} out of range: the test split has {len(results)} queries "
-                             f"(valid 0..{len(results) - 1})")
+        check_query_indices(query_indices, len(results))
         return [results[i] for i in query_indices]
     pool = [r for r in results if not r.top1_correct] if failures else list(results)
     if not pool or num_queries < 1:
