@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import utils.metrics
 from utils.meter import AverageMeter
 from utils.metrics import Evaluator, _rank_chunk, _RankAccumulator, rank, rank_from_features, rank_naive
 
@@ -53,7 +54,9 @@ def _assert_same(ours, ref, max_rank):
 
 @pytest.mark.parametrize("nq,ng,npid,seed", [(37, 53, 9, 1), (101, 7, 3, 2), (64, 200, 60, 3), (5, 400, 2, 4)])
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
-def test_rank_matches_naive_odd_sizes(nq, ng, npid, seed, chunk):
+@pytest.mark.parametrize("use_numpy", [True, False], ids=["numpy", "torch"])
+def test_rank_matches_naive_odd_sizes(nq, ng, npid, seed, chunk, use_numpy, monkeypatch):
+    monkeypatch.setattr(utils.metrics, "NUMPY_COUNT_ON_CPU", use_numpy)
     sim, qp, gp = make_case(nq, ng, npid, seed)
     ref = rank_naive(sim, qp, gp, max_rank=10)
     _assert_same(rank(sim, qp, gp, max_rank=10, chunk_size=chunk), ref, 10)
@@ -207,6 +210,55 @@ def test_evaluator_warns_missing_identity(caplog):
     with caplog.at_level(logging.WARNING, logger="IRRA.eval"):
         Evaluator(DataLoader(img_ds, batch_size=4), DataLoader(txt_ds, batch_size=5)).eval(FakeModel())
     assert "2 of 23 text queries" in caplog.text
+
+
+class TokenImageModel(nn.Module):
+    """encode_text: summed token embeddings of caption_ids [B, L]; encode_image: linear map of [B, 3, 8, 4]."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.emb = nn.Embedding(49408, 8)
+        self.img = nn.Linear(96, 8)
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.randn(49408, 8, generator=g))
+            self.img.weight.copy_(torch.randn(8, 96, generator=g))
+
+    def encode_text(self, ids):
+        return self.emb(ids).sum(1)  # [B, L, 8] -> [B, 8]
+
+    def encode_image(self, x):
+        return self.img(x.flatten(1))  # [B, 3, 8, 4] -> [B, 96] -> [B, 8]
+
+
+def test_evaluator_with_real_datasets(tmp_path):
+    from PIL import Image
+
+    from datasets.bases import ImageDataset, TextDataset
+    from datasets.build import build_transforms
+
+    g = torch.Generator().manual_seed(4)
+    img_pids, paths = [0, 1, 2, 0, 1, 2, 3], []
+    for i in range(len(img_pids)):
+        arr = (torch.rand(8, 4, 3, generator=g) * 255).to(torch.uint8).numpy()
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(arr).save(paths[-1])
+    cap_pids = [0, 1, 2, 3, 0, 1, 2, 3, 2]
+    caps = ["a woman in a red coat", "a man with a black bag", "blue jeans and white shoes", "short hair",
+            "the girl wears a skirt", "he carries a backpack", "grey trousers", "yellow shirt", "a hat"]
+    img_ds = ImageDataset(img_pids, paths, transform=build_transforms((8, 4), is_train=False))
+    txt_ds = TextDataset(cap_pids, caps, text_length=77)
+    model = TokenImageModel()
+    res = Evaluator(DataLoader(img_ds, batch_size=3), DataLoader(txt_ds, batch_size=4)).eval(model)
+    with torch.no_grad():
+        t = F.normalize(model.encode_text(torch.stack([txt_ds[i][1] for i in range(len(txt_ds))])), dim=1)
+        i = F.normalize(model.encode_image(torch.stack([img_ds[j][1] for j in range(len(img_ds))])), dim=1)
+    cmc, mAP, mINP, _ = rank_naive(t @ i.t(), torch.tensor(cap_pids), torch.tensor(img_pids))
+    assert res["R1"] == pytest.approx(float(cmc[0]), abs=1e-4)
+    assert res["R5"] == pytest.approx(float(cmc[4]), abs=1e-4)
+    assert res["R10"] == pytest.approx(float(cmc[6]), abs=1e-4)  # only 7 gallery items: R10 = R7 = 100
+    assert res["R10"] == 100.0
+    assert (res["mAP"], res["mINP"]) == pytest.approx((float(mAP), float(mINP)), abs=1e-4)
 
 
 def _ddp_worker(rank_, world, init_file, out_dir):

@@ -40,6 +40,7 @@ logger = logging.getLogger("IRRA.eval")
 
 DEFAULT_CHUNK_SIZE = 1024  # queries per chunk: memory ~ chunk_size * ng * 4 bytes per temporary
 RANKS_REPORTED = (1, 5, 10)
+NUMPY_COUNT_ON_CPU = True  # count with numpy on CPU tensors (faster); False = torch everywhere (tests use both)
 
 
 def rank_naive(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, max_rank: int = 10,
@@ -92,7 +93,7 @@ def _positive_index(q_pids: torch.Tensor, g_pids: torch.Tensor):
 
 def _count_ge(sim: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
     """Per row, the number of entries >= the row's threshold: sim [n, ng], thr [n] -> [n] int64."""
-    if sim.device.type == "cpu":  # numpy's compare + count_nonzero is several times faster than torch's on CPU
+    if sim.device.type == "cpu" and NUMPY_COUNT_ON_CPU:  # numpy's compare + count_nonzero is several times faster than torch's on CPU
         a = sim.numpy() if sim.dtype in (torch.float32, torch.float64, torch.float16) else sim.float().numpy()
         t = thr.to(sim.dtype if sim.dtype != torch.bfloat16 else torch.float32).numpy()
         return torch.from_numpy(np.count_nonzero(a >= t[:, None], axis=1).astype(np.int64))
