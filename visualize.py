@@ -9,6 +9,7 @@ Free-text search over any folder of images (embeddings cached next to the run):
 """
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from utils import retrieval as R
@@ -28,7 +29,7 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--out", default=None, help="output folder (default: <run>/vis)")
     p.add_argument("--device", default="auto", help=f"auto | cpu | {ACCEL} | {ACCEL}:N")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -47,7 +48,7 @@ def main(argv=None) -> list[Path]:
             paths = [gallery.paths[j] for j in idx.tolist()]
             saved.append(out / f"search_{i:02d}_{R.slug(q)}.png")
             R.draw_search_grid(q, paths, scores, tile).save(saved[-1])
-            print(f"\nquery: {q}\n" + "\n".join(f"{k:3d}  {s:.4f}  {pth}" for k, (s, pth)
+            print(f"\nquery: {q}\n" + "\n".join(f"{k:3d}  {s:7.4f}  {pth}" for k, (s, pth)
                                                 in enumerate(zip(scores.tolist(), paths), start=1)))
     else:
         split = R.load_test_split(r.args)
