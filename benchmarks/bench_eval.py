@@ -7,8 +7,10 @@ is generated in fixed row blocks, each from its own seeded generator, so every v
 Each variant runs in its own subprocess (separate peak-RSS figures):
   naive        the original rank on the full fp32 similarity matrix
   ours         utils.metrics.rank on the same full matrix
-  ours_stream  the same chunked computation, fed row blocks as they are generated (the matrix never exists; this
-               is what ``Evaluator`` does with ``rank_from_features``)
+  ours_stream  the same chunk routine fed 1024-row blocks in natural query order as they are generated (the matrix
+               never exists, as in ``Evaluator``, which forms its chunks from features with ``rank_from_features``);
+               slower than ``ours`` because each block is re-sorted by number of positives locally instead of
+               the queries being grouped globally. Generation time is excluded from its timing.
 Memory figures per variant: "step peak" = peak RSS during the metric step alone (the kernel's peak counter is
 reset via /proc/self/clear_refs just before the step, so it includes the inputs already resident, e.g. the 1.2 GB
 matrix); "process peak" = VmHWM over the whole subprocess (data generation included, read before the reset).
