@@ -6,7 +6,7 @@ import os
 import sys
 
 from datasets import build_dataloader
-from model import build_model
+from model.build import build_model
 from processor.processor import do_inference
 from utils.checkpoint import Checkpointer, checkpoint_num_classes
 from utils.comm import resolve_device

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from datasets import build_dataloader
-from model import build_model
+from model.build import build_model
 from processor.processor import do_train, make_run_dir, set_seed
 from solver import build_lr_scheduler, build_optimizer
 from utils.checkpoint import Checkpointer
@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     model.to(device)
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.index is not None else None, broadcast_buffers=False)
+            model, device_ids=[device.index] if device.index is not None else None)
     optimizer = build_optimizer(args, model)
     scheduler = build_lr_scheduler(args, optimizer)
     checkpointer = Checkpointer(model, optimizer, scheduler, args.output_dir, save_to_disk=get_rank() == 0)

@@ -102,7 +102,7 @@ def _check_finite(total_loss: torch.Tensor, ret: Dict[str, torch.Tensor], epoch:
     if get_world_size() > 1:  # every rank must stop together, or the others hang in the next all-reduce
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
     if finite.item() < 1:
-        terms = ", ".join(f"{k}={float(v):.6g}" for k, v in ret.items() if "loss" in k)
+        terms = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in ret.items() if "loss" in k)
         raise FloatingPointError(
             f"non-finite loss at epoch {epoch}, iteration {n_iter + 1}: total={float(total_loss):.6g} ({terms}). "
             "Training stopped; the last good checkpoint (last.pth / best.pth) is kept. Try a lower --lr, "
@@ -153,7 +153,7 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
             meters["loss"].update(total_loss.item(), batch_size)
             for k, v in ret.items():
                 if "loss" in k or "acc" in k:
-                    meters.setdefault(k, AverageMeter()).update(float(v), batch_size)
+                    meters.setdefault(k, AverageMeter()).update(float(v.detach()), batch_size)
 
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:

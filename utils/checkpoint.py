@@ -138,3 +138,13 @@ class Checkpointer:
         checkpoint.pop("optimizer", None)
         checkpoint.pop("scheduler", None)
         return checkpoint
+
+
+def checkpoint_num_classes(f: str, default: Optional[int] = None) -> Optional[int]:
+    """Number of identities of the ID classifier saved in checkpoint ``f`` (``default`` when it has none)."""
+    ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
+    for k, v in sd.items():
+        if k.split("module.", 1)[-1] == "classifier.weight":
+            return int(v.shape[0])
+    return default

@@ -1,0 +1,142 @@
+"""The engine end to end on CPU: train.main(argv), the run directory, resume, test.py, torchrun, loud failures."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import importlib.util
+
+import pytest
+import torch
+
+import train
+from model import objectives
+from tests.conftest import tiny_train_argv
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# test.py is loaded by path: "test" is also the name of a package of the standard library.
+_spec = importlib.util.spec_from_file_location("irra_test_script", os.path.join(REPO, "test.py"))
+test_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(test_script)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tiny_cuhk_root, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    return train.main(tiny_train_argv(tiny_cuhk_root, str(logs), "--num_epoch", "3"))
+
+
+def test_one_run_writes_every_file(two_epoch_run):
+    run_dir = two_epoch_run["run_dir"]
+    assert os.path.basename(os.path.dirname(run_dir)) == "CUHK-PEDES"
+    assert os.path.basename(run_dir).endswith("_tiny")
+    for name in ("configs.yaml", "train_log.txt", "metrics.jsonl", "best.pth", "last.pth"):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    assert glob.glob(os.path.join(run_dir, "events.out.tfevents*"))
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert set(m) == {"epoch", "R1", "R5", "R10", "mAP", "mINP"}
+        assert 0 <= m["R1"] <= m["R5"] <= m["R10"] <= 100
+    best = max(metrics, key=lambda m: m["R1"])
+    assert two_epoch_run["best_top1"] == pytest.approx(best["R1"])
+    log = open(os.path.join(run_dir, "train_log.txt")).read()
+    assert f"best R1: {two_epoch_run['best_top1']} at epoch {two_epoch_run['best_epoch']}" in log
+    assert "samples/s" in log and "sdm_loss" in log and "mlm_acc" in log
+    last = torch.load(os.path.join(run_dir, "last.pth"), weights_only=True)
+    assert last["epoch"] == 3 and {"model", "optimizer", "scheduler", "rng", "best_top1"} <= set(last)
+    best_ckpt = torch.load(os.path.join(run_dir, "best.pth"), weights_only=True)
+    assert best_ckpt["epoch"] == two_epoch_run["best_epoch"]
+
+
+def test_run_dir_is_never_reused(two_epoch_run, tiny_cuhk_root):
+    """A second run in the same second gets its own directory."""
+    logs = os.path.dirname(os.path.dirname(two_epoch_run["run_dir"]))
+    from processor.processor import make_run_dir
+    from utils.options import get_args
+    args = get_args(tiny_train_argv(tiny_cuhk_root, logs))
+    a, b = make_run_dir(args), make_run_dir(args)
+    assert a != b and os.path.isdir(a) and os.path.isdir(b)
+
+
+def test_resume_equals_uninterrupted(two_epoch_run, tiny_cuhk_root, tmp_path):
+    logs = str(tmp_path / "logs")
+    first = train.main(tiny_train_argv(tiny_cuhk_root, logs, "--num_epoch", "3", "--stop_epoch", "2"))
+    assert [m["epoch"] for m in read_metrics(first["run_dir"])] == [1, 2]
+    ckpt = os.path.join(first["run_dir"], "last.pth")
+    resumed = train.main(tiny_train_argv(tiny_cuhk_root, logs, "--num_epoch", "3", "--resume",
+                                         "--resume_ckpt_file", ckpt))
+    assert resumed["run_dir"] == first["run_dir"]
+    assert read_metrics(resumed["run_dir"]) == read_metrics(two_epoch_run["run_dir"])
+    a = torch.load(os.path.join(resumed["run_dir"], "last.pth"), weights_only=True)["model"]
+    b = torch.load(os.path.join(two_epoch_run["run_dir"], "last.pth"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_test_script_reproduces_logged_metrics(two_epoch_run):
+    run_dir = two_epoch_run["run_dir"]
+    metrics = test_script.main(["--config_file", os.path.join(run_dir, "configs.yaml"), "--device", "cpu"])
+    logged = next(m for m in read_metrics(run_dir) if m["epoch"] == two_epoch_run["best_epoch"])
+    for k in ("R1", "R5", "R10", "mAP", "mINP"):
+        assert metrics[k] == pytest.approx(logged[k], abs=1e-4), k
+    assert os.path.isfile(os.path.join(run_dir, "test_log.txt"))
+
+
+def test_test_script_errors(two_epoch_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        test_script.main(["--config_file", str(tmp_path / "configs.yaml")])
+    cfg = tmp_path / "configs.yaml"
+    cfg.write_text(open(os.path.join(two_epoch_run["run_dir"], "configs.yaml")).read())
+    with pytest.raises(FileNotFoundError, match=r"best\.pth not found"):
+        test_script.main(["--config_file", str(cfg), "--device", "cpu"])
+
+
+def test_nonfinite_loss_stops_loudly_and_keeps_last_checkpoint(tiny_cuhk_root, tmp_path, monkeypatch):
+    real_sdm, calls = objectives.compute_sdm, {"n": 0}
+
+    def flaky_sdm(*a, **k):
+        calls["n"] += 1
+        loss = real_sdm(*a, **k)
+        return loss * float("nan") if calls["n"] > calls.get("limit", 10 ** 9) else loss
+
+    monkeypatch.setattr(objectives, "compute_sdm", flaky_sdm)
+    from datasets.cuhkpedes import CUHKPEDES
+    n_batches = -(-len(CUHKPEDES(root=tiny_cuhk_root, verbose=False).train) // 8)
+    calls["limit"] = n_batches + 2  # compute_sdm runs once per iteration: NaN from iteration 3 of epoch 2
+    with pytest.raises(FloatingPointError, match=r"epoch 2, iteration 3: total=nan .*sdm_loss=nan.*mlm_loss="):
+        train.main(tiny_train_argv(tiny_cuhk_root, str(tmp_path / "logs")))
+    (run_dir,) = glob.glob(str(tmp_path / "logs" / "CUHK-PEDES" / "*"))
+    assert torch.load(os.path.join(run_dir, "last.pth"), weights_only=True)["epoch"] == 1
+
+
+def test_bad_inputs(tiny_cuhk_root, tmp_path):
+    logs = str(tmp_path / "logs")
+    with pytest.raises(FileNotFoundError, match="--resume needs --resume_ckpt_file"):
+        train.main(tiny_train_argv(tiny_cuhk_root, logs, "--resume"))
+    with pytest.raises(ValueError, match="Unknown dataset_name 'CUHK_PEDES'.*CUHK-PEDES"):
+        train.main(tiny_train_argv(tiny_cuhk_root, logs, "--dataset_name", "CUHK_PEDES"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            train.main(tiny_train_argv(tiny_cuhk_root, logs, "--device", "cuda"))
+
+
+def test_torchrun_two_processes_gloo(tiny_cuhk_root, tmp_path):
+    """``torchrun --nproc_per_node 2 train.py`` on CPU: one run dir, one metrics line per epoch, rank-0 files."""
+    logs = str(tmp_path / "logs")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "train.py"),
+           *tiny_train_argv(tiny_cuhk_root, logs, "--num_epoch", "1", "--sampler", "identity", "--num_instance", "2")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = glob.glob(os.path.join(logs, "CUHK-PEDES", "*"))
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [1]
+    assert os.path.isfile(os.path.join(run_dir, "last.pth"))
+    assert "Using 2 process(es)" in open(os.path.join(run_dir, "train_log.txt")).read()
