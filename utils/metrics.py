@@ -91,17 +91,25 @@ def _positive_index(q_pids: torch.Tensor, g_pids: torch.Tensor):
     return order, starts[slot], num_rel
 
 
-def _count_ge(sim: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-    """Per row, the number of entries >= the row's threshold: sim [n, ng], thr [n] -> [n] int64."""
-    if sim.device.type == "cpu" and NUMPY_COUNT_ON_CPU:  # numpy's compare + count_nonzero is several times faster than torch's on CPU
+def _count_ge(sim: torch.Tensor, thr: torch.Tensor, workspace: Optional[dict] = None) -> torch.Tensor:
+    """Per row, the number of entries >= the row's threshold: sim [n, ng], thr [n] -> [n] int64.
+
+    ``workspace``: a dict reused across calls to keep the boolean scratch buffer (fresh allocations page-fault).
+    """
+    if sim.device.type == "cpu" and NUMPY_COUNT_ON_CPU:  # numpy's compare + count_nonzero beats torch's on CPU
         a = sim.numpy() if sim.dtype in (torch.float32, torch.float64, torch.float16) else sim.float().numpy()
         t = thr.to(sim.dtype if sim.dtype != torch.bfloat16 else torch.float32).numpy()
-        return torch.from_numpy(np.count_nonzero(a >= t[:, None], axis=1).astype(np.int64))
+        ws = workspace if workspace is not None else {}
+        buf = ws.get("ge")
+        if buf is None or buf.size < a.size:
+            buf = ws["ge"] = np.empty(a.size, dtype=bool)
+        ge = np.greater_equal(a, t[:, None], out=buf[:a.size].reshape(a.shape))  # [n, ng]
+        return torch.from_numpy(np.count_nonzero(ge, axis=1).astype(np.int64))
     return (sim >= thr[:, None]).sum(1)  # [n]
 
 
 def _rank_chunk(sim: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, max_rank: int, get_mAP: bool,
-                pos_index=None, need_indices: bool = True):
+                pos_index=None, need_indices: bool = True, workspace: Optional[dict] = None):
     """Metrics of one chunk of queries.
 
     Args:
@@ -109,6 +117,7 @@ def _rank_chunk(sim: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, m
         q_pids: [c] query ids, g_pids: [ng] gallery ids (same device as ``sim``).
         pos_index: ``_positive_index`` of (q_pids, g_pids) restricted to the chunk (computed here when None).
         need_indices: also return the top-k gallery indices (else None).
+        workspace: scratch buffers reused across chunks (optional).
     Returns:
         hits [k] (number of queries with a positive within the top-j, j = 1..k, k = min(max_rank, ng)),
         indices [c, k] or None, and when get_mAP: AP [c] float64, INP [c] float64, has_pos [c] bool (else None x3).
@@ -143,7 +152,7 @@ def _rank_chunk(sim: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, m
     n_rows = (num_rel[None, :] > slots[:, None]).sum(1).tolist()  # [P]: rows having a (k+1)-th positive
     ge = torch.zeros(c, pmax, dtype=torch.int64, device=dev)  # [c, P] items with sim >= p_k
     for j, n in enumerate(n_rows):  # loop over positive slots (<= max positives per id), not over queries
-        ge[:n, j] = _count_ge(sim[:n], pos_desc[:n, j].contiguous()).to(dev)
+        ge[:n, j] = _count_ge(sim[:n], pos_desc[:n, j].contiguous(), workspace).to(dev)
     pos_ge = (pos_desc[:, None, :] >= pos_desc[:, :, None]).sum(-1)  # [c, P] positives with sim >= p_k
     ks = torch.arange(1, pmax + 1, device=dev, dtype=torch.float64)  # [P]
     pos_rank = (ge - pos_ge).to(torch.float64) + ks  # [c, P] 1-based rank of the k-th positive (ties: pessimistic)
@@ -236,10 +245,13 @@ def rank(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, m
             acc.add(*_rank_chunk(similarity[s:s + chunk_size], q_pids[s:s + chunk_size], g_pids, max_rank, False))
         return acc.result()
     order, start, num_rel, qorder = _query_order(q_pids, g_pids)
+    workspace: dict = {}
+    buf = similarity.new_empty(min(chunk_size, similarity.shape[0]), similarity.shape[1])  # reused chunk buffer
     for s in range(0, similarity.shape[0], chunk_size):
         rows = qorder[s:s + chunk_size]  # [c]
-        sim = similarity.index_select(0, rows)  # [c, ng]
-        acc.add(*_rank_chunk(sim, q_pids[rows], g_pids, max_rank, True, (order, start[rows], num_rel[rows])))
+        sim = torch.index_select(similarity.detach(), 0, rows, out=buf[:rows.numel()])  # [c, ng]
+        acc.add(*_rank_chunk(sim, q_pids[rows], g_pids, max_rank, True, (order, start[rows], num_rel[rows]),
+                             workspace=workspace))
     cmc, mAP, mINP, indices = acc.result()
     return cmc, mAP, mINP, _unpermute(indices, qorder)
 
@@ -258,14 +270,16 @@ def rank_from_features(q_feats: torch.Tensor, g_feats: torch.Tensor, q_pids: tor
     q_pids = q_pids.to(device).view(-1)
     g_pids = g_pids.to(device).view(-1)
     order, start, num_rel, qorder = _query_order(q_pids, g_pids)
-    g_t = g_feats.t()  # [D, ng]
+    q_feats, g_t = q_feats.detach(), g_feats.detach().t()  # [nq, D], [D, ng]
     acc = _RankAccumulator(True)
+    workspace: dict = {}
+    dtype = torch.promote_types(q_feats.dtype, g_feats.dtype)
+    buf = torch.empty(min(chunk_size, q_feats.shape[0]), g_feats.shape[0], dtype=dtype, device=device)
     for s in range(0, q_feats.shape[0], chunk_size):
         rows = qorder[s:s + chunk_size]  # [c]
-        sim = q_feats[rows] @ g_t  # [c, ng]
+        sim = torch.matmul(q_feats[rows].to(dtype), g_t.to(dtype), out=buf[:rows.numel()])  # [c, ng]
         acc.add(*_rank_chunk(sim, q_pids[rows], g_pids, max_rank, True, (order, start[rows], num_rel[rows]),
-                             need_indices))
-        del sim
+                             need_indices, workspace))
     cmc, mAP, mINP, indices = acc.result()
     return cmc, mAP, mINP, _unpermute(indices, qorder)
 
