@@ -74,20 +74,22 @@ def make_args(opt: argparse.Namespace) -> argparse.Namespace:
 
 
 def time_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Dict[str, torch.Tensor],
-               warmup: int, runs: int) -> List[float]:
-    """Seconds per training step, ``runs`` measurements after ``warmup`` untimed steps."""
-    times = []
+               warmup: int, runs: int, clock=time.perf_counter) -> List[Dict[str, float]]:
+    """Per measured step: seconds of forward / backward / optimizer and their total."""
+    out = []
     for i in range(warmup + runs):
-        t0 = time.perf_counter()
+        t0 = clock()
         ret = model(batch)
         loss = sum(v for k, v in ret.items() if "loss" in k)
+        t1 = clock()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        t2 = clock()
         optimizer.step()
-        dt = time.perf_counter() - t0
+        t3 = clock()
         if i >= warmup:
-            times.append(dt)
-    return times
+            out.append(dict(forward=t1 - t0, backward=t2 - t1, optimizer=t3 - t2, total=t3 - t0))
+    return out
 
 
 def main(argv=None) -> None:
@@ -102,6 +104,11 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--adam", choices=("plain", "fused"), default="plain",
+                   help="plain: torch.optim.Adam as solver/build.py builds it; fused: Adam(fused=True)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: time.perf_counter; cpu: time.process_time (CPU seconds of this process, less sensitive "
+                        "to other processes on a shared machine; use with --threads 1)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table for one step of each path")
     opt = p.parse_args(argv)
     if opt.threads:
@@ -114,7 +121,7 @@ def main(argv=None) -> None:
     lens = (batch["caption_ids"].argmax(-1) + 1).float()
     n_masked = int((batch["mlm_labels"] != 0).sum())
     print(f"arch {opt.arch}, bs {opt.batch_size}, img {tuple(opt.img_size)}, losses {opt.loss_names}, "
-          f"cmt_depth {opt.cmt_depth}, threads {torch.get_num_threads()}")
+          f"cmt_depth {opt.cmt_depth}, threads {torch.get_num_threads()}, clock {opt.clock}, adam {opt.adam}")
     print(f"caption tokens (with SOT/EOT): mean {lens.mean():.1f}, max {int(lens.max())} of {opt.text_length}; "
           f"masked tokens {n_masked} of {opt.batch_size * opt.text_length} positions")
 
@@ -128,21 +135,25 @@ def main(argv=None) -> None:
     print("max |fast - full| over the forward dict:", f"{max(diffs.values()):.2e}",
           {k: f"{float(fast[k]):.5f}" for k in fast})
 
-    optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-5)
+    adam_kw = dict(fused=True) if opt.adam == "fused" else {}
+    optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-5, **adam_kw)
     # interleave the two paths step by step so that background load hits both alike
-    times: Dict[bool, List[float]] = {False: [], True: []}
+    clock = time.perf_counter if opt.clock == "wall" else time.process_time
+    times: Dict[bool, List[Dict[str, float]]] = {False: [], True: []}
     for i in range(opt.warmup + opt.runs):
         for fast_path in (False, True):
             model.fast = fast_path
-            dt = time_steps(model, optimizer, batch, 0, 1)[0]
+            step = time_steps(model, optimizer, batch, 0, 1, clock)[0]
             if i >= opt.warmup:
-                times[fast_path].append(dt)
+                times[fast_path].append(step)
     results = {}
     for fast_path in (False, True):
-        results[fast_path] = statistics.median(times[fast_path])
-        print(f"fast={fast_path!s:5}: median {results[fast_path] * 1e3:8.1f} ms/step  "
-              f"{opt.batch_size / results[fast_path]:8.1f} samples/s  (runs: "
-              + ", ".join(f"{t * 1e3:.0f}" for t in times[fast_path]) + " ms)")
+        med = {k: statistics.median(t[k] for t in times[fast_path]) for k in ("forward", "backward", "optimizer", "total")}
+        results[fast_path] = med["total"]
+        print(f"fast={fast_path!s:5}: median {med['total'] * 1e3:8.1f} ms/step  "
+              f"{opt.batch_size / med['total']:8.1f} samples/s  [forward {med['forward'] * 1e3:.0f} / backward "
+              f"{med['backward'] * 1e3:.0f} / Adam {med['optimizer'] * 1e3:.0f} ms]  (runs: "
+              + ", ".join(f"{t['total'] * 1e3:.0f}" for t in times[fast_path]) + " ms)")
     print(f"speed-up fast/full: {results[False] / results[True]:.2f}x")
 
     if opt.profile:

@@ -33,7 +33,8 @@ class IRRA(nn.Module):
     """IRRA model. ``forward(batch)`` returns a dict of losses/accuracies (keys as the original).
 
     Speed switch ``self.fast`` (default True; numbers identical to False up to float rounding):
-    (a) the MLM head is applied only at masked positions (label != 0);
+    (a) the MLM head is applied only at masked positions (label != 0), and the last cross-modal block computes
+        queries only up to the last masked position (keys/values still cover every position);
     (b) caption ids are cut to the longest caption of the batch before the text transformer on the caption path
         (causal attention + EOT pooling make this exact). ``mlm_ids`` are NOT cut: the cross-modal transformer
         attends over all text positions (padding included), so cutting them would change the MLM loss.
@@ -94,11 +95,26 @@ class IRRA(nn.Module):
         self.current_task = parse_loss_names(self.args.loss_names)
         logger.info("Training Model with %s tasks", self.current_task)
 
-    def cross_former(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Text tokens q [B, L, D] attend to image tokens k/v [B, P, D], then cmt_depth self-attention blocks."""
+    def cross_former(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     query_len: Optional[int] = None) -> torch.Tensor:
+        """Text tokens q [B, L, D] attend to image tokens k/v [B, P, D], then cmt_depth self-attention blocks.
+
+        ``query_len``: only the first ``query_len`` output positions are needed; the last block then computes
+        its queries/MLP for those positions only (keys/values still cover all L positions, so the kept outputs
+        are unchanged). Returns [B, L, D] (or [B, query_len, D]).
+        """
         x = self.cross_attn(self.ln_pre_t(q), self.ln_pre_i(k), self.ln_pre_i(v), need_weights=False)[0]
         x = x.permute(1, 0, 2)  # NLD -> LND
-        x = self.cross_modal_transformer(x)
+        blocks = self.cross_modal_transformer.resblocks
+        if query_len is None or len(blocks) == 0:
+            x = self.cross_modal_transformer(x)
+        else:
+            for block in blocks[:-1]:
+                x = block(x)
+            last = blocks[-1]
+            y = last.ln_1(x)  # [L, B, D]
+            x = x[:query_len] + last.attn(y[:query_len], y, y, need_weights=False)[0]  # [query_len, B, D]
+            x = x + last.mlp(last.ln_2(x))
         x = x.permute(1, 0, 2)  # LND -> NLD
         x = self.ln_post(x)
         return x
@@ -160,12 +176,15 @@ class IRRA(nn.Module):
                 raise KeyError("loss 'mlm' needs batch['mlm_ids'] and batch['mlm_labels'] (build the data with --MLM)")
             mlm_ids = batch["mlm_ids"]  # full length: see the class docstring
             mlm_feats = self.base_model.encode_text(mlm_ids)  # [B, L, D]
-            x = self.cross_former(mlm_feats, image_feats, image_feats)  # [B, L, D]
             if self.fast:
-                keep = batch["mlm_labels"] != 0  # [B, L]
-                mlm_labels = batch["mlm_labels"][keep]  # [M]
-                scores = self.mlm_head(x[keep]).float()  # [B, L, D] -> [M, D] -> [M, vocab]
+                labels = batch["mlm_labels"]  # [B, L]
+                query_len = int(torch.nonzero(labels)[:, 1].max().item()) + 1 if bool((labels != 0).any()) else 1
+                x = self.cross_former(mlm_feats, image_feats, image_feats, query_len=query_len)  # [B, query_len, D]
+                keep = labels[:, :query_len] != 0  # [B, query_len]
+                mlm_labels = labels[:, :query_len][keep]  # [M]
+                scores = self.mlm_head(x[keep]).float()  # [B, query_len, D] -> [M, D] -> [M, vocab]
             else:
+                x = self.cross_former(mlm_feats, image_feats, image_feats)  # [B, L, D]
                 x = self.mlm_head(x)  # [B, L, vocab]
                 scores = x.float().reshape(-1, self.vocab_size)  # [B, L, vocab] -> [B*L, vocab]
                 mlm_labels = batch["mlm_labels"].reshape(-1)  # [B, L] -> [B*L]
