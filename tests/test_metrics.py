@@ -63,6 +63,13 @@ def test_rank_matches_naive_odd_sizes(nq, ng, npid, seed, chunk, use_numpy, monk
     assert rank(sim, qp, gp, max_rank=10, chunk_size=chunk)[0].numel() == min(10, ng)
 
 
+def test_rank_non_contiguous_similarity():
+    sim, qp, gp = make_case(30, 41, 7, 9)
+    simT = sim.t().contiguous().t()  # same values, column-major storage (e.g. an i2t matrix passed as S.T)
+    assert not simT.is_contiguous()
+    _assert_same(rank(simT, qp, gp, chunk_size=4), rank_naive(sim, qp, gp), 10)
+
+
 def test_rank_from_features_matches_naive():
     g = torch.Generator().manual_seed(5)
     qf, gf = torch.randn(45, 16, generator=g), torch.randn(31, 16, generator=g)
