@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.checkpoint import Checkpointer, strip_prefix_if_present
+from utils.checkpoint import Checkpointer, checkpoint_num_classes, strip_prefix_if_present
 
 
 class Tiny(nn.Module):
@@ -121,3 +121,12 @@ def test_resume_restores_optimizer_and_scheduler(tmp_path):
 def test_missing_file_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         Checkpointer(Tiny()).load(str(tmp_path / "nope.pth"))
+
+
+def test_checkpoint_num_classes(tmp_path):
+    path = Checkpointer(Tiny(9), save_dir=str(tmp_path)).save("best")
+    assert checkpoint_num_classes(path) == 9
+    torch.save({"model": {"module.classifier.weight": torch.zeros(6, 4)}}, tmp_path / "ddp.pth")
+    assert checkpoint_num_classes(str(tmp_path / "ddp.pth")) == 6
+    torch.save({"model": {"base.weight": torch.zeros(4, 3)}}, tmp_path / "noid.pth")
+    assert checkpoint_num_classes(str(tmp_path / "noid.pth"), default=11) == 11

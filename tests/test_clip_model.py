@@ -133,6 +133,7 @@ def source_sd():
     return sd
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 @pytest.mark.parametrize("fmt", ["torchscript", "state_dict", "wrapped_state_dict", "wrapped_model"])
 def test_build_from_file_formats(tmp_path, source_sd, fmt):
     path = str(tmp_path / "clip.pt")
