@@ -172,7 +172,7 @@ class Retriever:
 
         from datasets.build import build_transforms
         from model.build import build_model
-        from utils.checkpoint import Checkpointer
+        from utils.checkpoint import Checkpointer, checkpoint_num_classes
         from utils.comm import resolve_device
         from utils.options import load_config_args
         from utils.simple_tokenizer import SimpleTokenizer, tokenize
@@ -181,15 +181,9 @@ class Retriever:
         args = load_config_args(str(config_file), training=False)
         dev = device if isinstance(device, torch.device) else resolve_device(str(device))
         # num_classes must match the trained classifier; it exists only when the run used the id loss.
-        try:  # mmap: only the classifier's shape is read here, not the whole file
-            state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        state = state.get("model", state)
-        cls_w = next((v for k, v in state.items() if k.removeprefix("module.") == "classifier.weight"), None)
-        del state
-        if cls_w is not None:
-            model = build_model(args, int(cls_w.shape[0]), dev)  # classifier.weight: [num_classes, D]
+        num_classes = checkpoint_num_classes(str(ckpt))
+        if num_classes is not None:
+            model = build_model(args, num_classes, dev)
         else:
             model = build_model(args, device=dev)  # no classifier: num_classes is unused
         Checkpointer(model).load(str(ckpt))
