@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 import yaml
 
-VALID_LOSSES = ("itc", "sdm", "cmpm", "id", "mlm")
-PRECISIONS = ("auto", "fp32", "fp16", "amp_bf16", "amp_fp16")
+from model.build import VALID_LOSSES
+from model.build import VALID_PRECISIONS as PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
