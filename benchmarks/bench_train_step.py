@@ -23,6 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.build import build_model  # noqa: E402
+from solver import build_optimizer  # noqa: E402
+from utils.options import get_args  # noqa: E402
 from utils.simple_tokenizer import get_tokenizer, tokenize  # noqa: E402
 
 COLORS = ["black", "white", "red", "blue", "green", "grey", "yellow", "brown", "pink", "navy"]
@@ -66,11 +68,11 @@ def make_batch(bs: int, img_size: tuple, text_length: int, num_classes: int, see
 
 
 def make_args(opt: argparse.Namespace) -> argparse.Namespace:
-    """The IRRA options the model reads (original defaults except the tiny backbone)."""
-    return argparse.Namespace(pretrain_choice=opt.arch, img_size=tuple(opt.img_size), stride_size=16,
-                              temperature=0.02, loss_names=opt.loss_names, cmt_depth=opt.cmt_depth,
-                              vocab_size=49408, id_loss_weight=1.0, mlm_loss_weight=1.0,
-                              text_length=opt.text_length, precision="fp32", device="cpu")
+    """The IRRA options (the original's defaults: Adam, lr 1e-5, per-parameter groups) except the tiny backbone."""
+    args = get_args(["--pretrain_choice", opt.arch, "--img_size", *map(str, opt.img_size), "--loss_names",
+                     opt.loss_names, "--cmt_depth", str(opt.cmt_depth), "--text_length", str(opt.text_length),
+                     "--precision", "fp32", "--device", "cpu"])
+    return args
 
 
 def time_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Dict[str, torch.Tensor],
@@ -104,8 +106,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-    p.add_argument("--adam", choices=("plain", "fused"), default="plain",
-                   help="plain: torch.optim.Adam as solver/build.py builds it; fused: Adam(fused=True)")
+    p.add_argument("--adam", choices=("plain", "fused", "both"), default="both",
+                   help="the optimizer of solver/build.py: plain Adam (default of train.py), fused "
+                        "(--fused_optimizer), or both, one after the other")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: time.perf_counter; cpu: time.process_time (CPU seconds of this process, less sensitive "
                         "to other processes on a shared machine; use with --threads 1)")
@@ -115,7 +118,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(opt.threads)
     torch.manual_seed(0)
 
-    model = build_model(make_args(opt), opt.num_classes)
+    args = make_args(opt)
+    model = build_model(args, opt.num_classes)
     model.train()
     batch = make_batch(opt.batch_size, tuple(opt.img_size), opt.text_length, opt.num_classes)
     lens = (batch["caption_ids"].argmax(-1) + 1).float()
@@ -135,26 +139,29 @@ def main(argv=None) -> None:
     print("max |fast - full| over the forward dict:", f"{max(diffs.values()):.2e}",
           {k: f"{float(fast[k]):.5f}" for k in fast})
 
-    adam_kw = dict(fused=True) if opt.adam == "fused" else {}
-    optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-5, **adam_kw)
-    # interleave the two paths step by step so that background load hits both alike
     clock = time.perf_counter if opt.clock == "wall" else time.process_time
-    times: Dict[bool, List[Dict[str, float]]] = {False: [], True: []}
-    for i in range(opt.warmup + opt.runs):
+    for impl in (("plain", "fused") if opt.adam == "both" else (opt.adam,)):
+        args.fused_optimizer = impl == "fused"
+        optimizer = build_optimizer(args, model)
+        # interleave the two paths step by step so that background load hits both alike
+        times: Dict[bool, List[Dict[str, float]]] = {False: [], True: []}
+        for i in range(opt.warmup + opt.runs):
+            for fast_path in (False, True):
+                model.fast = fast_path
+                step = time_steps(model, optimizer, batch, 0, 1, clock)[0]
+                if i >= opt.warmup:
+                    times[fast_path].append(step)
+        results = {}
+        print(f"--- optimizer: {args.optimizer} ({impl})")
         for fast_path in (False, True):
-            model.fast = fast_path
-            step = time_steps(model, optimizer, batch, 0, 1, clock)[0]
-            if i >= opt.warmup:
-                times[fast_path].append(step)
-    results = {}
-    for fast_path in (False, True):
-        med = {k: statistics.median(t[k] for t in times[fast_path]) for k in ("forward", "backward", "optimizer", "total")}
-        results[fast_path] = med["total"]
-        print(f"fast={fast_path!s:5}: median {med['total'] * 1e3:8.1f} ms/step  "
-              f"{opt.batch_size / med['total']:8.1f} samples/s  [forward {med['forward'] * 1e3:.0f} / backward "
-              f"{med['backward'] * 1e3:.0f} / Adam {med['optimizer'] * 1e3:.0f} ms]  (runs: "
-              + ", ".join(f"{t['total'] * 1e3:.0f}" for t in times[fast_path]) + " ms)")
-    print(f"speed-up fast/full: {results[False] / results[True]:.2f}x")
+            med = {k: statistics.median(t[k] for t in times[fast_path])
+                   for k in ("forward", "backward", "optimizer", "total")}
+            results[fast_path] = med["total"]
+            print(f"fast={fast_path!s:5}: median {med['total'] * 1e3:8.1f} ms/step  "
+                  f"{opt.batch_size / med['total']:8.1f} samples/s  [forward {med['forward'] * 1e3:.0f} / backward "
+                  f"{med['backward'] * 1e3:.0f} / optimizer {med['optimizer'] * 1e3:.0f} ms]  (runs: "
+                  + ", ".join(f"{t['total'] * 1e3:.0f}" for t in times[fast_path]) + " ms)")
+        print(f"speed-up fast/full ({impl} {args.optimizer}): {results[False] / results[True]:.2f}x")
 
     if opt.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -48,19 +48,21 @@ def build_param_groups(args: Namespace, model: nn.Module) -> List[Dict]:
 def build_optimizer(args: Namespace, model: nn.Module) -> torch.optim.Optimizer:
     """SGD / Adam / AdamW over ``build_param_groups(args, model)``; other names raise ValueError."""
     params = build_param_groups(args, model)
+    # fused=None keeps torch's default implementation (the original's numbers exactly)
+    fused = True if getattr(args, "fused_optimizer", False) else None
     if args.optimizer == "SGD":
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum)
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, fused=fused)
     elif args.optimizer == "Adam":
         optimizer = torch.optim.Adam(
-            params, lr=args.lr, betas=(args.alpha, args.beta), eps=getattr(args, "adam_eps", ADAM_EPS)
+            params, lr=args.lr, betas=(args.alpha, args.beta), eps=getattr(args, "adam_eps", ADAM_EPS), fused=fused
         )
     elif args.optimizer == "AdamW":
         optimizer = torch.optim.AdamW(
-            params, lr=args.lr, betas=(args.alpha, args.beta), eps=getattr(args, "adamw_eps", ADAMW_EPS)
+            params, lr=args.lr, betas=(args.alpha, args.beta), eps=getattr(args, "adamw_eps", ADAMW_EPS), fused=fused
         )
     else:
         raise ValueError(f"unknown optimizer {args.optimizer!r}; valid optimizers: {', '.join(VALID_OPTIMIZERS)}")
-    logger.info("Built %s optimizer with %d param groups", args.optimizer, len(params))
+    logger.info("Built %s optimizer with %d param groups%s", args.optimizer, len(params), " (fused)" if fused else "")
     return optimizer
 
 

@@ -97,6 +97,27 @@ def test_eps_override():
     assert build_optimizer(args, nn.Linear(2, 2)).defaults["eps"] == 1e-6
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_fused_optimizer_option_same_steps(name):
+    """--fused_optimizer selects torch's fused kernel; a few steps agree with the default implementation."""
+    torch.manual_seed(0)
+    ref, fus = nn.Linear(5, 3), nn.Linear(5, 3)
+    fus.load_state_dict(ref.state_dict())
+    args = _args(optimizer=name, lr=1e-2)
+    o_ref = build_optimizer(args, ref)
+    args.fused_optimizer = True
+    o_fus = build_optimizer(args, fus)
+    assert not o_ref.defaults.get("fused") and o_fus.defaults["fused"] is True
+    x = torch.randn(4, 5)
+    for _ in range(3):
+        for m, o in ((ref, o_ref), (fus, o_fus)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for a, b in zip(ref.parameters(), fus.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_optimizer():
     with pytest.raises(ValueError, match="valid optimizers: SGD, Adam, AdamW"):
         build_optimizer(_args(optimizer="Lamb"), nn.Linear(2, 2))

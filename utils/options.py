@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--beta", type=float, default=0.999)
     parser.add_argument("--adam_eps", type=float, default=1e-3, help="Adam epsilon (the original's 1e-3)")
     parser.add_argument("--adamw_eps", type=float, default=1e-8, help="AdamW epsilon")
+    parser.add_argument("--fused_optimizer", default=False, action="store_true",
+                        help="torch's fused optimizer kernel (faster, same math up to float rounding)")
 
     ######################## scheduler ########################
     parser.add_argument("--num_epoch", type=int, default=60)
