@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from model import objectives
-from model.clip_model import LayerNorm, QuickGELU, Transformer, build_CLIP_from_openai_pretrained, convert_weights
+from model.clip_model import (LayerNorm, QuickGELU, Transformer, build_CLIP_from_openai_pretrained, convert_weights,
+                              init_transformer_)
 from utils.comm import ACCEL, resolve_device
 
 logger = logging.getLogger("IRRA.model.build")
@@ -66,18 +67,11 @@ class IRRA(nn.Module):
             heads = max(self.embed_dim // HEAD_DIM, 1)
             self.cross_attn = nn.MultiheadAttention(self.embed_dim, heads, batch_first=True)
             self.cross_modal_transformer = Transformer(width=self.embed_dim, layers=args.cmt_depth, heads=heads)
-            scale = self.cross_modal_transformer.width ** -0.5
             self.ln_pre_t = LayerNorm(self.embed_dim)
             self.ln_pre_i = LayerNorm(self.embed_dim)
             self.ln_post = LayerNorm(self.embed_dim)
-            proj_std = scale * ((2 * self.cross_modal_transformer.layers) ** -0.5)
-            attn_std = scale
-            fc_std = (2 * self.cross_modal_transformer.width) ** -0.5
-            for block in self.cross_modal_transformer.resblocks:
-                nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            std = init_transformer_(self.cross_modal_transformer)  # as CLIP's text transformer
+            proj_std, attn_std, fc_std = std["proj_std"], std["attn_std"], std["fc_std"]
             # init cross attn
             nn.init.normal_(self.cross_attn.in_proj_weight, std=attn_std)
             nn.init.normal_(self.cross_attn.out_proj.weight, std=proj_std)

@@ -320,6 +320,19 @@ class VisionTransformer(nn.Module):
         return x
 
 
+def init_transformer_(transformer: "Transformer") -> Dict[str, float]:
+    """CLIP's initialisation of a ``Transformer``'s blocks (in place); returns the stds used."""
+    proj_std = (transformer.width ** -0.5) * ((2 * transformer.layers) ** -0.5)
+    attn_std = transformer.width ** -0.5
+    fc_std = (2 * transformer.width) ** -0.5
+    for block in transformer.resblocks:
+        nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+        nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+        nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+        nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+    return {"proj_std": proj_std, "attn_std": attn_std, "fc_std": fc_std}
+
+
 class CLIP(nn.Module):
     """CLIP with token-level outputs: forward(image, text) -> (image_feats [B, 1+P, D], text_feats [B, L, D])."""
 
@@ -365,14 +378,7 @@ class CLIP(nn.Module):
                 for name, param in resnet_block.named_parameters():
                     if name.endswith("bn3.weight"):
                         nn.init.zeros_(param)
-        proj_std = (self.transformer.width ** -0.5) * ((2 * self.transformer.layers) ** -0.5)
-        attn_std = self.transformer.width ** -0.5
-        fc_std = (2 * self.transformer.width) ** -0.5
-        for block in self.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        init_transformer_(self.transformer)
         if self.text_projection is not None:
             nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
 

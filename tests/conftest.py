@@ -1,4 +1,6 @@
 """Shared fixtures: a tiny generated dataset in the CUHK-PEDES layout and tiny training options."""
+import contextlib
+import logging
 import os
 
 import pytest
@@ -25,3 +27,18 @@ def tiny_train_argv(root: str, logs: str, *extra: str) -> list:
             "--test_batch_size", "16", "--num_workers", "0", "--num_epoch", "2", "--MLM",
             "--loss_names", "sdm+mlm+id", "--cmt_depth", "1", "--device", "cpu", "--log_period", "1",
             "--optimizer", "AdamW", "--lr", "1e-3", "--warmup_epochs", "1", *extra]
+
+
+@contextlib.contextmanager
+def retrieval_warnings():
+    """Collect IRRA.retrieval warnings with a handler on that logger (the trainer's setup_logger turns off
+    propagation of "IRRA", so pytest's caplog on the root logger may not see them)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    lg = logging.getLogger("IRRA.retrieval")
+    lg.addHandler(handler)
+    try:
+        yield records
+    finally:
+        lg.removeHandler(handler)

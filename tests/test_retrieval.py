@@ -1,7 +1,5 @@
 """utils/retrieval.py with a transparent stand-in model: image embedding = mean RGB, text embedding = colour-word
 counts, so every score has a naive closed form. The real-model end-to-end path is in tests/test_visualize.py."""
-import contextlib
-import logging
 import os
 
 import pytest
@@ -10,21 +8,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
+from tests.conftest import retrieval_warnings
 from utils import retrieval as R
 
-@contextlib.contextmanager
-def retrieval_warnings():
-    """Collect IRRA.retrieval warnings with a handler on that logger (the trainer's setup_logger turns off
-    propagation of "IRRA", so pytest's caplog on the root logger may not see them)."""
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    lg = logging.getLogger("IRRA.retrieval")
-    lg.addHandler(handler)
-    try:
-        yield records
-    finally:
-        lg.removeHandler(handler)
 
 
 COLOURS = {"red": (230, 20, 20), "green": (20, 210, 30), "blue": (25, 30, 220), "yellow": (220, 220, 30),

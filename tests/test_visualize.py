@@ -4,8 +4,6 @@ The run directory is built by hand (configs.yaml + best.pth of a from-scratch Vi
 leaves behind; frame colours are checked against identities ranked independently here.
 """
 import functools
-import contextlib
-import logging
 import re
 import shutil
 from pathlib import Path
@@ -20,25 +18,13 @@ import visualize
 from datasets import build as dbuild
 from datasets.synthpedes import SynthPEDES
 from model.build import build_model
+from tests.conftest import retrieval_warnings
 from utils import retrieval as R
 from utils.checkpoint import Checkpointer
 from utils.iotools import save_train_configs
 from utils.options import get_args
 from utils.simple_tokenizer import SimpleTokenizer, tokenize
 
-@contextlib.contextmanager
-def retrieval_warnings():
-    """Collect IRRA.retrieval warnings with a handler on that logger (the trainer's setup_logger turns off
-    propagation of "IRRA", so pytest's caplog on the root logger may not see them)."""
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    lg = logging.getLogger("IRRA.retrieval")
-    lg.addHandler(handler)
-    try:
-        yield records
-    finally:
-        lg.removeHandler(handler)
 
 
 TINY = dict(num_train_ids=6, num_val_ids=0, num_test_ids=5, images_per_id=2, img_height=64, img_width=32, seed=3,
