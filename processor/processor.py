@@ -187,7 +187,8 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
 
         if epoch % args.eval_period == 0:
             logger.info(f"Validation Results - Epoch: {epoch}")
-            metrics = broadcast_object(evaluator.eval(unwrap(model).eval(), i2t_metric=getattr(args, "i2t_metric", False)))
+            # every rank takes part (sharded encoding); all get the same metrics back
+            metrics = evaluator.eval(unwrap(model).eval(), i2t_metric=getattr(args, "i2t_metric", False))
             model.train()
             if is_main_process():
                 _append_jsonl(metrics_path, {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}})

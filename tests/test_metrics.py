@@ -308,3 +308,13 @@ def test_average_meter():
     assert m.avg == pytest.approx(3.5)
     m.reset()
     assert (m.val, m.avg, m.sum, m.count) == (0, 0, 0, 0)
+
+
+def test_rank_without_indices_same_metrics():
+    g = torch.Generator().manual_seed(5)
+    qp, gp = torch.randint(0, 6, (41,), generator=g), torch.randint(0, 6, (29,), generator=g)
+    sim = torch.rand(41, 29, generator=g)
+    cmc, mAP, mINP, idx = rank(sim, qp, gp, chunk_size=7)
+    cmc2, mAP2, mINP2, idx2 = rank(sim, qp, gp, chunk_size=7, need_indices=False)
+    assert idx2 is None and idx.shape == (41, 10)
+    assert torch.equal(cmc, cmc2) and torch.equal(mAP, mAP2) and torch.equal(mINP, mINP2)

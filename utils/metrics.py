@@ -218,7 +218,7 @@ def _unpermute(indices: Optional[torch.Tensor], qorder: torch.Tensor) -> Optiona
 
 
 def rank(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, max_rank: int = 10,
-         get_mAP: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE):
+         get_mAP: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE, need_indices: bool = True):
     """CMC / mAP / mINP of a query x gallery similarity matrix, chunked over queries (see module docstring).
 
     Args:
@@ -227,6 +227,8 @@ def rank(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, m
         max_rank: length of the CMC curve and of ``indices`` (capped at ng).
         get_mAP: also compute mAP and mINP.
         chunk_size: queries processed at once (bounds the temporary memory to O(chunk_size * ng)).
+        need_indices: with get_mAP, False skips the top-k search (``indices`` is then None; the metrics need
+            only the ranks of the positives, so this is the faster path the Evaluator takes).
     Returns:
         ``(cmc [max_rank], mAP [], mINP [], indices [nq, max_rank])`` in percent (float32 tensors), ``indices`` the
         top-``max_rank`` gallery indices per query by descending similarity; ``(cmc, indices)`` when not get_mAP.
@@ -251,7 +253,7 @@ def rank(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, m
         rows = qorder[s:s + chunk_size]  # [c]
         sim = torch.index_select(similarity.detach(), 0, rows, out=buf[:rows.numel()])  # [c, ng]
         acc.add(*_rank_chunk(sim, q_pids[rows], g_pids, max_rank, True, (order, start[rows], num_rel[rows]),
-                             workspace=workspace))
+                             need_indices=need_indices, workspace=workspace))
     cmc, mAP, mINP, indices = acc.result()
     return cmc, mAP, mINP, _unpermute(indices, qorder)
 
