@@ -12,7 +12,10 @@ PY="${PYTHON:-python}"
 
 if [ "$DATASET_NAME" = "demo" ]; then
     # configs/demo.yaml holds the demo's options; train, then evaluate the best checkpoint with test.py.
-    OUT=$("$PY" train.py --config configs/demo.yaml "$@" | tee /dev/stderr | sed -n 's/.*run dir \(.*\)$/\1/p' | head -n 1)
+    LOG=$(mktemp)
+    trap 'rm -f "$LOG"' EXIT
+    "$PY" train.py --config configs/demo.yaml "$@" | tee "$LOG"
+    OUT=$(sed -n 's/.*run dir \(.*\)$/\1/p' "$LOG" | head -n 1)
     [ -n "$OUT" ] || { echo "run_irra.sh: could not find the run directory in the training log" >&2; exit 1; }
     "$PY" test.py --config_file "$OUT/configs.yaml"
     echo "Run directory: $OUT"

@@ -41,7 +41,10 @@ class IRRA(nn.Module):
         attends over all text positions (padding included), so cutting them would change the MLM loss.
     """
 
-    def __init__(self, args: argparse.Namespace, num_classes: int = 11003) -> None:
+    def __init__(self, args: argparse.Namespace, num_classes: int = 11003,
+                 clip_state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """``clip_state_dict``: build the CLIP from these weights instead of ``args.pretrain_choice`` (used to
+        rebuild a trained model from its own checkpoint, without the pretrained CLIP file)."""
         super().__init__()
         self.args = args
         self.num_classes = num_classes
@@ -49,7 +52,8 @@ class IRRA(nn.Module):
         self.fast = True
         self.base_model, base_cfg = build_CLIP_from_openai_pretrained(
             args.pretrain_choice, args.img_size, args.stride_size,
-            download_root=getattr(args, "clip_download_root", None), text_length=getattr(args, "text_length", None))
+            download_root=getattr(args, "clip_download_root", None), text_length=getattr(args, "text_length", None),
+            state_dict=clip_state_dict)
         self.embed_dim = base_cfg["embed_dim"]
         self.vocab_size = getattr(args, "vocab_size", base_cfg["vocab_size"])
         if self.vocab_size != base_cfg["vocab_size"]:
@@ -192,12 +196,14 @@ class IRRA(nn.Module):
 
 
 def build_model(args: argparse.Namespace, num_classes: int = 11003,
-                device: Optional[Union[str, torch.device]] = None) -> IRRA:
+                device: Optional[Union[str, torch.device]] = None,
+                clip_state_dict: Optional[Dict[str, torch.Tensor]] = None) -> IRRA:
     """Build IRRA (on CPU) and apply the precision rule for the target ``device``.
 
     ``args.precision``: fp16 -> convert_weights (OpenAI fp16 weights); auto -> fp16 when the target device
     (``device`` or ``args.device``) is the accelerator, fp32 otherwise; fp32 / amp_bf16 / amp_fp16 -> fp32
     weights (the trainer autocasts for amp_*). Missing ``args.precision`` / ``args.device`` mean fp32 / CPU.
+    ``clip_state_dict``: see :class:`IRRA`.
     """
     precision = getattr(args, "precision", "fp32") or "fp32"
     if precision not in VALID_PRECISIONS:
@@ -205,7 +211,7 @@ def build_model(args: argparse.Namespace, num_classes: int = 11003,
     if device is None:
         device = resolve_device(getattr(args, "device", "cpu") or "cpu")
     device = torch.device(device)
-    model = IRRA(args, num_classes)
+    model = IRRA(args, num_classes, clip_state_dict=clip_state_dict)
     if precision == "fp16" or (precision == "auto" and device.type == ACCEL):
         convert_weights(model)
         logger.info("model weights converted to fp16 (precision=%s, device=%s)", precision, device)

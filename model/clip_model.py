@@ -639,17 +639,22 @@ def _cfg_from_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
 
 
 def build_CLIP_from_openai_pretrained(name: str, image_size: Size2, stride_size: int, jit: bool = False,
-                                      download_root: Optional[str] = None,
-                                      text_length: Optional[int] = None) -> Tuple[CLIP, Dict[str, Any]]:
+                                      download_root: Optional[str] = None, text_length: Optional[int] = None,
+                                      state_dict: Optional[Dict[str, torch.Tensor]] = None
+                                      ) -> Tuple[CLIP, Dict[str, Any]]:
     """Build a CLIP for ``image_size`` (H, W) / ``stride_size`` from OpenAI weights, a local file or a scratch arch.
 
     name: an OpenAI model name (``available_models()``; downloaded to ``download_root`` or ~/.cache/clip), a path to
     a CLIP checkpoint file, or ``scratch:<arch>`` (``SCRATCH_ARCHS``, random init). ``text_length`` sets the text
     context length (positional embedding cut or interpolated); None keeps the checkpoint's. ``jit`` is accepted
-    for compatibility and ignored (always the eager model). Returns (model in fp32, model_cfg).
+    for compatibility and ignored (always the eager model). ``state_dict``: CLIP weights already in memory (e.g.
+    the ``base_model.*`` of a trained IRRA checkpoint); architecture and weights then come from it and ``name`` is
+    not read. Returns (model in fp32, model_cfg).
     """
     del jit
-    if name.startswith(SCRATCH_PREFIX):
+    if state_dict is not None:
+        model_cfg = _cfg_from_state_dict(state_dict)
+    elif name.startswith(SCRATCH_PREFIX):
         arch = name[len(SCRATCH_PREFIX):]
         if arch not in SCRATCH_ARCHS:
             raise ValueError(f"unknown scratch architecture {arch!r}; valid: "

@@ -104,7 +104,7 @@ def _check_finite(total_loss: torch.Tensor, ret: Dict[str, torch.Tensor], epoch:
     if finite.item() < 1:
         terms = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in ret.items() if "loss" in k)
         raise FloatingPointError(
-            f"non-finite loss at epoch {epoch}, iteration {n_iter + 1}: total={float(total_loss):.6g} ({terms}). "
+            f"non-finite loss at epoch {epoch}, iteration {n_iter + 1}: total={float(total_loss.detach()):.6g} ({terms}). "
             "Training stopped; the last good checkpoint (last.pth / best.pth) is kept. Try a lower --lr, "
             "--precision fp32, or check the data of this batch.")
 

@@ -140,3 +140,35 @@ def test_torchrun_two_processes_gloo(tiny_cuhk_root, tmp_path):
     assert [m["epoch"] for m in metrics] == [1]
     assert os.path.isfile(os.path.join(run_dir, "last.pth"))
     assert "Using 2 process(es)" in open(os.path.join(run_dir, "train_log.txt")).read()
+
+
+@pytest.mark.parametrize("precision", ["amp_bf16", "fp16"])
+def test_other_precisions_train_on_cpu(tiny_cuhk_root, tmp_path, precision):
+    """AMP autocast (bf16) and the original's fp16 weights (convert_weights) both train an epoch with finite losses."""
+    # pure fp16 weights need the original's Adam (eps 1e-3): AdamW's eps 1e-8 underflows in fp16
+    extra = ["--optimizer", "Adam", "--lr", "1e-4"] if precision == "fp16" else []
+    res = train.main(tiny_train_argv(tiny_cuhk_root, str(tmp_path / "logs"), "--num_epoch", "1",
+                                     "--precision", precision, *extra))
+    (m,) = read_metrics(res["run_dir"])
+    assert 0 <= m["R1"] <= 100
+    sd = torch.load(os.path.join(res["run_dir"], "last.pth"), weights_only=True)["model"]
+    want = torch.float16 if precision == "fp16" else torch.float32
+    assert sd["base_model.visual.conv1.weight"].dtype == want
+    assert sd["base_model.ln_final.weight"].dtype == torch.float32  # LayerNorm stays fp32
+
+
+def test_test_script_needs_no_pretrained_clip_file(two_epoch_run, tmp_path):
+    """A run named after OpenAI weights that are not on this machine still evaluates: the backbone's architecture
+    and weights come from best.pth itself."""
+    import shutil
+
+    import yaml
+    run = tmp_path / "run"
+    shutil.copytree(two_epoch_run["run_dir"], run)
+    cfg = yaml.safe_load((run / "configs.yaml").read_text())
+    cfg.update(pretrain_choice="ViT-B/16", clip_download_root=str(tmp_path / "empty_cache"))
+    (run / "configs.yaml").write_text(yaml.safe_dump(cfg))
+    metrics = test_script.main(["--config_file", str(run / "configs.yaml"), "--device", "cpu"])
+    logged = next(m for m in read_metrics(str(run)) if m["epoch"] == two_epoch_run["best_epoch"])
+    assert metrics["R1"] == pytest.approx(logged["R1"], abs=1e-4)
+    assert not os.path.exists(tmp_path / "empty_cache")  # nothing was downloaded

@@ -140,11 +140,28 @@ class Checkpointer:
         return checkpoint
 
 
+def read_model_state_dict(f: str) -> Dict[str, torch.Tensor]:
+    """The model weights of checkpoint ``f`` (ours or the original's; a ``module.`` prefix stripped)."""
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"checkpoint file not found: {f}")
+    ckpt = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{f}: expected a checkpoint dict with a 'model' state dict")
+    return strip_prefix_if_present(sd, "module.")
+
+
 def checkpoint_num_classes(f: str, default: Optional[int] = None) -> Optional[int]:
     """Number of identities of the ID classifier saved in checkpoint ``f`` (``default`` when it has none)."""
-    ckpt = torch.load(f, map_location="cpu", weights_only=True)
-    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
-    for k, v in sd.items():
-        if k.split("module.", 1)[-1] == "classifier.weight":
-            return int(v.shape[0])
-    return default
+    w = read_model_state_dict(f).get("classifier.weight")
+    return int(w.shape[0]) if w is not None else default
+
+
+def clip_state_dict_from_checkpoint(f: str) -> Dict[str, torch.Tensor]:
+    """The CLIP weights (``base_model.*``, prefix removed) of an IRRA checkpoint: enough to rebuild its backbone
+    without the pretrained CLIP file (``build_model(..., clip_state_dict=...)``)."""
+    prefix = "base_model."
+    sd = {k[len(prefix):]: v for k, v in read_model_state_dict(f).items() if k.startswith(prefix)}
+    if not sd:
+        raise ValueError(f"{f}: no base_model.* weights: not an IRRA checkpoint")
+    return sd

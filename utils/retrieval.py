@@ -172,7 +172,7 @@ class Retriever:
 
         from datasets.build import build_transforms
         from model.build import build_model
-        from utils.checkpoint import Checkpointer, checkpoint_num_classes
+        from utils.checkpoint import Checkpointer, checkpoint_num_classes, clip_state_dict_from_checkpoint
         from utils.comm import resolve_device
         from utils.options import load_config_args
         from utils.simple_tokenizer import SimpleTokenizer, tokenize
@@ -182,10 +182,12 @@ class Retriever:
         dev = device if isinstance(device, torch.device) else resolve_device(str(device))
         # num_classes must match the trained classifier; it exists only when the run used the id loss.
         num_classes = checkpoint_num_classes(str(ckpt))
+        # the backbone comes from the checkpoint itself: no pretrained CLIP file needed
+        clip_sd = clip_state_dict_from_checkpoint(str(ckpt))
         if num_classes is not None:
-            model = build_model(args, num_classes, dev)
+            model = build_model(args, num_classes, dev, clip_state_dict=clip_sd)
         else:
-            model = build_model(args, device=dev)  # no classifier: num_classes is unused
+            model = build_model(args, device=dev, clip_state_dict=clip_sd)  # no classifier: num_classes unused
         Checkpointer(model).load(str(ckpt))
         model.to(dev)
 
