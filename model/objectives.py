@@ -10,6 +10,19 @@ import torch.nn.functional as F
 Scale = Union[float, torch.Tensor]
 
 
+def _matching_kl(image_proj_text: torch.Tensor, text_proj_image: torch.Tensor, label_dist: torch.Tensor,
+                 epsilon: float) -> torch.Tensor:
+    """KL(softmax(logits) || label_dist) per row, averaged over rows, summed over both directions (SDM and CMPM).
+
+    image_proj_text [B, B] (i2t logits), text_proj_image [B, B] (t2i logits), label_dist [B, B] -> scalar.
+    """
+    i2t_pred = F.softmax(image_proj_text, dim=1)
+    i2t_loss = i2t_pred * (F.log_softmax(image_proj_text, dim=1) - torch.log(label_dist + epsilon))
+    t2i_pred = F.softmax(text_proj_image, dim=1)
+    t2i_loss = t2i_pred * (F.log_softmax(text_proj_image, dim=1) - torch.log(label_dist + epsilon))
+    return torch.mean(torch.sum(i2t_loss, dim=1)) + torch.mean(torch.sum(t2i_loss, dim=1))
+
+
 def compute_sdm(image_features: torch.Tensor, text_features: torch.Tensor, pid: torch.Tensor, logit_scale: Scale,
                 image_id: Optional[torch.Tensor] = None, factor: float = 0.3, epsilon: float = 1e-8) -> torch.Tensor:
     """Similarity Distribution Matching loss (IRRA eq. 3-5).
@@ -40,12 +53,7 @@ def compute_sdm(image_features: torch.Tensor, text_features: torch.Tensor, pid: 
     # labels / labels.sum(dim=1) broadcasts over columns as in the original (labels are symmetric).
     labels_distribute = labels / labels.sum(dim=1)
 
-    i2t_pred = F.softmax(image_proj_text, dim=1)
-    i2t_loss = i2t_pred * (F.log_softmax(image_proj_text, dim=1) - torch.log(labels_distribute + epsilon))
-    t2i_pred = F.softmax(text_proj_image, dim=1)
-    t2i_loss = t2i_pred * (F.log_softmax(text_proj_image, dim=1) - torch.log(labels_distribute + epsilon))
-
-    return torch.mean(torch.sum(i2t_loss, dim=1)) + torch.mean(torch.sum(t2i_loss, dim=1))
+    return _matching_kl(image_proj_text, text_proj_image, labels_distribute, epsilon)
 
 
 def compute_mlm(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -95,9 +103,4 @@ def compute_cmpm(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, 
     # normalize the true matching distribution (row norms broadcast over columns, as the original)
     labels_mask_norm = labels_mask / labels_mask.norm(dim=1)
 
-    i2t_pred = F.softmax(image_proj_text, dim=1)
-    i2t_loss = i2t_pred * (F.log_softmax(image_proj_text, dim=1) - torch.log(labels_mask_norm + epsilon))
-    t2i_pred = F.softmax(text_proj_image, dim=1)
-    t2i_loss = t2i_pred * (F.log_softmax(text_proj_image, dim=1) - torch.log(labels_mask_norm + epsilon))
-
-    return torch.mean(torch.sum(i2t_loss, dim=1)) + torch.mean(torch.sum(t2i_loss, dim=1))
+    return _matching_kl(image_proj_text, text_proj_image, labels_mask_norm, epsilon)
