@@ -99,7 +99,7 @@ class BaseDataset:
         if not isinstance(annos, list):
             raise DatasetFormatError(f"{anno_path}: expected a JSON list of entries, got {type(annos).__name__}")
         required = ("split", "id", self.path_key, "captions")
-        cleaned, n_dropped = [], 0
+        cleaned, n_dropped, n_entries_dropped = [], 0, 0
         for i, anno in enumerate(annos):
             where = f"{anno_path}: entry {i}"
             if not isinstance(anno, dict):
@@ -121,9 +121,13 @@ class BaseDataset:
                     raise DatasetFormatError(f"{where}: key 'captions'[{j}] must be a string, got {c!r}")
             kept = [c for c in caps if c.strip()]
             n_dropped += len(caps) - len(kept)
+            if not kept:  # an image with no usable caption would add an identity with no training text
+                n_entries_dropped += 1
+                continue
             cleaned.append({**anno, "id": int(pid), "captions": kept})
         if n_dropped:
-            self.logger.warning("%s: dropped %d empty/whitespace-only captions", anno_path, n_dropped)
+            self.logger.warning("%s: dropped %d empty/whitespace-only captions (%d entries left without any caption "
+                                "were dropped too)", anno_path, n_dropped, n_entries_dropped)
         return cleaned
 
     def _split_anno(self, annos: List[dict]) -> Tuple[List[dict], List[dict], List[dict]]:

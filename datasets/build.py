@@ -166,6 +166,9 @@ def build_dataloader(args: argparse.Namespace, tranforms: Optional[Callable] = N
         raise ValueError(f"Unknown --sampler '{args.sampler}'; valid: {list(SAMPLERS)}")
     if args.val_dataset not in VAL_DATASETS:
         raise ValueError(f"Unknown --val_dataset '{args.val_dataset}'; valid: {list(VAL_DATASETS)}")
+    if not dataset.train:
+        raise ValueError(f"{args.dataset_name} under --root_dir {args.root_dir}: the training split is empty "
+                         f"(no annotation entry has split == 'train')")
     distributed, rank, world_size = _dist_info()
     seed = int(getattr(args, "seed", 1) or 0)
     if generator is None:
@@ -212,6 +215,10 @@ def build_dataloader(args: argparse.Namespace, tranforms: Optional[Callable] = N
     train_loader.train_sampler = train_sampler
 
     ds = dataset.val if args.val_dataset == "val" else dataset.test
+    if not ds["img_paths"] or not ds["captions"]:
+        raise ValueError(f"--val_dataset {args.val_dataset}: {args.dataset_name} has no {args.val_dataset} split "
+                         f"({len(ds['img_paths'])} images, {len(ds['captions'])} captions); use --val_dataset "
+                         f"{'test' if args.val_dataset == 'val' else 'val'}")
     val_img_set = ImageDataset(ds["image_pids"], ds["img_paths"], val_transforms)
     val_txt_set = TextDataset(ds["caption_pids"], ds["captions"], text_length=text_length)
     val_img_loader = DataLoader(val_img_set, batch_size=args.test_batch_size, shuffle=False, num_workers=num_workers)

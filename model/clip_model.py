@@ -290,6 +290,9 @@ class VisionTransformer(nn.Module):
                  heads: int, output_dim: int) -> None:
         super().__init__()
         self.input_resolution = _pair(input_resolution)  # (H, W)
+        if stride_size < 1 or min(self.input_resolution) < patch_size:
+            raise ValueError(f"--img_size {self.input_resolution} / --stride_size {stride_size}: the image must be at "
+                             f"least one patch ({patch_size}x{patch_size}) and the stride >= 1")
         self.num_x = (self.input_resolution[1] - patch_size) // stride_size + 1
         self.num_y = (self.input_resolution[0] - patch_size) // stride_size + 1
         num_patches = self.num_x * self.num_y

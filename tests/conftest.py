@@ -42,3 +42,16 @@ def retrieval_warnings():
         yield records
     finally:
         lg.removeHandler(handler)
+
+
+@pytest.fixture(autouse=True)
+def _reset_irra_logger():
+    """train.main / test.main call setup_logger("IRRA"), which stops propagation to the root logger (as detectron's
+    does); undo it after each test so that pytest's caplog sees IRRA.* records whatever the test order."""
+    yield
+    lg = logging.getLogger("IRRA")
+    for h in list(lg.handlers):
+        lg.removeHandler(h)
+        h.close()
+    lg.propagate = True
+    lg.setLevel(logging.NOTSET)

@@ -346,3 +346,14 @@ def test_build_dataloader_distributed_shards(tmp_path, monkeypatch, sampler):
     assert not rows0 & rows1
     with pytest.raises(ValueError, match=r"multiple of num_instance \(2\) x world size \(2\)"):
         build_dataloader(make_args(tmp_path, sampler="identity", batch_size=6, num_instance=2))
+
+
+def test_entry_left_without_captions_is_dropped(tmp_path, caplog):
+    """An image whose captions are all blank adds no identity and no image (it has no text to train on)."""
+    data = [_cuhk(captions=["a man"]), _cuhk(id=2, file_path="b.png", captions=["  ", ""]),
+            _cuhk(split="test", id=3, captions=["x"])]
+    write_dataset(tmp_path, "CUHK-PEDES", data)
+    with caplog.at_level(logging.WARNING, logger="IRRA.dataset"):
+        ds = CUHKPEDES(root=str(tmp_path), verbose=False)
+    assert "dropped 2 empty/whitespace-only captions (1 entries left without any caption were dropped too)" in caplog.text
+    assert ds.train_id_container == {0} and len(ds.train_annos) == 1

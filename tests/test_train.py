@@ -172,3 +172,15 @@ def test_test_script_needs_no_pretrained_clip_file(two_epoch_run, tmp_path):
     logged = next(m for m in read_metrics(str(run)) if m["epoch"] == two_epoch_run["best_epoch"])
     assert metrics["R1"] == pytest.approx(logged["R1"], abs=1e-4)
     assert not os.path.exists(tmp_path / "empty_cache")  # nothing was downloaded
+
+
+def test_empty_validation_split_is_reported_before_training(tiny_cuhk_root, tmp_path):
+    """--val_dataset val on a dataset without a val split fails at once, naming the option (not after an epoch)."""
+    import json
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(os.path.join(tiny_cuhk_root, "CUHK-PEDES"), root / "CUHK-PEDES")
+    anno = root / "CUHK-PEDES" / "reid_raw.json"
+    anno.write_text(json.dumps([a for a in json.loads(anno.read_text()) if a["split"] != "val"]))
+    with pytest.raises(ValueError, match="--val_dataset val: CUHK-PEDES has no val split.*use --val_dataset test"):
+        train.main(tiny_train_argv(str(root), str(tmp_path / "logs"), "--val_dataset", "val"))

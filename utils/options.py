@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="OpenAI CLIP name, path to a CLIP file, or scratch:<arch>")
     parser.add_argument("--clip_download_root", default=None, help="CLIP weights cache (default ~/.cache/clip)")
     parser.add_argument("--temperature", type=float, default=0.02,
-                        help="initial temperature value, if 0, don't use temperature")
+                        help="temperature of the similarity logits (logit scale = 1 / temperature), > 0")
     parser.add_argument("--img_aug", default=False, action="store_true")
 
     ## cross modal transfomer setting
@@ -143,6 +143,16 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     elif args.MLM:
         tasks.append("mlm")
     args.loss_names = "+".join(tasks)
+    checks = [("temperature", args.temperature > 0, "> 0"),
+              ("text_length", args.text_length >= 3, ">= 3 (start token, one word, end token)"),
+              ("stride_size", args.stride_size >= 1, ">= 1"),
+              ("cmt_depth", args.cmt_depth >= 1 or "mlm" not in tasks, ">= 1 when the mlm loss is on"),
+              ("batch_size", args.batch_size >= 1, ">= 1"), ("test_batch_size", args.test_batch_size >= 1, ">= 1"),
+              ("num_epoch", args.num_epoch >= 1, ">= 1"), ("log_period", args.log_period >= 1, ">= 1"),
+              ("eval_period", args.eval_period >= 1, ">= 1"), ("lr", args.lr > 0, "> 0")]
+    for name, ok, want in checks:
+        if not ok:
+            raise ValueError(f"--{name} {getattr(args, name)}: expected {want}")
     if args.precision not in PRECISIONS:
         raise ValueError(f"--precision {args.precision!r}: expected one of {list(PRECISIONS)}")
     return args
