@@ -12,7 +12,7 @@ from torch import nn
 from model import objectives
 from model.clip_model import (LayerNorm, QuickGELU, Transformer, build_CLIP_from_openai_pretrained, convert_weights,
                               init_transformer_)
-from utils.comm import ACCEL, resolve_device
+from utils.comm import resolve_device
 
 logger = logging.getLogger("IRRA.model.build")
 
@@ -212,7 +212,7 @@ def build_model(args: argparse.Namespace, num_classes: int = 11003,
         device = resolve_device(getattr(args, "device", "cpu") or "cpu")
     device = torch.device(device)
     model = IRRA(args, num_classes, clip_state_dict=clip_state_dict)
-    if precision == "fp16" or (precision == "auto" and device.type == ACCEL):
+    if precision == "fp16" or (precision == "auto" and device.type != "cpu"):
         convert_weights(model)
         logger.info("model weights converted to fp16 (precision=%s, device=%s)", precision, device)
     return model

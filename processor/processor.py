@@ -20,7 +20,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from utils.comm import ACCEL, broadcast_object, get_rank, get_world_size, is_main_process
+from utils.comm import broadcast_object, get_rank, get_world_size, is_main_process
 from utils.meter import AverageMeter
 from utils.metrics import Evaluator
 
@@ -199,8 +199,8 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
                 best_top1, best_epoch = float(metrics["R1"]), epoch
                 checkpointer.save("best", epoch=epoch, best_top1=best_top1, best_epoch=best_epoch)
         checkpointer.save("last", epoch=epoch, best_top1=best_top1, best_epoch=best_epoch, rng=rng_state())
-        if device.type == ACCEL:
-            torch.cuda.empty_cache()
+        if device.type != "cpu":
+            torch.accelerator.empty_cache()
 
     if tb_writer is not None:
         tb_writer.flush()

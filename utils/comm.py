@@ -7,8 +7,6 @@ from typing import Any, Dict, List
 import torch
 import torch.distributed as dist
 
-# The accelerator type name is kept in one place; code compares ``device.type`` against it.
-ACCEL = "cu" + "da"
 
 
 def is_dist() -> bool:
@@ -38,27 +36,31 @@ def synchronize() -> None:
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
-    """Turn ``auto | cpu | cuda | cuda:N`` into a ``torch.device``.
+    """Turn ``auto | cpu | <accelerator> | <accelerator>:N`` (e.g. ``cuda:1``) into a ``torch.device``.
 
-    ``auto`` picks the accelerator when one is available (the local rank's under torchrun), else the CPU.
-    Asking for the accelerator when there is none is an error, not a silent fallback.
+    ``auto`` picks torch's accelerator when one is available (the local rank's under torchrun), else the CPU.
+    Asking for an accelerator that is not available is an error, not a silent fallback.
     """
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device(ACCEL, get_local_rank() % torch.cuda.device_count())
+        if torch.accelerator.is_available():
+            acc = torch.accelerator.current_accelerator()
+            return torch.device(acc.type, get_local_rank() % torch.accelerator.device_count())
         return torch.device("cpu")
     try:
         device = torch.device(spec)
     except RuntimeError as e:
-        raise ValueError(f"--device {spec!r}: expected auto, cpu, {ACCEL} or {ACCEL}:N") from e
-    if device.type == ACCEL:
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec}: no {ACCEL.upper()} device is available on this machine; use --device cpu")
-        if device.index is None:
-            device = torch.device(ACCEL, get_local_rank() % torch.cuda.device_count())
-    elif device.type != "cpu":
-        raise ValueError(f"--device {spec!r}: expected auto, cpu, {ACCEL} or {ACCEL}:N")
+        raise ValueError(f"--device {spec!r}: expected auto, cpu, or an accelerator such as cuda / cuda:N") from e
+    if device.type == "cpu":
+        return device
+    acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if acc is None or acc.type != device.type:
+        raise ValueError(f"--device {spec}: no {device.type.upper()} device is available on this machine "
+                         f"(available: {acc.type if acc is not None else 'cpu only'}); use --device auto or cpu")
+    if device.index is None:
+        device = torch.device(device.type, get_local_rank() % torch.accelerator.device_count())
+    elif device.index >= torch.accelerator.device_count():
+        raise ValueError(f"--device {spec}: only {torch.accelerator.device_count()} {device.type} device(s)")
     return device
 
 
@@ -103,21 +105,19 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-__all__ = ["ACCEL", "is_dist", "get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
-           "resolve_device", "all_gather", "all_gather_tensor", "reduce_dict", "broadcast_object"]
+__all__ = ["is_dist", "get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
+           "resolve_device", "init_distributed", "all_gather", "all_gather_tensor", "reduce_dict", "broadcast_object"]
 
 
 def init_distributed(device_spec: str = "auto") -> torch.device:
     """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1) and return this process's device.
 
-    NCCL on the accelerator, gloo on the CPU.
+    The backend is torch's default for the device (NCCL on CUDA GPUs, gloo on the CPU).
     """
     device = resolve_device(device_spec)
+    if device.type != "cpu":
+        torch.accelerator.set_device_index(device.index)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_dist():
-        if device.type == ACCEL:
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == ACCEL else "gloo", init_method="env://")
+        dist.init_process_group(backend=dist.get_default_backend_for_device(device), init_method="env://")
         synchronize()
-    elif device.type == ACCEL:
-        torch.cuda.set_device(device)
     return device
