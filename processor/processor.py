@@ -20,7 +20,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from utils.comm import broadcast_object, get_rank, get_world_size, is_main_process
+from utils.comm import broadcast_object, get_rank, get_world_size, is_main_process, reduce_dict
 from utils.meter import AverageMeter
 from utils.metrics import Evaluator
 
@@ -137,7 +137,7 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
     for epoch in range(start_epoch, last_epoch + 1):
         set_seed(seed + epoch * EPOCH_SEED_STRIDE + rank * RANK_SEED_STRIDE)
         _set_sampler_epoch(train_loader, epoch)
-        meters: Dict[str, AverageMeter] = {"loss": AverageMeter()}
+        meters: Dict[str, AverageMeter] = {"loss": AverageMeter()}  # then each loss / accuracy, as they come
         model.train()
         start_time = time.time()
         n_iter, num_samples, ret = -1, 0, {}
@@ -150,10 +150,10 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
 
             batch_size = batch["images"].shape[0]
             num_samples += batch_size
-            meters["loss"].update(total_loss.item(), batch_size)
-            for k, v in ret.items():
-                if "loss" in k or "acc" in k:
-                    meters.setdefault(k, AverageMeter()).update(float(v.detach()), batch_size)
+            logged = {k: v.detach() for k, v in ret.items() if "loss" in k or "acc" in k}
+            logged["loss"] = total_loss.detach()
+            for k, v in reduce_dict(logged).items():  # averaged over ranks under DDP
+                meters.setdefault(k, AverageMeter()).update(float(v), batch_size)
 
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:

@@ -119,8 +119,13 @@ def test_bad_inputs(tiny_cuhk_root, tmp_path):
     logs = str(tmp_path / "logs")
     with pytest.raises(FileNotFoundError, match="--resume needs --resume_ckpt_file"):
         train.main(tiny_train_argv(tiny_cuhk_root, logs, "--resume"))
-    with pytest.raises(ValueError, match="Unknown dataset_name 'CUHK_PEDES'.*CUHK-PEDES"):
+    with pytest.raises(ValueError, match="--dataset_name 'CUHK_PEDES': unknown; valid: .*'CUHK-PEDES'"):
         train.main(tiny_train_argv(tiny_cuhk_root, logs, "--dataset_name", "CUHK_PEDES"))
+    with pytest.raises(ValueError, match="--optimizer 'Adamm': unknown; valid: \\['SGD', 'Adam', 'AdamW'\\]"):
+        train.main(tiny_train_argv(tiny_cuhk_root, logs, "--optimizer", "Adamm"))
+    with pytest.raises(ValueError, match="--test evaluates: use test.py"):
+        train.main(tiny_train_argv(tiny_cuhk_root, logs, "--test"))
+    assert not os.path.exists(logs)  # bad options are caught before a run directory is made
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             train.main(tiny_train_argv(tiny_cuhk_root, logs, "--device", "cuda"))
@@ -184,3 +189,14 @@ def test_empty_validation_split_is_reported_before_training(tiny_cuhk_root, tmp_
     anno.write_text(json.dumps([a for a in json.loads(anno.read_text()) if a["split"] != "val"]))
     with pytest.raises(ValueError, match="--val_dataset val: CUHK-PEDES has no val split.*use --val_dataset test"):
         train.main(tiny_train_argv(str(root), str(tmp_path / "logs"), "--val_dataset", "val"))
+
+
+def test_a_runs_configs_yaml_starts_a_new_run_with_its_options(two_epoch_run):
+    """configs.yaml is enough to rebuild a run: given as --config it starts a new run beside the old one."""
+    import yaml
+    old = two_epoch_run["run_dir"]
+    res = train.main(["--config", os.path.join(old, "configs.yaml"), "--num_epoch", "1"])
+    assert os.path.dirname(res["run_dir"]) == os.path.dirname(old) and res["run_dir"] != old
+    a = yaml.safe_load(open(os.path.join(old, "configs.yaml")))
+    b = yaml.safe_load(open(os.path.join(res["run_dir"], "configs.yaml")))
+    assert {k for k in a if a[k] != b.get(k)} == {"output_dir", "num_epoch", "config"}

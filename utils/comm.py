@@ -74,15 +74,6 @@ def all_gather(data: Any) -> List[Any]:
     return out
 
 
-def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate (along dim 0) tensors of possibly different lengths from every rank, in rank order."""
-    world = get_world_size()
-    if world == 1:
-        return t
-    parts = all_gather(t.detach().cpu())
-    return torch.cat(parts, dim=0).to(t.device)
-
-
 def reduce_dict(input_dict: Dict[str, torch.Tensor], average: bool = True) -> Dict[str, torch.Tensor]:
     """Reduce the values of a dict of scalar tensors over all ranks (mean by default)."""
     world = get_world_size()
@@ -106,7 +97,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 __all__ = ["is_dist", "get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
-           "resolve_device", "init_distributed", "all_gather", "all_gather_tensor", "reduce_dict", "broadcast_object"]
+           "resolve_device", "init_distributed", "all_gather", "reduce_dict", "broadcast_object"]
 
 
 def init_distributed(device_spec: str = "auto") -> torch.device:

@@ -108,21 +108,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Keys a saved configs.yaml carries that describe the run's state, not an option to reuse.
+RUN_STATE_KEYS = ("config", "distributed", "training", "resume", "resume_ckpt_file", "local_rank", "stop_epoch")
+
+
 def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
-    """Read a YAML config and check every key is a known option."""
+    """Read a YAML config (a hand-written one, or a run's configs.yaml, ours or the original's) as option defaults.
+
+    Every key must be a known option. From a run's configs.yaml the run-state keys are dropped and ``output_dir``
+    (the run directory there) is turned back into the logs root, so the file starts a new run with the same options.
+    """
+    from utils.iotools import load_train_configs
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config {path}: no such file")
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    if not isinstance(cfg, dict):
-        raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(cfg).__name__}")
+    try:
+        cfg = vars(load_train_configs(path))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--config {path}: expected a mapping of option: value ({e})") from e
     known = {a.dest for a in parser._actions}
-    unknown = sorted(set(cfg) - known)
+    unknown = sorted(set(cfg) - known - {"distributed"})
     if unknown:
         raise ValueError(f"--config {path}: unknown option(s) {unknown}; valid options are {sorted(known - {'help'})}")
-    for key in ("img_size", "milestones"):
-        if key in cfg and isinstance(cfg[key], list):
-            cfg[key] = tuple(cfg[key])
+    for key in RUN_STATE_KEYS:
+        cfg.pop(key, None)
+    out = os.path.normpath(str(cfg.get("output_dir", "")))
+    if cfg.get("dataset_name") and os.path.basename(os.path.dirname(out)) == cfg["dataset_name"]:
+        cfg["output_dir"] = os.path.dirname(os.path.dirname(out))  # logs/<dataset>/<run> -> logs
     return cfg
 
 
@@ -149,13 +161,39 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
               ("cmt_depth", args.cmt_depth >= 1 or "mlm" not in tasks, ">= 1 when the mlm loss is on"),
               ("batch_size", args.batch_size >= 1, ">= 1"), ("test_batch_size", args.test_batch_size >= 1, ">= 1"),
               ("num_epoch", args.num_epoch >= 1, ">= 1"), ("log_period", args.log_period >= 1, ">= 1"),
+              ("warmup_epochs", args.warmup_epochs >= 0, ">= 0"), ("num_instance", args.num_instance >= 1, ">= 1"),
               ("eval_period", args.eval_period >= 1, ">= 1"), ("lr", args.lr > 0, "> 0")]
     for name, ok, want in checks:
         if not ok:
             raise ValueError(f"--{name} {getattr(args, name)}: expected {want}")
+    from datasets.build import DATASET_REGISTRY, SAMPLERS
+    from solver.build import VALID_OPTIMIZERS
+    from solver.lr_scheduler import VALID_MODES, VALID_WARMUP_METHODS
+    for name, value, valid in (("optimizer", args.optimizer, VALID_OPTIMIZERS),
+                               ("lrscheduler", args.lrscheduler, VALID_MODES),
+                               ("warmup_method", args.warmup_method, VALID_WARMUP_METHODS),
+                               ("sampler", args.sampler, SAMPLERS),
+                               ("dataset_name", args.dataset_name, tuple(DATASET_REGISTRY))):
+        if value not in valid:
+            raise ValueError(f"--{name} {value!r}: unknown; valid: {list(valid)}")
     if args.precision not in PRECISIONS:
         raise ValueError(f"--precision {args.precision!r}: expected one of {list(PRECISIONS)}")
     return args
+
+
+def warn_config_changes(args: argparse.Namespace, saved_config: str, logger) -> None:
+    """On resume: log the options that differ from the run's saved configs.yaml (which is kept as it was)."""
+    from utils.iotools import load_train_configs
+
+    if not os.path.isfile(saved_config):
+        logger.warning(f"resuming a run without {saved_config}")
+        return
+    saved = vars(load_train_configs(saved_config))
+    skip = set(RUN_STATE_KEYS) | {"output_dir"}
+    diff = {k: (saved.get(k), v) for k, v in vars(args).items() if k not in skip and saved.get(k) != v}
+    if diff:
+        logger.warning("resuming with options that differ from " + saved_config + ": "
+                       + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items())))
 
 
 def load_config_args(path: str, **overrides) -> argparse.Namespace:
