@@ -30,6 +30,12 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
     a = p.parse_args(argv)
+    if a.topk < 1 or a.num_queries < 1:
+        p.error("--topk and --num_queries must be >= 1")
+    if a.query and (a.failures or a.query_index):
+        p.error("--failures / --query_index select test queries; they cannot be combined with --query")
+    if a.gallery and not a.query:
+        p.error("--gallery is searched with --query \"a sentence\"")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     r = R.Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers)

@@ -188,7 +188,7 @@ def test_free_text_search_cache_and_reencode(tiny_synth, run_dir, tmp_path, caps
     assert len(rows) == 3 and all(p in split["img_paths"] for _, p in rows)
 
 
-def test_bad_inputs_give_clear_messages(run_dir, tmp_path):
+def test_bad_inputs_give_clear_messages(run_dir, tmp_path, capsys):
     base = ["--config_file", str(run_dir), "--query", "a man", "--out", str(tmp_path / "o"), "--device", "cpu",
             "--num_workers", "0"]
     (tmp_path / "empty" / "sub").mkdir(parents=True)
@@ -202,6 +202,13 @@ def test_bad_inputs_give_clear_messages(run_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"best\.pth"):
         visualize.main(["--config_file", str(no_best / "configs.yaml"), "--query", "a man", "--gallery",
                         str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match=r"nope\.pth' \(given with --checkpoint\) not found"):
+        visualize.main(base + ["--gallery", str(tmp_path), "--checkpoint", str(tmp_path / "nope.pth")])
+    for extra, msg in ((["--topk", "0"], "--topk and --num_queries must be >= 1"),
+                       (["--failures"], "cannot be combined with --query")):
+        with pytest.raises(SystemExit):
+            visualize.main(base + extra)
+        assert msg in capsys.readouterr().err
     # an unreadable image: skipped with one warning naming it, the others still ranked
     gal = tmp_path / "gal"
     gal.mkdir()

@@ -165,6 +165,8 @@ class Retriever:
             raise FileNotFoundError(f"no run configuration at {str(config_file)!r}: expected a run directory "
                                     f"(logs/<dataset>/<time>_<name>/) containing configs.yaml, or that file")
         ckpt = Path(checkpoint) if checkpoint is not None else run_dir / "best.pth"
+        if checkpoint is not None and not ckpt.is_file():
+            raise FileNotFoundError(f"checkpoint {str(ckpt)!r} (given with --checkpoint) not found")
         if not ckpt.is_file():
             raise FileNotFoundError(f"checkpoint {str(ckpt)!r} not found: the run in {str(run_dir)!r} has no "
                                     f"best.pth (was it trained to the first evaluation?); pass a checkpoint "
