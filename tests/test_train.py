@@ -200,3 +200,20 @@ def test_a_runs_configs_yaml_starts_a_new_run_with_its_options(two_epoch_run):
     a = yaml.safe_load(open(os.path.join(old, "configs.yaml")))
     b = yaml.safe_load(open(os.path.join(res["run_dir"], "configs.yaml")))
     assert {k for k in a if a[k] != b.get(k)} == {"output_dir", "num_epoch", "config"}
+
+
+def test_run_irra_sh(tiny_cuhk_root, tmp_path):
+    """run_irra.sh: the demo path trains, then runs test.py on the new run (options shrunk for the test);
+    an unknown dataset name is refused with the valid ones."""
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    bad = subprocess.run(["bash", os.path.join(REPO, "run_irra.sh"), "Foo"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "valid: demo CUHK-PEDES ICFG-PEDES RSTPReid" in bad.stderr
+    small = tiny_train_argv(tiny_cuhk_root, str(tmp_path / "logs"), "--num_epoch", "1", "--val_dataset", "test",
+                            "--cmt_depth", "1", "--precision", "fp32")
+    proc = subprocess.run(["bash", os.path.join(REPO, "run_irra.sh"), "demo", *small], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (run_dir,) = glob.glob(str(tmp_path / "logs" / "CUHK-PEDES" / "*"))
+    assert f"Run directory: {run_dir}" in proc.stdout
+    assert os.path.isfile(os.path.join(run_dir, "test_log.txt"))
+    assert "Enter inferencing" in open(os.path.join(run_dir, "test_log.txt")).read()
