@@ -10,22 +10,27 @@ import torch.distributed as dist
 
 
 def is_dist() -> bool:
+    """True when torch.distributed is initialised."""
     return dist.is_available() and dist.is_initialized()
 
 
 def get_world_size() -> int:
+    """Number of processes (1 without torch.distributed)."""
     return dist.get_world_size() if is_dist() else 1
 
 
 def get_rank() -> int:
+    """This process's global rank (0 without torch.distributed)."""
     return dist.get_rank() if is_dist() else 0
 
 
 def get_local_rank() -> int:
+    """This process's rank on its machine (torchrun's LOCAL_RANK; 0 otherwise)."""
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def is_main_process() -> bool:
+    """True on rank 0, the process that logs and writes files."""
     return get_rank() == 0
 
 
@@ -89,6 +94,7 @@ def reduce_dict(input_dict: Dict[str, torch.Tensor], average: bool = True) -> Di
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (picklable objects)."""
     if get_world_size() == 1:
         return obj
     box = [obj]

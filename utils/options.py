@@ -18,6 +18,7 @@ from model.build import VALID_PRECISIONS as PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every training option (the original's names and defaults, plus ours)."""
     parser = argparse.ArgumentParser(description="IRRA Args", allow_abbrev=False)
     ######################## general settings ########################
     parser.add_argument("--config", default=None, help="YAML file of option values used as defaults (the command line wins)")
