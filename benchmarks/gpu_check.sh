@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One prepared check of the accelerator paths, for a machine with a GPU (none was available when this was written):
+# fp16 weights (--precision auto on CUDA = the original's convert_weights), AMP bf16/fp16 (+GradScaler), a demo
+# epoch's speed, and NCCL DDP when there are 2+ GPUs. Each step trains 1-2 epochs on a small generated dataset.
+#   bash benchmarks/gpu_check.sh            # DEVICE=cpu bash benchmarks/gpu_check.sh checks the plumbing on a CPU
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+DEVICE="${DEVICE:-cuda}"
+WORK="${WORK:-$(mktemp -d)}"
+export PYTHONUNBUFFERED=1
+"$PY" - <<'PYEOF'
+import torch
+print("torch", torch.__version__, "| cuda available:", torch.cuda.is_available(),
+      "| devices:", torch.cuda.device_count(), "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+PYEOF
+COMMON=(--config configs/demo.yaml --root_dir "$WORK/data" --output_dir "$WORK/logs" --device "$DEVICE"
+        --num_epoch 2 --num_workers 4 --log_period 10)
+echo "== fp16 weights (the original's precision on CUDA), Adam eps 1e-3 as the paper recipe"
+"$PY" train.py "${COMMON[@]}" --name fp16 --precision auto --optimizer Adam --lr 1e-4 --lr_factor 5
+echo "== AMP bf16"
+"$PY" train.py "${COMMON[@]}" --name amp_bf16 --precision amp_bf16
+echo "== AMP fp16 (GradScaler)"
+"$PY" train.py "${COMMON[@]}" --name amp_fp16 --precision amp_fp16
+echo "== fp32, fused AdamW (the demo's settings): epoch time"
+"$PY" train.py "${COMMON[@]}" --name fp32 --precision fp32
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$DEVICE" != "cpu" ] && [ "$NGPU" -ge 2 ]; then
+    echo "== DDP over $NGPU GPUs (NCCL), identity sampler"
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" train.py "${COMMON[@]}" --name ddp \
+        --sampler identity --num_instance 4
+fi
+for f in "$WORK"/logs/SynthPEDES/*/metrics.jsonl; do echo "$f: $(tail -n 1 "$f")"; done
+grep -h "Epoch 2 done" "$WORK"/logs/SynthPEDES/*/train_log.txt || true
