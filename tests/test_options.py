@@ -92,6 +92,9 @@ def test_original_configs_yaml_loads(tmp_path):
     assert a.img_size == (384, 128) and a.milestones == (20, 50)
     assert a.name == "iira" and a.loss_names == "sdm+mlm+id" and a.MLM
     assert a.device == "cpu" and a.precision == "auto" and a.seed == 1  # filled from today's defaults
+    # ... and as --config it gives the options of a new run: run-state keys dropped, output_dir back to the logs root
+    b = get_args(["--config", str(tmp_path / "configs.yaml")])
+    assert b.output_dir == "logs" and b.img_size == (384, 128) and b.resume is False and b.training is True
 
 
 @pytest.mark.parametrize("opt,value,want", [
