@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -97,14 +98,12 @@ def _set_sampler_epoch(loader, epoch: int) -> None:
             s.set_epoch(epoch)
 
 
-def _check_finite(total_loss: torch.Tensor, ret: Dict[str, torch.Tensor], epoch: int, n_iter: int) -> None:
-    finite = torch.isfinite(total_loss.detach()).float()
-    if get_world_size() > 1:  # every rank must stop together, or the others hang in the next all-reduce
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    if finite.item() < 1:
-        terms = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in ret.items() if "loss" in k)
+def _check_finite(stats: Dict[str, float], epoch: int, n_iter: int) -> None:
+    """Stop on a non-finite total loss. ``stats`` are averaged over ranks, so a NaN on any rank stops every rank."""
+    if not math.isfinite(stats["loss"]):
+        terms = ", ".join(f"{k}={v:.6g}" for k, v in stats.items() if "loss" in k and k != "loss")
         raise FloatingPointError(
-            f"non-finite loss at epoch {epoch}, iteration {n_iter + 1}: total={float(total_loss.detach()):.6g} ({terms}). "
+            f"non-finite loss at epoch {epoch}, iteration {n_iter + 1}: total={stats['loss']:.6g} ({terms}). "
             "Training stopped; the last good checkpoint (last.pth / best.pth) is kept. Try a lower --lr, "
             "--precision fp32, or check the data of this batch.")
 
@@ -146,14 +145,16 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
             with autocast_context(precision, device):
                 ret = model(batch)
             total_loss = sum(v for k, v in ret.items() if "loss" in k)
-            _check_finite(total_loss, ret, epoch, n_iter)
+            # every loss / accuracy, averaged over ranks under DDP, copied to the host at once (one sync per step)
+            stats = reduce_dict({"loss": total_loss.detach(),
+                                 **{k: v.detach() for k, v in ret.items() if "loss" in k or "acc" in k}})
+            stats = dict(zip(stats, torch.stack([v.float().reshape(()) for v in stats.values()]).tolist()))
+            _check_finite(stats, epoch, n_iter)
 
             batch_size = batch["images"].shape[0]
             num_samples += batch_size
-            logged = {k: v.detach() for k, v in ret.items() if "loss" in k or "acc" in k}
-            logged["loss"] = total_loss.detach()
-            for k, v in reduce_dict(logged).items():  # averaged over ranks under DDP
-                meters.setdefault(k, AverageMeter()).update(float(v), batch_size)
+            for k, v in stats.items():
+                meters.setdefault(k, AverageMeter()).update(v, batch_size)
 
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
