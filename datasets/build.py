@@ -185,7 +185,8 @@ def build_dataloader(args: argparse.Namespace, tranforms: Optional[Callable] = N
     else:
         train_set = ImageTextDataset(dataset.train, train_transforms, text_length=text_length)
 
-    common = dict(num_workers=num_workers, collate_fn=collate, worker_init_fn=seed_worker, generator=generator)
+    common = dict(num_workers=num_workers, collate_fn=collate, worker_init_fn=seed_worker, generator=generator,
+                  pin_memory=torch.accelerator.is_available())  # page-locked batches for the async copy to a GPU
     if args.sampler == "identity":
         check_identity_batch(args.batch_size, args.num_instance, world_size)
         if distributed:
