@@ -9,14 +9,12 @@ also advances by itself when iterated again without a ``set_epoch`` call, see da
 """
 from __future__ import annotations
 
-import random
 from typing import Iterator, List, Optional, Sequence
 
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
-from torch.utils.data.sampler import Sampler
 
-from datasets.sampler import EpochSeeded, build_pid_index, check_identity_batch, identity_batches
+from datasets.sampler import EpochSeeded, RandomIdentitySampler, check_identity_batch
 
 
 class DistributedRandomSampler(EpochSeeded, DistributedSampler):
@@ -31,7 +29,7 @@ class DistributedRandomSampler(EpochSeeded, DistributedSampler):
         return DistributedSampler.__iter__(self)  # computed eagerly from seed + epoch
 
 
-class RandomIdentitySampler_DDP(EpochSeeded, Sampler):
+class RandomIdentitySampler_DDP(RandomIdentitySampler):
     """Yields this rank's indices (``batch_size // world_size`` per batch, N/world ids x K instances)."""
 
     def __init__(self, data_source: Sequence, batch_size: int, num_instances: int, rank: Optional[int] = None,
@@ -44,33 +42,15 @@ class RandomIdentitySampler_DDP(EpochSeeded, Sampler):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world size {world_size}")
         check_identity_batch(batch_size, num_instances, world_size)
-        self.data_source = data_source
-        self.batch_size = batch_size
-        self.num_instances = num_instances
+        super().__init__(data_source, batch_size, num_instances, seed=seed)
         self.rank = rank
         self.world_size = world_size
         self.mini_batch_size = batch_size // world_size
-        self.num_pids_per_batch = batch_size // num_instances
-        self.index_dic = build_pid_index(data_source)
-        if len(self.index_dic) < self.num_pids_per_batch:
-            raise ValueError(f"identity sampler: batch_size {batch_size} / num_instance {num_instances} needs "
-                             f"{self.num_pids_per_batch} identities per batch but the train set has "
-                             f"{len(self.index_dic)}")
-        self.seed = int(seed)
-        self.epoch = 0
-        self._cache: Optional[tuple] = None
 
-    def _rank_batches(self) -> List[List[int]]:
-        if self._cache is None or self._cache[0] != self.epoch:
-            rng = random.Random(self.seed + self.epoch)
-            batches = identity_batches(self.index_dic, self.num_pids_per_batch, self.num_instances, rng)
-            lo = self.rank * self.mini_batch_size
-            self._cache = (self.epoch, [b[lo:lo + self.mini_batch_size] for b in batches])
-        return self._cache[1]
-
-    def __iter__(self) -> Iterator[int]:
-        self._begin_epoch()
-        return iter([i for batch in self._rank_batches() for i in batch])
+    def _batches(self) -> List[List[int]]:
+        """This rank's slice of every global batch (the global epoch is the same on every rank)."""
+        lo = self.rank * self.mini_batch_size
+        return [b[lo:lo + self.mini_batch_size] for b in super()._batches()]
 
     def __len__(self) -> int:
-        return len(self._rank_batches()) * self.mini_batch_size
+        return len(self._batches()) * self.mini_batch_size
