@@ -8,7 +8,8 @@ import sys
 from datasets import build_dataloader
 from model.build import build_model
 from processor.processor import do_inference
-from utils.checkpoint import Checkpointer, checkpoint_num_classes, clip_state_dict_from_checkpoint
+from utils.checkpoint import (Checkpointer, checkpoint_num_classes, clip_state_dict_from_checkpoint,
+                              read_model_state_dict)
 from utils.comm import resolve_device
 from utils.logger import setup_logger
 from utils.options import load_config_args
@@ -39,8 +40,9 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     test_img_loader, test_txt_loader, num_classes = build_dataloader(args)
     # the backbone is rebuilt from the checkpoint itself: the pretrained CLIP file is not needed
-    model = build_model(args, checkpoint_num_classes(ckpt, default=num_classes), device=device,
-                        clip_state_dict=clip_state_dict_from_checkpoint(ckpt))
+    weights = read_model_state_dict(ckpt)
+    model = build_model(args, checkpoint_num_classes(weights, default=num_classes), device=device,
+                        clip_state_dict=clip_state_dict_from_checkpoint(weights))
     Checkpointer(model).load(f=ckpt)
     model.to(device)
     return do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -151,17 +151,20 @@ def read_model_state_dict(f: str) -> Dict[str, torch.Tensor]:
     return strip_prefix_if_present(sd, "module.")
 
 
-def checkpoint_num_classes(f: str, default: Optional[int] = None) -> Optional[int]:
-    """Number of identities of the ID classifier saved in checkpoint ``f`` (``default`` when it has none)."""
-    w = read_model_state_dict(f).get("classifier.weight")
+def checkpoint_num_classes(f: Union[str, Dict[str, torch.Tensor]], default: Optional[int] = None) -> Optional[int]:
+    """Number of identities of the ID classifier in checkpoint ``f`` (a path, or its ``read_model_state_dict``);
+    ``default`` when it has none."""
+    w = (read_model_state_dict(f) if isinstance(f, str) else f).get("classifier.weight")
     return int(w.shape[0]) if w is not None else default
 
 
-def clip_state_dict_from_checkpoint(f: str) -> Dict[str, torch.Tensor]:
-    """The CLIP weights (``base_model.*``, prefix removed) of an IRRA checkpoint: enough to rebuild its backbone
-    without the pretrained CLIP file (``build_model(..., clip_state_dict=...)``)."""
+def clip_state_dict_from_checkpoint(f: Union[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """The CLIP weights (``base_model.*``, prefix removed) of an IRRA checkpoint (a path, or its
+    ``read_model_state_dict``): enough to rebuild its backbone without the pretrained CLIP file
+    (``build_model(..., clip_state_dict=...)``)."""
     prefix = "base_model."
-    sd = {k[len(prefix):]: v for k, v in read_model_state_dict(f).items() if k.startswith(prefix)}
+    full = read_model_state_dict(f) if isinstance(f, str) else f
+    sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
     if not sd:
-        raise ValueError(f"{f}: no base_model.* weights: not an IRRA checkpoint")
+        raise ValueError(f"{f if isinstance(f, str) else 'checkpoint'}: no base_model.* weights: not an IRRA checkpoint")
     return sd

@@ -174,7 +174,8 @@ class Retriever:
 
         from datasets.build import build_transforms
         from model.build import build_model
-        from utils.checkpoint import Checkpointer, checkpoint_num_classes, clip_state_dict_from_checkpoint
+        from utils.checkpoint import (Checkpointer, checkpoint_num_classes, clip_state_dict_from_checkpoint,
+                                      read_model_state_dict)
         from utils.comm import resolve_device
         from utils.options import load_config_args
         from utils.simple_tokenizer import SimpleTokenizer, tokenize
@@ -183,9 +184,10 @@ class Retriever:
         args = load_config_args(str(config_file), training=False)
         dev = device if isinstance(device, torch.device) else resolve_device(str(device))
         # num_classes must match the trained classifier; it exists only when the run used the id loss.
-        num_classes = checkpoint_num_classes(str(ckpt))
+        weights = read_model_state_dict(str(ckpt))  # read once for the two lookups below
+        num_classes = checkpoint_num_classes(weights)
         # the backbone comes from the checkpoint itself: no pretrained CLIP file needed
-        clip_sd = clip_state_dict_from_checkpoint(str(ckpt))
+        clip_sd = clip_state_dict_from_checkpoint(weights)
         if num_classes is not None:
             model = build_model(args, num_classes, dev, clip_state_dict=clip_sd)
         else:
