@@ -8,34 +8,33 @@ import sys
 from datasets import build_dataloader
 from model.build import build_model
 from processor.processor import do_inference
-from utils.checkpoint import (Checkpointer, checkpoint_num_classes, clip_state_dict_from_checkpoint,
+from utils.checkpoint import (checkpoint_num_classes, clip_state_dict_from_checkpoint, load_state_dict,
                               read_model_state_dict)
 from utils.comm import resolve_device
 from utils.logger import setup_logger
-from utils.options import load_config_args
+from utils.options import config_path, load_config_args
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="IRRA Test")
-    parser.add_argument("--config_file", required=True, help="configs.yaml of a training run")
+    parser.add_argument("--config_file", required=True, help="configs.yaml of a training run, or its run directory")
     parser.add_argument("--checkpoint", default=None, help="default: best.pth next to the config file")
-    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: the run's)")
+    parser.add_argument("--device", default=None, help="auto | cpu | an accelerator[:N] (default: the run's)")
     parser.add_argument("--root_dir", default=None, help="dataset root (default: the run's)")
     parser.add_argument("--test_batch_size", type=int, default=None)
     parser.add_argument("--num_workers", type=int, default=None)
     parser.add_argument("--i2t_metric", action="store_true")
     cli = parser.parse_args(argv)
-    if not os.path.isfile(cli.config_file):
-        raise FileNotFoundError(f"--config_file {cli.config_file}: no such file (expected logs/<dataset>/<run>/configs.yaml)")
-    run_dir = os.path.dirname(os.path.abspath(cli.config_file))
-    args = load_config_args(cli.config_file, device=cli.device, root_dir=cli.root_dir, num_workers=cli.num_workers,
+    config_file = config_path(cli.config_file)
+    run_dir = os.path.dirname(os.path.abspath(config_file))
+    args = load_config_args(config_file, device=cli.device, root_dir=cli.root_dir, num_workers=cli.num_workers,
                             test_batch_size=cli.test_batch_size)
     args.training, args.output_dir = False, run_dir
     ckpt = cli.checkpoint or os.path.join(run_dir, "best.pth")
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"checkpoint {ckpt} not found (pass --checkpoint PATH)")
     logger = setup_logger("IRRA", save_dir=run_dir, if_train=False)
-    logger.info(f"config {cli.config_file}, checkpoint {ckpt}")
+    logger.info(f"config {config_file}, checkpoint {ckpt}")
 
     device = resolve_device(args.device)
     test_img_loader, test_txt_loader, num_classes = build_dataloader(args)
@@ -43,7 +42,7 @@ def main(argv=None) -> dict:
     weights = read_model_state_dict(ckpt)
     model = build_model(args, checkpoint_num_classes(weights, default=num_classes), device=device,
                         clip_state_dict=clip_state_dict_from_checkpoint(weights))
-    Checkpointer(model).load(f=ckpt)
+    load_state_dict(model, weights, source=ckpt)
     model.to(device)
     return do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric)
 

@@ -10,9 +10,15 @@ Parsed splits (identical to the original IRRA):
 
 Captions are tokenized once per torch Dataset (an int32 ``[N, L]`` table); ``__getitem__`` returns a fresh copy, so
 MLM masking never touches the cached ids.
+
+Training samples draw every random choice (the transform's flip / crop / erasing, the MLM masks) from generators
+seeded by :func:`sample_seed` ``(seed, epoch, index)``: the same sample in the same epoch is augmented the same way
+whatever the number of loader workers or processes. The distributions are the original's (same transforms, same
+masking algorithm); only the source of the random numbers changed.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os.path as op
 import random
@@ -27,7 +33,7 @@ from utils.iotools import read_image, read_json
 logger = logging.getLogger("IRRA.dataset")
 
 # Re-exported for code written against the original (datasets.bases.tokenize).
-from utils.simple_tokenizer import SimpleTokenizer, tokenize  # noqa: E402
+from utils.simple_tokenizer import SimpleTokenizer, get_tokenizer, tokenize  # noqa: E402
 
 TrainRow = Tuple[int, int, str, str]
 EvalSplit = Dict[str, list]
@@ -222,28 +228,54 @@ def tokenize_all(captions: Sequence[str], tokenizer: SimpleTokenizer, text_lengt
     return out
 
 
+# Streams of one sample's random draws (distinct seeds from the same (seed, epoch, index)).
+STREAM_IMAGE, STREAM_TEXT = 0, 1
+
+
+def sample_seed(seed: int, epoch: int, index: int, stream: int = STREAM_IMAGE) -> int:
+    """A 63-bit seed that depends only on ``(seed, epoch, index, stream)`` (a hash: neighbours are unrelated)."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+
+
 class ImageTextDataset(Dataset):
-    """Train rows ``(pid, image_id, img_path, caption)`` -> dict(pids, image_ids, images, caption_ids)."""
+    """Train rows ``(pid, image_id, img_path, caption)`` -> dict(pids, image_ids, images, caption_ids).
+
+    ``seed`` and the epoch (``set_epoch``) seed each sample's random draws (module docstring)."""
 
     def __init__(self, dataset: List[TrainRow], transform: Optional[Callable] = None, text_length: int = 77,
-                 truncate: bool = True, tokenizer: Optional[SimpleTokenizer] = None, check_files: bool = True) -> None:
+                 truncate: bool = True, tokenizer: Optional[SimpleTokenizer] = None, check_files: bool = True,
+                 seed: int = 0) -> None:
         self.dataset = dataset
         self.transform = transform
         self.text_length = text_length
         self.truncate = truncate
+        self.seed = int(seed)
+        self.epoch = 0
         if check_files:
             check_image_files([row[2] for row in dataset], "train set")
-        self.tokenizer = tokenizer if tokenizer is not None else SimpleTokenizer()
+        self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
         self.caption_ids = tokenize_all([row[3] for row in dataset], self.tokenizer, text_length, truncate)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the augmentations of epoch ``epoch`` (the trainer calls it through ``set_train_epoch``)."""
+        self.epoch = int(epoch)
+
+    def sample_rng(self, index: int, stream: int) -> int:
+        """The seed of sample ``index``'s draws of ``stream`` in the current epoch."""
+        return sample_seed(self.seed, self.epoch, index, stream)
+
     def _load(self, index: int) -> Tuple[int, int, Any, torch.Tensor]:
         pid, image_id, img_path, _ = self.dataset[index]
         img = read_image(img_path)
         if self.transform is not None:
-            img = self.transform(img)
+            # torchvision's random transforms draw from torch's default CPU generator: seed it for this sample
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(self.sample_rng(index, STREAM_IMAGE))
+                img = self.transform(img)
         return pid, image_id, img, self.caption_ids[index].long()  # .long() copies the cached row
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
@@ -285,7 +317,7 @@ class TextDataset(Dataset):
         self.captions = captions
         self.text_length = text_length
         self.truncate = truncate
-        self.tokenizer = tokenizer if tokenizer is not None else SimpleTokenizer()
+        self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
         self.caption_ids = tokenize_all(captions, self.tokenizer, text_length, truncate)
 
     def __len__(self) -> int:
@@ -329,7 +361,8 @@ def build_random_masked_tokens_and_labels(
 
 
 class ImageTextMLMDataset(ImageTextDataset):
-    """ImageTextDataset plus ``mlm_ids`` / ``mlm_labels`` (BERT-style masking, python ``random`` as the original).
+    """ImageTextDataset plus ``mlm_ids`` / ``mlm_labels`` (BERT-style masking as the original, drawn from a
+    ``random.Random`` seeded per sample).
 
     ``mlm_mask_caption=False`` (default) returns clean ``caption_ids``; ``True`` reproduces the original, whose
     in-place masking made ``caption_ids`` equal to ``mlm_ids``.
@@ -338,8 +371,8 @@ class ImageTextMLMDataset(ImageTextDataset):
     def __init__(self, dataset: List[TrainRow], transform: Optional[Callable] = None, text_length: int = 77,
                  truncate: bool = True, tokenizer: Optional[SimpleTokenizer] = None, check_files: bool = True,
                  mlm_probability: float = 0.15, masked_token_rate: float = 0.8,
-                 masked_token_unchanged_rate: float = 0.1, mlm_mask_caption: bool = False) -> None:
-        super().__init__(dataset, transform, text_length, truncate, tokenizer, check_files)
+                 masked_token_unchanged_rate: float = 0.1, mlm_mask_caption: bool = False, seed: int = 0) -> None:
+        super().__init__(dataset, transform, text_length, truncate, tokenizer, check_files, seed)
         for name, p in (("mlm_probability", mlm_probability), ("masked_token_rate", masked_token_rate),
                         ("masked_token_unchanged_rate", masked_token_unchanged_rate)):
             if not 0.0 <= p <= 1.0:
@@ -357,8 +390,9 @@ class ImageTextMLMDataset(ImageTextDataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         pid, image_id, img, caption_ids = self._load(index)
+        rng = random.Random(self.sample_rng(index, STREAM_TEXT))
         mlm_ids, mlm_labels = build_random_masked_tokens_and_labels(
-            caption_ids.tolist(), self.mask_token, random, self.mlm_probability, self.masked_token_rate,
+            caption_ids.tolist(), self.mask_token, rng, self.mlm_probability, self.masked_token_rate,
             self.masked_token_unchanged_rate)
         if self.mlm_mask_caption:
             caption_ids = mlm_ids.clone()

@@ -4,30 +4,23 @@ from __future__ import annotations
 import argparse
 import logging
 from collections import OrderedDict
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model import objectives
 from model.clip_model import (LayerNorm, QuickGELU, Transformer, build_CLIP_from_openai_pretrained, convert_weights,
                               init_transformer_)
-from utils.comm import resolve_device
+from utils.choices import LOSSES as VALID_LOSSES
+from utils.choices import PRECISIONS as VALID_PRECISIONS
+from utils.choices import parse_loss_names
+from utils.comm import all_reduce_sum, gather_with_grad, get_world_size, resolve_device, scale_grad
 
 logger = logging.getLogger("IRRA.model.build")
 
-VALID_LOSSES = ("itc", "sdm", "cmpm", "id", "mlm")
-VALID_PRECISIONS = ("auto", "fp32", "fp16", "amp_bf16", "amp_fp16")
 HEAD_DIM = 64  # attention head width of the cross-modal modules (heads = embed_dim // 64), as the original
-
-
-def parse_loss_names(loss_names: str) -> list:
-    """'sdm+id+mlm' -> ['sdm', 'id', 'mlm']; unknown names raise a ValueError listing the valid ones."""
-    names = [n.strip() for n in str(loss_names).split("+")]
-    bad = [n for n in names if n not in VALID_LOSSES]
-    if bad:
-        raise ValueError(f"--loss_names {loss_names!r}: unknown loss {bad}; valid: {'+'.join(VALID_LOSSES)}")
-    return names
 
 
 class IRRA(nn.Module):
@@ -39,6 +32,14 @@ class IRRA(nn.Module):
     (b) caption ids are cut to the longest caption of the batch before the text transformer on the caption path
         (causal attention + EOT pooling make this exact). ``mlm_ids`` are NOT cut: the cross-modal transformer
         attends over all text positions (padding included), so cutting them would change the MLM loss.
+
+    Under DDP (world size > 1, unless ``args.local_negatives``) every loss is over the global batch: image/text
+    features and pids are gathered from all ranks for SDM/ITC/CMPM, and the MLM loss and accuracy are means over
+    all masked tokens of the global batch. Gradients are scaled so that DDP's averaging gives exactly the gradient of
+    one process on the whole batch; the returned values are the global ones on every rank.
+
+    Options read once from ``args``: loss_names, temperature, id_loss_weight, mlm_loss_weight, cmt_depth,
+    vocab_size, text_length, img_size, stride_size, pretrain_choice, clip_download_root, local_negatives.
     """
 
     def __init__(self, args: argparse.Namespace, num_classes: int = 11003,
@@ -46,16 +47,17 @@ class IRRA(nn.Module):
         """``clip_state_dict``: build the CLIP from these weights instead of ``args.pretrain_choice`` (used to
         rebuild a trained model from its own checkpoint, without the pretrained CLIP file)."""
         super().__init__()
-        self.args = args
         self.num_classes = num_classes
-        self._set_task()
+        self._set_task(args.loss_names)
+        self.id_loss_weight = float(args.id_loss_weight)
+        self.mlm_loss_weight = float(args.mlm_loss_weight)
+        self.local_negatives = bool(args.local_negatives)
         self.fast = True
         self.base_model, base_cfg = build_CLIP_from_openai_pretrained(
-            args.pretrain_choice, args.img_size, args.stride_size,
-            download_root=getattr(args, "clip_download_root", None), text_length=getattr(args, "text_length", None),
-            state_dict=clip_state_dict)
+            args.pretrain_choice, args.img_size, args.stride_size, download_root=args.clip_download_root,
+            text_length=args.text_length, state_dict=clip_state_dict)
         self.embed_dim = base_cfg["embed_dim"]
-        self.vocab_size = getattr(args, "vocab_size", base_cfg["vocab_size"])
+        self.vocab_size = args.vocab_size
         if self.vocab_size != base_cfg["vocab_size"]:
             raise ValueError(f"--vocab_size {self.vocab_size} differs from the CLIP vocabulary ({base_cfg['vocab_size']})")
         # fixed temperature (not learned): a non-persistent buffer so it follows .to(device) and stays out of
@@ -89,8 +91,8 @@ class IRRA(nn.Module):
             nn.init.normal_(self.mlm_head.dense.weight, std=fc_std)
             nn.init.normal_(self.mlm_head.fc.weight, std=proj_std)
 
-    def _set_task(self) -> None:
-        self.current_task = parse_loss_names(self.args.loss_names)
+    def _set_task(self, loss_names: str) -> None:
+        self.current_task = parse_loss_names(loss_names)
         logger.info("Training Model with %s tasks", self.current_task)
 
     def cross_former(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -149,20 +151,27 @@ class IRRA(nn.Module):
         logit_scale = self.logit_scale
         ret.update({"temperature": 1 / logit_scale})
 
+        world = 1 if self.local_negatives else get_world_size()
+        if world > 1 and {"itc", "sdm", "cmpm"} & set(self.current_task):
+            # [b, D] per rank -> [world * b, D]: the contrastive losses see the global batch (see class docstring)
+            all_i, all_t, all_pids = gather_with_grad(i_feats), gather_with_grad(t_feats), gather_with_grad(batch["pids"])
+        else:
+            all_i, all_t, all_pids = i_feats, t_feats, batch["pids"]
+
         if "itc" in self.current_task:
-            ret.update({"itc_loss": objectives.compute_itc(i_feats, t_feats, logit_scale)})
+            ret.update({"itc_loss": scale_grad(objectives.compute_itc(all_i, all_t, logit_scale), world)})
 
         if "sdm" in self.current_task:
-            ret.update({"sdm_loss": objectives.compute_sdm(i_feats, t_feats, batch["pids"], logit_scale)})
+            ret.update({"sdm_loss": scale_grad(objectives.compute_sdm(all_i, all_t, all_pids, logit_scale), world)})
 
         if "cmpm" in self.current_task:
-            ret.update({"cmpm_loss": objectives.compute_cmpm(i_feats, t_feats, batch["pids"])})
+            ret.update({"cmpm_loss": scale_grad(objectives.compute_cmpm(all_i, all_t, all_pids), world)})
 
         if "id" in self.current_task:
             wdtype = self.classifier.weight.dtype  # the original casts with .half() (its weights are always fp16)
             image_logits = self.classifier(i_feats.to(wdtype)).float()
             text_logits = self.classifier(t_feats.to(wdtype)).float()
-            id_loss = objectives.compute_id(image_logits, text_logits, batch["pids"]) * self.args.id_loss_weight
+            id_loss = objectives.compute_id(image_logits, text_logits, batch["pids"]) * self.id_loss_weight
             ret.update({"id_loss": id_loss})
             image_pred = torch.argmax(image_logits, dim=1)
             text_pred = torch.argmax(text_logits, dim=1)
@@ -186,13 +195,31 @@ class IRRA(nn.Module):
                 x = self.mlm_head(x)  # [B, L, vocab]
                 scores = x.float().reshape(-1, self.vocab_size)  # [B, L, vocab] -> [B*L, vocab]
                 mlm_labels = batch["mlm_labels"].reshape(-1)  # [B, L] -> [B*L]
-            ret.update({"mlm_loss": objectives.compute_mlm(scores, mlm_labels) * self.args.mlm_loss_weight})
-            pred = scores.max(1)[1]
-            mlm_label_idx = torch.nonzero(mlm_labels)
-            acc = (pred[mlm_label_idx] == mlm_labels[mlm_label_idx]).float().mean()
+            if world > 1:
+                mlm_loss, acc = self._global_mlm(scores, mlm_labels, world)
+            else:
+                mlm_loss = objectives.compute_mlm(scores, mlm_labels)
+                pred = scores.max(1)[1]
+                mlm_label_idx = torch.nonzero(mlm_labels)
+                acc = (pred[mlm_label_idx] == mlm_labels[mlm_label_idx]).float().mean()
+            ret.update({"mlm_loss": mlm_loss * self.mlm_loss_weight})
             ret.update({"mlm_acc": acc})
 
         return ret
+
+
+    @staticmethod
+    def _global_mlm(scores: torch.Tensor, labels: torch.Tensor, world: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """MLM loss and accuracy over every masked token of the global batch (scores [M, V], labels [M], 0 =
+        ignored). The value is the global mean on every rank; the gradient is this rank's share, scaled by
+        ``world`` against DDP's averaging."""
+        ce_sum = F.cross_entropy(scores, labels, ignore_index=0, reduction="sum")
+        masked = labels != 0
+        correct = (scores.argmax(dim=1) == labels) & masked
+        totals = all_reduce_sum(torch.stack([ce_sum.detach(), masked.sum().float(), correct.sum().float()]))
+        loss_value, count = totals[0] / totals[1], totals[1]
+        local = ce_sum * (world / count)  # this rank's share of the global mean, times world
+        return loss_value + (local - local.detach()), totals[2] / count
 
 
 def build_model(args: argparse.Namespace, num_classes: int = 11003,
@@ -202,15 +229,12 @@ def build_model(args: argparse.Namespace, num_classes: int = 11003,
 
     ``args.precision``: fp16 -> convert_weights (OpenAI fp16 weights); auto -> fp16 when the target device
     (``device`` or ``args.device``) is the accelerator, fp32 otherwise; fp32 / amp_bf16 / amp_fp16 -> fp32
-    weights (the trainer autocasts for amp_*). Missing ``args.precision`` / ``args.device`` mean fp32 / CPU.
-    ``clip_state_dict``: see :class:`IRRA`.
+    weights (the trainer autocasts for amp_*). ``clip_state_dict``: see :class:`IRRA`.
     """
-    precision = getattr(args, "precision", "fp32") or "fp32"
+    precision = args.precision
     if precision not in VALID_PRECISIONS:
         raise ValueError(f"--precision {precision!r}: expected one of {', '.join(VALID_PRECISIONS)}")
-    if device is None:
-        device = resolve_device(getattr(args, "device", "cpu") or "cpu")
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else resolve_device(args.device)
     model = IRRA(args, num_classes, clip_state_dict=clip_state_dict)
     if precision == "fp16" or (precision == "auto" and device.type != "cpu"):
         convert_weights(model)

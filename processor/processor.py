@@ -2,10 +2,12 @@
 
 What changed from the original, behaviour otherwise identical:
 - the device is the model's, never hard-coded; AMP (``--precision amp_bf16|amp_fp16``) is optional;
-- a non-finite loss stops training loudly (epoch, iteration and every loss term in the message);
-- ``last.pth`` is written every epoch (model, optimizer, scheduler, epoch, best R1, RNG states) next to ``best.pth``,
-  and every evaluation is appended to ``metrics.jsonl``; resuming continues at the next epoch;
-- each epoch starts from RNG states derived from ``(seed, epoch, rank)``, so a resumed run repeats an uninterrupted one.
+- a non-finite loss stops training loudly (epoch, iteration and every loss term in the message), and a checkpoint is
+  written only while every parameter is finite, so the last good one is kept;
+- ``last.pth`` is written every epoch (model, optimizer, scheduler, epoch, best R1) next to ``best.pth``, and every
+  evaluation is appended to ``metrics.jsonl``; resuming continues at the next epoch;
+- each epoch starts from seeds derived from ``(seed, epoch, rank)`` (the data's randomness from ``(seed, epoch,
+  sample index)``, see datasets/build.py), so a resumed run repeats an uninterrupted one: no RNG state is saved.
 """
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ import json
 import logging
 import math
 import os
-import random
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
-import numpy as np
 import torch
 
-from utils.comm import broadcast_object, get_rank, get_world_size, is_main_process, reduce_dict
+from datasets.build import set_train_epoch
+from processor.setup import set_seed
+from utils.comm import get_rank, get_world_size, is_main_process, reduce_dict, unwrap_model
 from utils.meter import AverageMeter
 from utils.metrics import Evaluator
 
@@ -29,36 +31,7 @@ from utils.metrics import Evaluator
 EPOCH_SEED_STRIDE = 1000
 RANK_SEED_STRIDE = 100003
 
-
-def set_seed(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def rng_state() -> Dict[str, object]:
-    """RNG states in a form ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-
-
-def set_rng_state(state: Dict[str, object]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DistributedDataParallel (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
+logger = logging.getLogger("IRRA.train")
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -70,35 +43,7 @@ def autocast_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def make_run_dir(args) -> str:
-    """``<output_dir>/<dataset_name>/<YYYYmmdd_HHMMSS>_<name>``, created fresh (never an existing one) on rank 0 and
-    shared with the other ranks. With ``--resume`` the run continues in the checkpoint's directory."""
-    if args.resume:
-        if not args.resume_ckpt_file or not os.path.isfile(args.resume_ckpt_file):
-            raise FileNotFoundError(f"--resume needs --resume_ckpt_file pointing to a checkpoint (e.g. "
-                                    f"logs/<dataset>/<run>/last.pth); got {args.resume_ckpt_file!r}")
-        return os.path.dirname(os.path.abspath(args.resume_ckpt_file))
-    path = None
-    if is_main_process():
-        stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
-        base = os.path.join(args.output_dir, args.dataset_name, f"{stamp}_{args.name}")
-        path, i = base, 1
-        while True:
-            try:
-                os.makedirs(path, exist_ok=False)
-                break
-            except FileExistsError:
-                path, i = f"{base}_{i}", i + 1
-    return broadcast_object(path)
-
-
-def _set_sampler_epoch(loader, epoch: int) -> None:
-    for s in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-        if s is not None and hasattr(s, "set_epoch"):
-            s.set_epoch(epoch)
-
-
-def _check_finite(stats: Dict[str, float], epoch: int, n_iter: int) -> None:
+def check_finite_loss(stats: Dict[str, float], epoch: int, n_iter: int) -> None:
     """Stop on a non-finite total loss. ``stats`` are averaged over ranks, so a NaN on any rank stops every rank."""
     if not math.isfinite(stats["loss"]):
         terms = ", ".join(f"{k}={v:.6g}" for k, v in stats.items() if "loss" in k and k != "loss")
@@ -108,98 +53,105 @@ def _check_finite(stats: Dict[str, float], epoch: int, n_iter: int) -> None:
             "--precision fp32, or check the data of this batch.")
 
 
-def _append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def nonfinite_parameters(model: torch.nn.Module) -> list:
+    """Names of the parameters that hold a NaN or an infinity."""
+    return [n for n, p in unwrap_model(model).named_parameters() if not bool(torch.isfinite(p).all())]
+
+
+def train_one_epoch(args, model, train_loader, optimizer, scaler: Optional[torch.amp.GradScaler],
+                    epoch: int) -> Tuple[Dict[str, AverageMeter], Dict[str, torch.Tensor], int]:
+    """One pass over ``train_loader``; returns (meters of every loss/accuracy, the last step's outputs, samples)."""
+    device = next(model.parameters()).device
+    meters: Dict[str, AverageMeter] = {"loss": AverageMeter()}  # then each loss / accuracy, as they come
+    model.train()
+    n_iter, num_samples, ret = -1, 0, {}
+    for n_iter, batch in enumerate(train_loader):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast_context(args.precision, device):
+            ret = model(batch)
+        total_loss = sum(v for k, v in ret.items() if "loss" in k)
+        # every loss / accuracy, averaged over ranks under DDP, copied to the host at once (one sync per step)
+        stats = reduce_dict({"loss": total_loss.detach(),
+                             **{k: v.detach() for k, v in ret.items() if "loss" in k or "acc" in k}})
+        stats = dict(zip(stats, torch.stack([v.float().reshape(()) for v in stats.values()]).tolist()))
+        check_finite_loss(stats, epoch, n_iter)
+        batch_size = batch["images"].shape[0]
+        num_samples += batch_size
+        for k, v in stats.items():
+            meters.setdefault(k, AverageMeter()).update(v, batch_size)
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total_loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            total_loss.backward()
+            optimizer.step()
+
+        if (n_iter + 1) % args.log_period == 0:
+            logger.info(f"Epoch[{epoch}] Iteration[{n_iter + 1}/{len(train_loader)}]"
+                        + "".join(f", {k}: {m.avg:.4f}" for k, m in meters.items())
+                        + f", Base Lr: {optimizer.param_groups[0]['lr']:.2e}")
+    if n_iter < 0:
+        raise RuntimeError(f"the train loader yielded no batch in epoch {epoch} "
+                           f"(--batch_size {args.batch_size} larger than the training set?)")
+    return meters, ret, num_samples
+
+
+def evaluate_and_checkpoint(args, model, evaluator: Evaluator, checkpointer, epoch: int, best_top1: float,
+                            best_epoch: Optional[int], tb_writer=None) -> Tuple[float, Optional[int]]:
+    """Evaluate (every rank takes part), record the metrics, save ``best.pth`` on a new best R1; returns the best."""
+    logger.info(f"Validation Results - Epoch: {epoch}")
+    metrics = evaluator.eval(unwrap_model(model).eval(), i2t_metric=args.i2t_metric)
+    model.train()
+    if is_main_process():
+        _append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"),
+                      {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
+        if tb_writer is not None:
+            for k, v in metrics.items():
+                tb_writer.add_scalar(f"val/{k}", float(v), epoch)
+    if metrics["R1"] > best_top1:
+        best_top1, best_epoch = float(metrics["R1"]), epoch
+        save_checkpoint(checkpointer, model, "best", epoch=epoch, best_top1=best_top1, best_epoch=best_epoch)
+    return best_top1, best_epoch
+
+
+def save_checkpoint(checkpointer, model, name: str, **extra) -> None:
+    """``checkpointer.save(name, **extra)``, refused (FloatingPointError) while a parameter is not finite."""
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise FloatingPointError(f"{len(bad)} parameter tensor(s) hold NaN/inf (e.g. {bad[:3]}): {name}.pth was not "
+                                 f"written, the last good checkpoint is kept. Try a lower --lr or --precision fp32.")
+    checkpointer.save(name, **extra)
 
 
 def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, optimizer, scheduler, checkpointer,
              best_top1: float = 0.0, best_epoch: Optional[int] = None, tb_writer=None) -> Dict[str, object]:
-    """Train epochs ``start_epoch..args.num_epoch`` (1-based, as the original); returns best R1 and its epoch."""
-    logger = logging.getLogger("IRRA.train")
+    """Train epochs ``start_epoch..args.num_epoch`` (1-based, as the original; ``--stop_epoch`` stops earlier);
+    returns the best R1 and its epoch."""
     device = next(model.parameters()).device
-    precision = getattr(args, "precision", "auto")
-    scaler = None
-    if precision == "amp_fp16":
-        scaler = torch.amp.GradScaler(device.type)
-    run_dir = args.output_dir
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    last_epoch = min(args.num_epoch, getattr(args, "stop_epoch", None) or args.num_epoch)
-    seed = getattr(args, "seed", 1)
-    rank = get_rank()
+    scaler = torch.amp.GradScaler(device.type) if args.precision == "amp_fp16" else None
+    last_epoch = min(args.num_epoch, args.stop_epoch or args.num_epoch)
     logger.info("start training")
-
-    if tb_writer is None and is_main_process():
-        from torch.utils.tensorboard import SummaryWriter
-        tb_writer = SummaryWriter(log_dir=run_dir)
+    if is_main_process():
+        _drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), start_epoch)  # epochs redone on resume
+        if tb_writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            tb_writer = SummaryWriter(log_dir=args.output_dir)
 
     for epoch in range(start_epoch, last_epoch + 1):
-        set_seed(seed + epoch * EPOCH_SEED_STRIDE + rank * RANK_SEED_STRIDE)
-        _set_sampler_epoch(train_loader, epoch)
-        meters: Dict[str, AverageMeter] = {"loss": AverageMeter()}  # then each loss / accuracy, as they come
-        model.train()
+        set_seed(args.seed + epoch * EPOCH_SEED_STRIDE + get_rank() * RANK_SEED_STRIDE)
+        set_train_epoch(train_loader, epoch)
         start_time = time.time()
-        n_iter, num_samples, ret = -1, 0, {}
-        for n_iter, batch in enumerate(train_loader):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast_context(precision, device):
-                ret = model(batch)
-            total_loss = sum(v for k, v in ret.items() if "loss" in k)
-            # every loss / accuracy, averaged over ranks under DDP, copied to the host at once (one sync per step)
-            stats = reduce_dict({"loss": total_loss.detach(),
-                                 **{k: v.detach() for k, v in ret.items() if "loss" in k or "acc" in k}})
-            stats = dict(zip(stats, torch.stack([v.float().reshape(()) for v in stats.values()]).tolist()))
-            _check_finite(stats, epoch, n_iter)
-
-            batch_size = batch["images"].shape[0]
-            num_samples += batch_size
-            for k, v in stats.items():
-                meters.setdefault(k, AverageMeter()).update(v, batch_size)
-
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(total_loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                total_loss.backward()
-                optimizer.step()
-
-            if (n_iter + 1) % args.log_period == 0:
-                info = f"Epoch[{epoch}] Iteration[{n_iter + 1}/{len(train_loader)}]"
-                info += "".join(f", {k}: {m.avg:.4f}" for k, m in meters.items())
-                info += f", Base Lr: {scheduler.get_last_lr()[0]:.2e}"
-                logger.info(info)
-        if n_iter < 0:
-            raise RuntimeError(f"the train loader yielded no batch in epoch {epoch} "
-                               f"(--batch_size {args.batch_size} larger than the training set?)")
-
-        lr = scheduler.get_last_lr()[0]
-        if tb_writer is not None:
-            tb_writer.add_scalar("lr", lr, epoch)
-            tb_writer.add_scalar("temperature", float(ret["temperature"]), epoch)
-            for k, m in meters.items():
-                tb_writer.add_scalar(k, m.avg, epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        meters, ret, num_samples = train_one_epoch(args, model, train_loader, optimizer, scaler, epoch)
         scheduler.step()
-        elapsed = time.time() - start_time
-        logger.info(f"Epoch {epoch} done. Time per batch: {elapsed / (n_iter + 1):.3f}[s] "
-                    f"Speed: {num_samples * get_world_size() / elapsed:.1f}[samples/s] Lr: {lr:.2e} "
-                    + ", ".join(f"{k}: {m.avg:.4f}" for k, m in meters.items()))
-
+        _log_epoch(epoch, meters, ret, lr, num_samples, time.time() - start_time, len(train_loader), tb_writer)
         if epoch % args.eval_period == 0:
-            logger.info(f"Validation Results - Epoch: {epoch}")
-            # every rank takes part (sharded encoding); all get the same metrics back
-            metrics = evaluator.eval(unwrap(model).eval(), i2t_metric=getattr(args, "i2t_metric", False))
-            model.train()
-            if is_main_process():
-                _append_jsonl(metrics_path, {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
-                if tb_writer is not None:
-                    for k, v in metrics.items():
-                        tb_writer.add_scalar(f"val/{k}", float(v), epoch)
-            if metrics["R1"] > best_top1:
-                best_top1, best_epoch = float(metrics["R1"]), epoch
-                checkpointer.save("best", epoch=epoch, best_top1=best_top1, best_epoch=best_epoch)
-        checkpointer.save("last", epoch=epoch, best_top1=best_top1, best_epoch=best_epoch, rng=rng_state())
+            best_top1, best_epoch = evaluate_and_checkpoint(args, model, evaluator, checkpointer, epoch, best_top1,
+                                                            best_epoch, tb_writer)
+        save_checkpoint(checkpointer, model, "last", epoch=epoch, best_top1=best_top1, best_epoch=best_epoch)
         if device.type != "cpu":
             torch.accelerator.empty_cache()
 
@@ -211,10 +163,40 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
 
 def do_inference(model, test_img_loader, test_txt_loader, i2t_metric: bool = False) -> Dict[str, float]:
     """Evaluate ``model`` on the test loaders; logs the table and returns the metrics dict."""
-    logger = logging.getLogger("IRRA.test")
-    logger.info("Enter inferencing")
-    evaluator = Evaluator(test_img_loader, test_txt_loader)
-    return evaluator.eval(unwrap(model).eval(), i2t_metric=i2t_metric)
+    logging.getLogger("IRRA.test").info("Enter inferencing")
+    evaluator = Evaluator(test_img_loader, test_txt_loader, split="test")
+    return evaluator.eval(unwrap_model(model).eval(), i2t_metric=i2t_metric)
 
 
-__all__ = ["do_train", "do_inference", "make_run_dir", "set_seed", "rng_state", "set_rng_state", "unwrap", "autocast_context"]
+def _log_epoch(epoch: int, meters: Dict[str, AverageMeter], ret: Dict[str, torch.Tensor], lr: float,
+               num_samples: int, elapsed: float, num_batches: int, tb_writer) -> None:
+    if tb_writer is not None:
+        tb_writer.add_scalar("lr", lr, epoch)
+        tb_writer.add_scalar("temperature", float(ret["temperature"]), epoch)
+        for k, m in meters.items():
+            tb_writer.add_scalar(k, m.avg, epoch)
+    logger.info(f"Epoch {epoch} done. Time per batch: {elapsed / num_batches:.3f}[s] "
+                f"Speed: {num_samples * get_world_size() / elapsed:.1f}[samples/s] Lr: {lr:.2e} "
+                + ", ".join(f"{k}: {m.avg:.4f}" for k, m in meters.items()))
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _drop_metrics_from(path: str, epoch: int) -> None:
+    """Remove the records of ``epoch`` and later from ``metrics.jsonl`` (a resumed run evaluates them again)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) < epoch]
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
+__all__ = ["do_train", "do_inference", "train_one_epoch", "evaluate_and_checkpoint", "autocast_context"]

@@ -15,13 +15,13 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from utils.choices import OPTIMIZERS
+
 from .lr_scheduler import LRSchedulerWithWarmup
 
 logger = logging.getLogger("IRRA.solver")
 
-VALID_OPTIMIZERS = ("SGD", "Adam", "AdamW")
-ADAM_EPS = 1e-3  # original IRRA value (unusually large; overridable by args.adam_eps)
-ADAMW_EPS = 1e-8  # original IRRA value (overridable by args.adamw_eps)
+VALID_OPTIMIZERS = OPTIMIZERS
 RANDOM_INIT_KEYS = ("classifier", "mlm_head")  # get lr * lr_factor regardless of the bias rule
 
 
@@ -49,16 +49,16 @@ def build_optimizer(args: Namespace, model: nn.Module) -> torch.optim.Optimizer:
     """SGD / Adam / AdamW over ``build_param_groups(args, model)``; other names raise ValueError."""
     params = build_param_groups(args, model)
     # fused=None keeps torch's default implementation (the original's numbers exactly)
-    fused = True if getattr(args, "fused_optimizer", False) else None
+    fused = True if args.fused_optimizer else None
     if args.optimizer == "SGD":
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, fused=fused)
     elif args.optimizer == "Adam":
         optimizer = torch.optim.Adam(
-            params, lr=args.lr, betas=(args.alpha, args.beta), eps=getattr(args, "adam_eps", ADAM_EPS), fused=fused
+            params, lr=args.lr, betas=(args.alpha, args.beta), eps=args.adam_eps, fused=fused
         )
     elif args.optimizer == "AdamW":
         optimizer = torch.optim.AdamW(
-            params, lr=args.lr, betas=(args.alpha, args.beta), eps=getattr(args, "adamw_eps", ADAMW_EPS), fused=fused
+            params, lr=args.lr, betas=(args.alpha, args.beta), eps=args.adamw_eps, fused=fused
         )
     else:
         raise ValueError(f"unknown optimizer {args.optimizer!r}; valid optimizers: {', '.join(VALID_OPTIMIZERS)}")

@@ -11,8 +11,10 @@ from typing import List, Sequence
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import _LRScheduler
 
-VALID_MODES = ("step", "exp", "poly", "cosine", "linear")
-VALID_WARMUP_METHODS = ("constant", "linear")
+from utils.choices import LR_SCHEDULERS, WARMUP_METHODS
+
+VALID_MODES = LR_SCHEDULERS
+VALID_WARMUP_METHODS = WARMUP_METHODS
 
 
 class LRSchedulerWithWarmup(_LRScheduler):

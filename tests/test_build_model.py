@@ -2,6 +2,8 @@
 import argparse
 
 import pytest
+
+from utils.options import default_args
 import torch
 
 from model.build import VALID_LOSSES, build_model, parse_loss_names
@@ -14,7 +16,7 @@ def make_args(**over):
                   loss_names="sdm+itc+cmpm+id+mlm", cmt_depth=1, vocab_size=49408, id_loss_weight=1.0,
                   mlm_loss_weight=1.0, text_length=77, precision="fp32", device="cpu")
     fields.update(over)
-    return argparse.Namespace(**fields)
+    return default_args(**fields)
 
 
 def make_batch(bs=4, length=77, img=(64, 32), seed=0):
@@ -98,10 +100,9 @@ def test_mlm_without_mlm_batch_is_clear_error():
         model(b)
 
 
-def test_missing_precision_device_default_to_fp32():
-    args = make_args()
-    del args.precision, args.device
-    model = build_model(args, NUM_CLASSES)
-    assert model.classifier.weight.dtype == torch.float32
-    fp16 = build_model(make_args(precision="auto"), NUM_CLASSES, device=torch.device("cpu"))
-    assert fp16.classifier.weight.dtype == torch.float32
+def test_precision_rule_on_the_cpu():
+    """auto keeps fp32 weights for the CPU; fp16 converts (the original's convert_weights) wherever the model goes."""
+    auto = build_model(make_args(precision="auto"), NUM_CLASSES, device=torch.device("cpu"))
+    assert auto.classifier.weight.dtype == torch.float32
+    fp16 = build_model(make_args(precision="fp16"), NUM_CLASSES, device=torch.device("cpu"))
+    assert fp16.classifier.weight.dtype == torch.float16

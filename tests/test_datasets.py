@@ -6,11 +6,13 @@ import os
 import os.path as op
 
 import pytest
+
+from utils.options import default_args
 import torch
 from PIL import Image
 
 from datasets import build as dbuild
-from datasets.bases import DatasetFormatError, ImageDataset, ImageTextDataset, TextDataset, tokenize
+from datasets.bases import DatasetFormatError, ImageDataset, ImageTextDataset, ImageTextMLMDataset, TextDataset, tokenize
 from datasets.build import build_dataloader, build_dataset, build_transforms, collate
 from datasets.cuhkpedes import CUHKPEDES
 from datasets.icfgpedes import ICFGPEDES
@@ -60,7 +62,7 @@ def test_registry_builds_each_parser_and_lists_valid_names(tmp_path):
         write_dataset(tmp_path, name)
         assert type(build_dataset(name, str(tmp_path), verbose=False)) is PARSERS[name]
     assert set(dbuild.DATASET_REGISTRY) == {"CUHK-PEDES", "ICFG-PEDES", "RSTPReid", "SynthPEDES"}
-    with pytest.raises(ValueError, match=r"Unknown dataset_name 'CUHK'.*CUHK-PEDES.*ICFG-PEDES.*RSTPReid.*SynthPEDES"):
+    with pytest.raises(ValueError, match=r"--dataset_name 'CUHK': unknown; valid: .*CUHK-PEDES.*ICFG-PEDES.*RSTPReid.*SynthPEDES"):
         build_dataset("CUHK", str(tmp_path))
 
 
@@ -259,7 +261,7 @@ def make_args(root, **over):
              num_instance=2, batch_size=4, test_batch_size=3, num_workers=0, img_size=(32, 16), img_aug=False,
              text_length=77, val_dataset="test", masked_token_rate=0.8, masked_token_unchanged_rate=0.1)
     a.update(over)
-    return argparse.Namespace(**a)  # an old-style config: no seed / mlm_probability / mlm_mask_caption
+    return default_args(**a)
 
 
 def test_build_dataloader_modes(tmp_path):
@@ -291,61 +293,66 @@ def test_build_dataloader_identity_and_bad_options(tmp_path):
     for b in tl:
         pids = b["pids"].tolist()
         assert len(pids) == 4 and pids[0] == pids[1] and pids[2] == pids[3] and pids[0] != pids[2]
-    with pytest.raises(ValueError, match=r"Unknown --sampler 'ident'; valid: \['identity', 'random'\]"):
-        build_dataloader(make_args(tmp_path, sampler="ident"))
+    for option, value in (("sampler", "ident"), ("val_dataset", "dev"), ("dataset_name", "nope")):
+        with pytest.raises(ValueError, match=rf"--{option} '{value}': unknown; valid: \["):
+            make_args(tmp_path, **{option: value})  # the options refuse it
+        args = make_args(tmp_path)
+        setattr(args, option, value)  # and so does build_dataloader, given a Namespace made by hand
+        with pytest.raises(ValueError, match=rf"--{option} '{value}': unknown; valid: \["):
+            build_dataloader(args)
     with pytest.raises(ValueError, match=r"--batch_size 5 must be a positive multiple of num_instance \(2\)"):
         build_dataloader(make_args(tmp_path, sampler="identity", batch_size=5))
-    with pytest.raises(ValueError, match=r"Unknown --val_dataset 'dev'"):
-        build_dataloader(make_args(tmp_path, val_dataset="dev"))
-    with pytest.raises(ValueError, match=r"Unknown dataset_name 'nope'; valid"):
-        build_dataloader(make_args(tmp_path, dataset_name="nope"))
-
-
-def test_train_loader_reproducible_per_epoch(tmp_path):
-    """set_epoch(e) gives the same batches (order, flips) as running epochs 0..e: what resuming relies on."""
-    write_dataset(tmp_path, "RSTPReid")
-    make_images(tmp_path, "RSTPReid")
-    for sampler, workers in (("random", 0), ("identity", 0), ("random", 2)):
-        args = make_args(tmp_path, MLM=True, sampler=sampler, seed=3, num_workers=workers)
-        def run(epochs):
-            tl, _, _, _ = build_dataloader(args)
-            out = []
-            for e in epochs:
-                dbuild.set_train_epoch(tl, e)
-                torch.manual_seed(100 + e)  # the trainer's per-epoch seeding (flips use torch RNG)
-                import random as _r
-                _r.seed(100 + e)
-                out.append([(b["pids"].tolist(), b["images"].sum().item(), b["mlm_ids"].tolist()) for b in tl])
-            return out
-        full = run([0, 1, 2])
-        assert run([2])[0] == full[2]
-        assert full[0] != full[1]
 
 
 @pytest.mark.parametrize("sampler", ["identity", "random"])
-def test_build_dataloader_distributed_shards(tmp_path, monkeypatch, sampler):
-    """DDP path without processes: every rank's loader gets disjoint rows and the same number of batches."""
+def test_ranks_and_workers_rebuild_the_one_process_batches(tmp_path, sampler):
+    """DDP without processes: rank r's loader yields slice r of every one-process global batch, tensor for tensor
+    (images with their random flips, MLM masks), with 0 or 2 loader workers alike."""
     write_dataset(tmp_path, "RSTPReid")
     make_images(tmp_path, "RSTPReid")
-    world = 2
-    shards = []
-    for rank in range(world):
-        monkeypatch.setattr(dbuild, "_dist_info", lambda r=rank: (True, r, world))
-        tl, _, _, _ = build_dataloader(make_args(tmp_path, sampler=sampler, batch_size=4, num_instance=2, seed=0))
-        s = tl.train_sampler
-        assert s is (tl.batch_sampler.sampler if sampler == "identity" else tl.sampler)
-        dbuild.set_train_epoch(tl, 1)
-        batches = [(b["image_ids"].tolist(), b["caption_ids"].tolist(), b["pids"].tolist()) for b in tl]
-        assert all(len(ids) == 2 for ids, _, _ in batches)  # batch_size // world per rank
-        if sampler == "identity":
-            assert all(p[0] == p[1] for _, _, p in batches)  # one id x K=2 per rank and step
-        shards.append(batches)
-    assert len(shards[0]) == len(shards[1]) > 0
-    rows0 = {(i, tuple(c)) for ids, caps, _ in shards[0] for i, c in zip(ids, caps)}
-    rows1 = {(i, tuple(c)) for ids, caps, _ in shards[1] for i, c in zip(ids, caps)}
-    assert not rows0 & rows1
+    ds = build_dataset("RSTPReid", str(tmp_path), verbose=False)
+    args = make_args(tmp_path, sampler=sampler, batch_size=4, num_instance=2, seed=5, MLM=True)
+
+    def epoch_batches(rank, world, workers):
+        args.num_workers = workers
+        tl = dbuild.build_train_loader(args, ds, rank=rank, world_size=world)
+        dbuild.set_train_epoch(tl, 2)
+        return list(tl)
+
+    one = epoch_batches(0, 1, 0)
+    assert one and not torch.equal(one[0]["images"], epoch_batches(0, 1, 0)[0]["images"] * 0)
+    assert [b["mlm_ids"] for b in one] == [b["mlm_ids"] for b in one]
+    for workers in (0, 2):
+        ranks = [epoch_batches(r, 2, workers) for r in range(2)]
+        full = [b for b in one if b["pids"].numel() == args.batch_size]  # DDP drops the last partial batch
+        assert len(ranks[0]) == len(ranks[1]) == len(full)
+        for b, glob in enumerate(full):
+            for key, value in glob.items():
+                assert torch.equal(torch.cat([ranks[0][b][key], ranks[1][b][key]]), value), (workers, b, key)
     with pytest.raises(ValueError, match=r"multiple of num_instance \(2\) x world size \(2\)"):
-        build_dataloader(make_args(tmp_path, sampler="identity", batch_size=6, num_instance=2))
+        dbuild.build_train_loader(make_args(tmp_path, sampler="identity", batch_size=6, num_instance=2), ds,
+                                  rank=0, world_size=2)
+
+
+def test_same_sample_same_epoch_same_augmentation(tmp_path):
+    """A sample's flip / crop / erasing and MLM mask depend on (seed, epoch, index) only, not on the order or the
+    process that draws it; another epoch or seed draws anew."""
+    write_dataset(tmp_path, "RSTPReid")
+    make_images(tmp_path, "RSTPReid")
+    ds = build_dataset("RSTPReid", str(tmp_path), verbose=False)
+    tf = dbuild.build_transforms((32, 16), aug=True, is_train=True)
+    def sample(i, epoch=1, seed=0):
+        d = ImageTextMLMDataset(ds.train, tf, seed=seed)
+        d.set_epoch(epoch)
+        return d[i]
+    a, b = sample(3), sample(3)
+    torch.manual_seed(123)  # the global RNG does not matter
+    c = sample(3)
+    for k in ("images", "mlm_ids", "mlm_labels"):
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k])
+    assert not all(torch.equal(sample(i, epoch=e)["images"], sample(i, epoch=1)["images"])
+                   for i in range(4) for e in (2, 3))
+    assert not all(torch.equal(sample(i, seed=9)["mlm_ids"], sample(i)["mlm_ids"]) for i in range(4))
 
 
 def test_entry_left_without_captions_is_dropped(tmp_path, caplog):

@@ -5,6 +5,8 @@ import os
 import sys
 
 import pytest
+
+from utils.options import default_args
 import torch
 
 from model.build import build_model
@@ -37,7 +39,7 @@ def files(golden, tmp_path_factory):
 def make_args(golden, clip_path, **over):
     fields = dict(golden["args"])
     fields.update(pretrain_choice=clip_path, **over)
-    return argparse.Namespace(**fields)
+    return default_args(**fields)
 
 
 @pytest.fixture(scope="module")

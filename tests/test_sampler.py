@@ -119,21 +119,29 @@ def test_identity_ddp_new_shuffle_per_epoch():
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_distributed_random_sampler_shards(world):
-    n = 50
+def test_distributed_random_sampler_slices_the_one_process_batches(world):
+    """Rank r yields slice r of every full global batch of EpochRandomSampler's order (the last partial one dropped)."""
+    n, batch = 50, 12
+    one = EpochRandomSampler(list(range(n)), seed=2)
+    one.set_epoch(3)
+    order = list(one)
+    expected = [order[b:b + batch] for b in range(0, n - batch + 1, batch)]  # full global batches
     gen = torch.Generator()
     per_rank = []
     for rank in range(world):
-        s = DistributedRandomSampler(list(range(n)), num_replicas=world, rank=rank, shuffle=True, seed=2,
-                                     drop_last=True)
+        s = DistributedRandomSampler(list(range(n)), batch, rank=rank, world_size=world, seed=2)
         s.attach_loader_generator(gen, 10)
         s.set_epoch(3)
         per_rank.append(list(s))
-    assert len({len(p) for p in per_rank}) == 1 and len(per_rank[0]) == n // world
-    assert len(set(i for p in per_rank for i in p)) == sum(len(p) for p in per_rank)
+        assert len(s) == len(per_rank[-1]) == (n // batch) * (batch // world)
+    per = batch // world
+    for b, glob in enumerate(expected):
+        assert sum((p[b * per:(b + 1) * per] for p in per_rank), []) == glob
     assert torch.equal(gen.get_state(), torch.Generator().manual_seed(13).get_state())
     s.set_epoch(4)
     assert list(s) != per_rank[-1]
+    with pytest.raises(ValueError, match="must be divisible by the world size 5"):
+        DistributedRandomSampler(list(range(n)), batch, rank=0, world_size=5)
 
 
 def test_epoch_random_sampler():

@@ -4,11 +4,12 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+
+from utils.options import default_args
 import torch
 from torch import nn
 
 from solver import LRSchedulerWithWarmup, build_lr_scheduler, build_optimizer
-from solver.build import ADAM_EPS, ADAMW_EPS
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -20,7 +21,7 @@ def _args(**kw) -> Namespace:
         warmup_factor=0.1, warmup_epochs=5, warmup_method="linear", lrscheduler="cosine", target_lr=0.0, power=0.9,
     )
     base.update(kw)
-    return Namespace(**base)
+    return default_args(**base)
 
 
 class SpecModel(nn.Module):
@@ -85,7 +86,6 @@ def test_optimizer_types(name):
         assert type(opt) is (torch.optim.Adam if name == "Adam" else torch.optim.AdamW)
         assert opt.defaults["betas"] == (0.9, 0.999)
         assert opt.defaults["eps"] == (1e-3 if name == "Adam" else 1e-8)
-    assert ADAM_EPS == 1e-3 and ADAMW_EPS == 1e-8
     # weight decay / lr live per group
     assert [g["weight_decay"] for g in opt.param_groups] == [4e-5, 0.0]
     assert [g["lr"] for g in opt.param_groups] == [1e-5, 2e-5]
@@ -119,8 +119,12 @@ def test_fused_optimizer_option_same_steps(name):
 
 
 def test_unknown_optimizer():
-    with pytest.raises(ValueError, match="valid optimizers: SGD, Adam, AdamW"):
+    with pytest.raises(ValueError, match=r"--optimizer 'Lamb': unknown; valid: \['SGD', 'Adam', 'AdamW'\]"):
         build_optimizer(_args(optimizer="Lamb"), nn.Linear(2, 2))
+    args = _args()
+    args.optimizer = "Lamb"  # set after the options were checked: build_optimizer itself refuses it
+    with pytest.raises(ValueError, match=r"unknown optimizer 'Lamb'; valid optimizers: SGD, Adam, AdamW"):
+        build_optimizer(args, nn.Linear(2, 2))
 
 
 def _curve(mode, warmup_method, steps=60):

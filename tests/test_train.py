@@ -50,7 +50,7 @@ def test_one_run_writes_every_file(two_epoch_run):
     assert f"best R1: {two_epoch_run['best_top1']} at epoch {two_epoch_run['best_epoch']}" in log
     assert "samples/s" in log and "sdm_loss" in log and "mlm_acc" in log
     last = torch.load(os.path.join(run_dir, "last.pth"), weights_only=True)
-    assert last["epoch"] == 3 and {"model", "optimizer", "scheduler", "rng", "best_top1"} <= set(last)
+    assert last["epoch"] == 3 and {"model", "optimizer", "scheduler", "best_top1"} <= set(last)
     best_ckpt = torch.load(os.path.join(run_dir, "best.pth"), weights_only=True)
     assert best_ckpt["epoch"] == two_epoch_run["best_epoch"]
 
@@ -58,7 +58,7 @@ def test_one_run_writes_every_file(two_epoch_run):
 def test_run_dir_is_never_reused(two_epoch_run, tiny_cuhk_root):
     """A second run in the same second gets its own directory."""
     logs = os.path.dirname(os.path.dirname(two_epoch_run["run_dir"]))
-    from processor.processor import make_run_dir
+    from processor.setup import make_run_dir
     from utils.options import get_args
     args = get_args(tiny_train_argv(tiny_cuhk_root, logs))
     a, b = make_run_dir(args), make_run_dir(args)

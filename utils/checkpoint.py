@@ -13,6 +13,8 @@ from typing import Any, Dict, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from utils.comm import unwrap_model
+
 CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
 
 
@@ -35,7 +37,7 @@ def load_state_dict(model: nn.Module, loaded_state_dict: Dict[str, torch.Tensor]
     """
     log = logging.getLogger("IRRA.checkpoint")
     sd = strip_prefix_if_present(dict(loaded_state_dict), "module.")
-    model = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    model = unwrap_model(model)
     except_keys = set(except_keys or ())
     sd = {k: v for k, v in sd.items() if k not in except_keys}
     own = model.state_dict()
@@ -75,8 +77,7 @@ class Checkpointer:
         self.logger = logger or logging.getLogger("IRRA.checkpoint")
 
     def _model(self) -> nn.Module:
-        m = self.model
-        return m.module if hasattr(m, "module") and isinstance(m.module, nn.Module) else m
+        return unwrap_model(self.model)
 
     def save(self, name: str, **kwargs: Any) -> Optional[str]:
         """Write ``<save_dir>/<name>.pth`` atomically; returns its path (None when saving is disabled)."""

@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 
 
-
 def is_dist() -> bool:
     """True when torch.distributed is initialised."""
     return dist.is_available() and dist.is_initialized()
@@ -102,8 +101,47 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel (or the model itself)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """[b, ...] on every rank -> [world * b, ...], the ranks' slices in rank order.
+
+    This rank's slice is ``tensor`` itself, so it stays in the autograd graph; the other ranks' slices are constants
+    (open_clip's ``gather_features``). A loss over the result, computed alike on every rank, gets on each rank the
+    gradient through its own samples only: scale it by the world size (:func:`scale_grad`) so that DDP's gradient
+    averaging gives the one-process gradient of that loss. Every rank must pass the same shape.
+    """
+    world = get_world_size()
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    parts[get_rank()] = tensor
+    return torch.cat(parts)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over all ranks (a detached copy; ``tensor`` itself is unchanged)."""
+    out = tensor.detach().clone()
+    if get_world_size() > 1:
+        dist.all_reduce(out)
+    return out
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` with the same value but ``factor`` times its gradient in backward."""
+    if factor == 1:
+        return x
+    return x + (factor - 1) * (x - x.detach())
+
+
 __all__ = ["is_dist", "get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
-           "resolve_device", "init_distributed", "all_gather", "reduce_dict", "broadcast_object"]
+           "resolve_device", "init_distributed", "all_gather", "reduce_dict", "broadcast_object", "unwrap_model",
+           "gather_with_grad", "all_reduce_sum", "scale_grad"]
 
 
 def init_distributed(device_spec: str = "auto") -> torch.device:

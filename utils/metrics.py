@@ -43,6 +43,17 @@ RANKS_REPORTED = (1, 5, 10)
 NUMPY_COUNT_ON_CPU = True  # count with numpy on CPU tensors (faster); False = torch everywhere (tests use both)
 
 
+def check_finite(values: torch.Tensor, what: str) -> None:
+    """Raise FloatingPointError when rows of ``values`` ([N, ...]) hold NaN/inf, naming ``what`` and how many rows.
+
+    A NaN compares False with everything, so it would otherwise rank as a perfect retrieval."""
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1) if values.numel() else values.new_zeros(0)
+    n_bad = int(bad.sum())
+    if n_bad:
+        raise FloatingPointError(f"{what}: {n_bad} of {values.shape[0]} rows hold NaN/inf values (first row "
+                                 f"{int(bad.nonzero()[0])}); the model has diverged, metrics would be meaningless")
+
+
 def rank_naive(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, max_rank: int = 10,
                get_mAP: bool = True):
     """The original IRRA ``rank`` (reference for tests and the benchmark; O(nq * ng) memory, full sort).
@@ -238,6 +249,7 @@ def rank(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, m
                          f"len(g_pids)={g_pids.numel()}]")
     if chunk_size < 1:
         raise ValueError(f"rank: chunk_size must be >= 1, got {chunk_size}")
+    check_finite(similarity, "rank: the similarity matrix")
     device = similarity.device
     q_pids = q_pids.to(device).view(-1)
     g_pids = g_pids.to(device).view(-1)
@@ -268,6 +280,8 @@ def rank_from_features(q_feats: torch.Tensor, g_feats: torch.Tensor, q_pids: tor
     """
     if chunk_size < 1:
         raise ValueError(f"rank_from_features: chunk_size must be >= 1, got {chunk_size}")
+    check_finite(q_feats, "rank_from_features: the query features")
+    check_finite(g_feats, "rank_from_features: the gallery features")
     device = q_feats.device
     q_pids = q_pids.to(device).view(-1)
     g_pids = g_pids.to(device).view(-1)
@@ -302,23 +316,26 @@ class Evaluator:
         img_loader: gallery loader yielding ``(pid, img)`` batches (``ImageDataset``).
         txt_loader: query loader yielding ``(pid, caption_ids)`` batches (``TextDataset``).
         chunk_size: queries per similarity chunk.
+        split: the split's name in messages (e.g. ``val`` / ``test``); features with NaN/inf raise a
+            FloatingPointError naming it and the number of rows affected.
 
     Distributed (torch.distributed initialised, world size > 1): each rank encodes a contiguous shard of both
     datasets, features are gathered in rank order, rank 0 computes the metrics and broadcasts the result dict, so
     every rank returns the same dict (and all ranks must call ``eval``).
     """
 
-    def __init__(self, img_loader: DataLoader, txt_loader: DataLoader, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    def __init__(self, img_loader: DataLoader, txt_loader: DataLoader, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 split: str = "evaluation"):
         self.img_loader = img_loader  # gallery
         self.txt_loader = txt_loader  # query
         self.chunk_size = chunk_size
+        self.split = split
         self.logger = logger
 
     @torch.no_grad()
     def _compute_embedding(self, model: torch.nn.Module):
         """Returns (qfeats [nq, D], gfeats [ng, D], qids [nq], gids [ng]) on the model's device, in dataset order."""
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
+        model = comm.unwrap_model(model)
         model.eval()
         device = next(model.parameters()).device
         world, rank_ = comm.get_world_size(), comm.get_rank()
@@ -351,14 +368,21 @@ class Evaluator:
             qfeats, gfeats, qids, gids = self._compute_embedding(model)
         finally:
             model.train(was_training)
-        result: Optional[Dict[str, float]] = None
+        result: object = None
         if comm.get_rank() == 0:
-            result = self._metrics(qfeats, gfeats, qids, gids, i2t_metric)
+            try:
+                result = self._metrics(qfeats, gfeats, qids, gids, i2t_metric)
+            except FloatingPointError as e:  # shared with every rank below, so that all of them stop
+                result = e
         if comm.get_world_size() > 1:
             result = comm.broadcast_object(result, src=0)
+        if isinstance(result, FloatingPointError):
+            raise result
         return result
 
     def _metrics(self, qfeats, gfeats, qids, gids, i2t_metric: bool) -> Dict[str, float]:
+        check_finite(qfeats, f"{self.split} split: text query features")
+        check_finite(gfeats, f"{self.split} split: image gallery features")
         qfeats = F.normalize(qfeats, p=2, dim=1)  # text features
         gfeats = F.normalize(gfeats, p=2, dim=1)  # image features
         n_no_pos = int((~torch.isin(qids, gids)).sum())

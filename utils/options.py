@@ -4,17 +4,22 @@ Every option of the original IRRA ``utils/options.py`` keeps its name and defaul
 actually be set from the command line (``--img_size 384 128`` parses to two ints; periods are ints). New options:
 ``--config`` (a YAML file whose values become defaults that the command line overrides), ``--device``,
 ``--precision``, ``--seed``, ``--mlm_mask_caption``, ``--mlm_probability`` and a few named constants.
+
+This module is the one place where options are filled and checked: ``get_args`` (the command line + ``--config``)
+and ``load_config_args`` (a saved run's ``configs.yaml``) both return a Namespace holding every option, typed and
+validated, so library code reads ``args.x`` directly. Values read from YAML are checked against each option's type
+(``"false"`` becomes False, ``img_size: 384`` is an error naming ``img_size``).
 """
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
-import yaml
 
-from model.build import VALID_LOSSES
-from model.build import VALID_PRECISIONS as PRECISIONS
+from utils.choices import (DATASETS, LOSSES, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, SAMPLERS, VAL_DATASETS,
+                           WARMUP_METHODS, check_choice, parse_loss_names)
+from utils.iotools import load_train_configs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,13 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="logs")
     parser.add_argument("--log_period", type=int, default=100)
     parser.add_argument("--eval_period", type=int, default=1)
-    parser.add_argument("--val_dataset", default="test", choices=("test", "val"),
+    parser.add_argument("--val_dataset", default="test", choices=VAL_DATASETS,
                         help="split evaluated during training")
     parser.add_argument("--resume", default=False, action="store_true")
     parser.add_argument("--resume_ckpt_file", default="", help="resume from ...")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--device", default="auto", help="auto | cpu | an accelerator as torch names it, optionally with :N")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="auto: fp16 weights (the original's convert_weights) on CUDA, fp32 on CPU")
+                        help="auto: fp16 weights (the original's convert_weights) on an accelerator, fp32 on the CPU")
     parser.add_argument("--seed", type=int, default=1)
 
     ######################## model general settings ########################
@@ -57,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="whether to use Mask Language Modeling dataset")
 
     ######################## loss settings ########################
-    parser.add_argument("--loss_names", default="sdm+id+mlm", help=f"'+'-separated subset of {list(VALID_LOSSES)}")
+    parser.add_argument("--loss_names", default="sdm+id+mlm", help=f"'+'-separated subset of {list(LOSSES)}")
     parser.add_argument("--mlm_loss_weight", type=float, default=1.0, help="mlm loss weight")
     parser.add_argument("--id_loss_weight", type=float, default=1.0, help="id loss weight")
 
@@ -70,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab_size", type=int, default=49408)
 
     ######################## solver ########################
-    parser.add_argument("--optimizer", type=str, default="Adam", help="[SGD, Adam, AdamW]")
+    parser.add_argument("--optimizer", type=str, default="Adam", help=f"{list(OPTIMIZERS)}")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--bias_lr_factor", type=float, default=2.0)
     parser.add_argument("--momentum", type=float, default=0.9)
@@ -97,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--power", type=float, default=0.9)
 
     ######################## dataset ########################
-    parser.add_argument("--dataset_name", default="CUHK-PEDES", help="[CUHK-PEDES, ICFG-PEDES, RSTPReid, SynthPEDES]")
-    parser.add_argument("--sampler", default="random", help="choose sampler from [identity, random]")
+    parser.add_argument("--dataset_name", default="CUHK-PEDES", help=f"{list(DATASETS)}")
+    parser.add_argument("--sampler", default="random", help=f"choose sampler from {list(SAMPLERS)}")
     parser.add_argument("--num_instance", type=int, default=4)
     parser.add_argument("--root_dir", default="./data")
     parser.add_argument("--batch_size", type=int, default=128)
@@ -106,31 +111,97 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=8)
     parser.add_argument("--test", dest="training", default=True, action="store_false")
     parser.add_argument("--i2t_metric", default=False, action="store_true", help="also report image-to-text metrics")
+    parser.add_argument("--skip_image_check", default=False, action="store_true",
+                        help="do not verify every image of the run's splits before training")
+
+    ######################## scale ########################
+    parser.add_argument("--local_negatives", default=False, action="store_true",
+                        help="DDP: contrastive losses over each rank's own batch only (the original); by default the "
+                             "features of all ranks are gathered, so every loss is over the global --batch_size")
+    parser.add_argument("--grad_checkpointing", default=False, action="store_true",
+                        help="recompute the transformer blocks' activations in backward (less memory, same numbers)")
     return parser
 
 
 # Keys a saved configs.yaml carries that describe the run's state, not an option to reuse.
 RUN_STATE_KEYS = ("config", "distributed", "training", "resume", "resume_ckpt_file", "local_rank", "stop_epoch")
+_BOOL_WORDS = {"true": True, "false": False}
+
+
+def _typed_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """``value`` read from YAML for ``action``'s option, converted to the option's type or a ValueError naming it."""
+    name = action.dest
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: option '{name}' expects true or false, got {value!r}")
+        return value
+    if value is None:
+        if action.default is None:
+            return None
+        raise ValueError(f"{where}: option '{name}' has no value (expected {_expected(action)})")
+    if action.nargs in (2, "+", "*"):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: option '{name}' expects a list {_expected(action)}, got {value!r}")
+        if action.nargs == 2 and len(value) != 2:
+            raise ValueError(f"{where}: option '{name}' expects {_expected(action)}, got {list(value)!r}")
+        return tuple(_scalar(action, v, where) for v in value)
+    return _scalar(action, value, where)
+
+
+def _expected(action: argparse.Action) -> str:
+    if action.nargs == 2 and action.metavar:
+        return "[" + ", ".join(action.metavar) + "]"
+    kind = getattr(action.type, "__name__", "str")
+    return f"[{kind}, ...]" if action.nargs in ("+", "*") else kind
+
+
+def _scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    kind = action.type or str
+    name = action.dest
+    if isinstance(value, (list, tuple, dict)) or isinstance(value, bool):
+        raise ValueError(f"{where}: option '{name}' expects {_expected(action)}, got {value!r}")
+    try:
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            out = int(value) if not isinstance(value, str) else int(value.strip())
+        elif kind is float:
+            out = float(value)  # YAML reads 1e-5 (no dot) as a string
+        else:
+            out = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: option '{name}' expects {_expected(action)}, got {value!r}") from None
+    if action.choices is not None and out not in action.choices:
+        raise ValueError(f"{where}: option '{name}' is {out!r}; valid: {list(action.choices)}")
+    return out
+
+
+def typed_config(parser: argparse.ArgumentParser, cfg: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """Check every ``option: value`` of a YAML config against the parser: unknown names and values that do not fit
+    the option's type raise a ValueError naming ``where`` and the option; returns the converted values."""
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    unknown = sorted(set(cfg) - set(actions) - {"distributed"})
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {unknown}; valid options are {sorted(actions)}")
+    return {k: (_typed_value(actions[k], v, where) if k in actions else v) for k, v in cfg.items()}
 
 
 def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     """Read a YAML config (a hand-written one, or a run's configs.yaml, ours or the original's) as option defaults.
 
-    Every key must be a known option. From a run's configs.yaml the run-state keys are dropped and ``output_dir``
-    (the run directory there) is turned back into the logs root, so the file starts a new run with the same options.
+    Every key must be a known option of the right type. From a run's configs.yaml the run-state keys are dropped and
+    ``output_dir`` (the run directory there) is turned back into the logs root, so the file starts a new run with
+    the same options.
     """
-    from utils.iotools import load_train_configs
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config {path}: no such file")
     try:
         cfg = vars(load_train_configs(path))
     except (TypeError, ValueError) as e:
         raise ValueError(f"--config {path}: expected a mapping of option: value ({e})") from e
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(set(cfg) - known - {"distributed"})
-    if unknown:
-        raise ValueError(f"--config {path}: unknown option(s) {unknown}; valid options are {sorted(known - {'help'})}")
+    cfg = typed_config(parser, cfg, f"--config {path}")
     for key in RUN_STATE_KEYS:
         cfg.pop(key, None)
     out = os.path.normpath(str(cfg.get("output_dir", "")))
@@ -145,11 +216,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if len(args.img_size) != 2:
         raise ValueError(f"--img_size expects two ints H W, got {args.img_size}")
     args.milestones = tuple(int(v) for v in args.milestones)
-    tasks = [t.strip() for t in str(args.loss_names).split("+") if t.strip()]
-    unknown = [t for t in tasks if t not in VALID_LOSSES]
-    if unknown or not tasks:
-        raise ValueError(f"--loss_names {args.loss_names!r}: unknown loss(es) {unknown}; valid names are "
-                         f"{list(VALID_LOSSES)} joined with '+', e.g. sdm+mlm+id")
+    tasks = parse_loss_names(args.loss_names)
     # --MLM (the dataset side) and 'mlm' in --loss_names (the model side) must agree: one implies the other.
     if "mlm" in tasks:
         args.MLM = True
@@ -159,33 +226,26 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     checks = [("temperature", args.temperature > 0, "> 0"),
               ("text_length", args.text_length >= 3, ">= 3 (start token, one word, end token)"),
               ("stride_size", args.stride_size >= 1, ">= 1"),
+              ("img_size", min(args.img_size) >= 1, "[H, W] of positive ints"),
               ("cmt_depth", args.cmt_depth >= 1 or "mlm" not in tasks, ">= 1 when the mlm loss is on"),
               ("batch_size", args.batch_size >= 1, ">= 1"), ("test_batch_size", args.test_batch_size >= 1, ">= 1"),
               ("num_epoch", args.num_epoch >= 1, ">= 1"), ("log_period", args.log_period >= 1, ">= 1"),
+              ("stop_epoch", args.stop_epoch is None or args.stop_epoch >= 1, ">= 1 (or unset: train to --num_epoch)"),
               ("warmup_epochs", args.warmup_epochs >= 0, ">= 0"), ("num_instance", args.num_instance >= 1, ">= 1"),
+              ("num_workers", args.num_workers >= 0, ">= 0"),
               ("eval_period", args.eval_period >= 1, ">= 1"), ("lr", args.lr > 0, "> 0")]
     for name, ok, want in checks:
         if not ok:
             raise ValueError(f"--{name} {getattr(args, name)}: expected {want}")
-    from datasets.build import DATASET_REGISTRY, SAMPLERS
-    from solver.build import VALID_OPTIMIZERS
-    from solver.lr_scheduler import VALID_MODES, VALID_WARMUP_METHODS
-    for name, value, valid in (("optimizer", args.optimizer, VALID_OPTIMIZERS),
-                               ("lrscheduler", args.lrscheduler, VALID_MODES),
-                               ("warmup_method", args.warmup_method, VALID_WARMUP_METHODS),
-                               ("sampler", args.sampler, SAMPLERS),
-                               ("dataset_name", args.dataset_name, tuple(DATASET_REGISTRY))):
-        if value not in valid:
-            raise ValueError(f"--{name} {value!r}: unknown; valid: {list(valid)}")
-    if args.precision not in PRECISIONS:
-        raise ValueError(f"--precision {args.precision!r}: expected one of {list(PRECISIONS)}")
+    for name, valid in (("optimizer", OPTIMIZERS), ("lrscheduler", LR_SCHEDULERS), ("warmup_method", WARMUP_METHODS),
+                        ("sampler", SAMPLERS), ("dataset_name", DATASETS), ("val_dataset", VAL_DATASETS),
+                        ("precision", PRECISIONS)):
+        check_choice(name, getattr(args, name), valid)
     return args
 
 
 def warn_config_changes(args: argparse.Namespace, saved_config: str, logger) -> None:
     """On resume: log the options that differ from the run's saved configs.yaml (which is kept as it was)."""
-    from utils.iotools import load_train_configs
-
     if not os.path.isfile(saved_config):
         logger.warning(f"resuming a run without {saved_config}")
         return
@@ -197,12 +257,22 @@ def warn_config_changes(args: argparse.Namespace, saved_config: str, logger) -> 
                        + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items())))
 
 
-def load_config_args(path: str, **overrides) -> argparse.Namespace:
-    """Options of a saved run (``configs.yaml``, ours or the original's), missing ones filled with today's defaults."""
-    from utils.iotools import load_train_configs
+def config_path(path: str) -> str:
+    """A run directory or its ``configs.yaml`` -> the file (FileNotFoundError naming what was expected)."""
+    fpath = os.path.join(path, "configs.yaml") if os.path.isdir(path) else path
+    if not os.path.isfile(fpath):
+        raise FileNotFoundError(f"{path}: no such file (expected a run directory logs/<dataset>/<run>/ or its "
+                                f"configs.yaml)")
+    return fpath
 
-    args = build_parser().parse_args([])
-    vars(args).update(vars(load_train_configs(path)))
+
+def load_config_args(path: str, **overrides) -> argparse.Namespace:
+    """Options of a saved run (``configs.yaml`` or its run directory, ours or the original's), typed and checked like
+    ``--config``; options the file lacks get today's defaults; ``overrides`` that are not None win."""
+    parser = build_parser()
+    fpath = config_path(path)
+    args = parser.parse_args([])
+    vars(args).update(typed_config(parser, vars(load_train_configs(fpath)), fpath))
     vars(args).update({k: v for k, v in overrides.items() if v is not None})
     return finalize_args(args)
 
@@ -214,4 +284,16 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if pre.config:
         parser.set_defaults(**_config_defaults(parser, pre.config))
     args = parser.parse_args(argv)
+    return finalize_args(args)
+
+
+def default_args(**overrides) -> argparse.Namespace:
+    """Every option at its default, with ``overrides`` (option=value) applied and the result checked: the Namespace
+    to build parts from in a notebook or a test, e.g. ``build_model(default_args(pretrain_choice="scratch:ViT-Micro"))``."""
+    parser = build_parser()
+    args = parser.parse_args([])
+    unknown = sorted(set(overrides) - set(vars(args)) - {"distributed"})
+    if unknown:
+        raise ValueError(f"default_args: unknown option(s) {unknown}; valid options are {sorted(vars(args))}")
+    vars(args).update(overrides)
     return finalize_args(args)

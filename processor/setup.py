@@ -1,0 +1,134 @@
+"""Setting up a training run: seeding, the run directory, and every part ``do_train`` needs, built from the options.
+
+``train.py`` is ``args = get_args(argv)`` followed by :func:`build_training` and ``do_train``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from datasets import build_dataloader
+from model.build import build_model
+from solver import build_lr_scheduler, build_optimizer
+from utils.checkpoint import Checkpointer
+from utils.comm import broadcast_object, get_rank, get_world_size, init_distributed, is_main_process
+from utils.iotools import save_train_configs
+from utils.logger import setup_logger
+from utils.metrics import Evaluator
+from utils.options import warn_config_changes
+
+# Files a run directory holds right after it was made; a setup failure with nothing else written removes it.
+SETUP_FILES = ("configs.yaml", "train_log.txt")
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def make_run_dir(args) -> str:
+    """``<output_dir>/<dataset_name>/<YYYYmmdd_HHMMSS>_<name>``, created fresh (never an existing one) on rank 0 and
+    shared with the other ranks. With ``--resume`` the run continues in the checkpoint's directory."""
+    if args.resume:
+        if not args.resume_ckpt_file or not os.path.isfile(args.resume_ckpt_file):
+            raise FileNotFoundError(f"--resume needs --resume_ckpt_file pointing to a checkpoint (e.g. "
+                                    f"logs/<dataset>/<run>/last.pth); got {args.resume_ckpt_file!r}")
+        return os.path.dirname(os.path.abspath(args.resume_ckpt_file))
+    path = None
+    if is_main_process():
+        stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
+        base = os.path.join(args.output_dir, args.dataset_name, f"{stamp}_{args.name}")
+        path, i = base, 1
+        while True:
+            try:
+                os.makedirs(path, exist_ok=False)
+                break
+            except FileExistsError:
+                path, i = f"{base}_{i}", i + 1
+    return broadcast_object(path)
+
+
+def remove_failed_run_dir(run_dir: str, logger: logging.Logger) -> None:
+    """Remove a run directory whose setup failed, if it holds nothing but :data:`SETUP_FILES` (rank 0 only)."""
+    if not is_main_process() or not os.path.isdir(run_dir):
+        return
+    if set(os.listdir(run_dir)) <= set(SETUP_FILES):
+        for h in list(logger.handlers):  # release train_log.txt
+            if isinstance(h, logging.FileHandler):
+                logger.removeHandler(h)
+                h.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        logger.error("setup failed: removed the new run directory %s", run_dir)
+
+
+@dataclass
+class TrainingParts:
+    """Everything ``do_train`` takes, built by :func:`build_training`."""
+
+    args: Any
+    device: torch.device
+    model: torch.nn.Module
+    train_loader: Any
+    evaluator: Evaluator
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    checkpointer: Checkpointer
+    start_epoch: int = 1
+    best_top1: float = 0.0
+    best_epoch: Optional[int] = None
+
+
+def build_training(args) -> TrainingParts:
+    """Join the process group, make the run directory, log and save the options, build data, model, optimizer,
+    scheduler, checkpointer and evaluator, and resume when asked. A failure before training starts removes the new
+    run directory (the error stays on the console)."""
+    device = init_distributed(args.device)
+    args.distributed = get_world_size() > 1
+    set_seed(args.seed + get_rank())
+    args.output_dir = make_run_dir(args)
+    logger = setup_logger("IRRA", save_dir=args.output_dir, if_train=True, distributed_rank=get_rank())
+    try:
+        return _build(args, device, logger)
+    except BaseException:
+        if not args.resume:
+            remove_failed_run_dir(args.output_dir, logger)
+        raise
+
+
+def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
+    logger.info(f"Using {get_world_size()} process(es) on {device}; run dir {args.output_dir}")
+    logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    if is_main_process():
+        if args.resume:
+            warn_config_changes(args, os.path.join(args.output_dir, "configs.yaml"), logger)
+        else:
+            save_train_configs(args.output_dir, args)
+
+    train_loader, val_img_loader, val_txt_loader, num_classes = build_dataloader(args)
+    model = build_model(args, num_classes, device=device)
+    logger.info(f"Total params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
+    model.to(device)
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.index is not None else None)
+    optimizer = build_optimizer(args, model)
+    scheduler = build_lr_scheduler(args, optimizer)
+    checkpointer = Checkpointer(model, optimizer, scheduler, args.output_dir, save_to_disk=is_main_process())
+    evaluator = Evaluator(val_img_loader, val_txt_loader, split=args.val_dataset)
+    parts = TrainingParts(args, device, model, train_loader, evaluator, optimizer, scheduler, checkpointer)
+    if args.resume:
+        ckpt = checkpointer.resume(args.resume_ckpt_file)
+        parts.start_epoch = int(ckpt["epoch"]) + 1  # the original restarted the saved epoch
+        parts.best_top1, parts.best_epoch = float(ckpt.get("best_top1", 0.0)), ckpt.get("best_epoch")
+        logger.info(f"Resumed from {args.resume_ckpt_file}: continuing at epoch {parts.start_epoch}")
+    return parts
