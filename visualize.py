@@ -1,4 +1,4 @@
-r"""Draw text-to-image retrieval results of a trained run (the logic lives in utils/retrieval.py).
+r"""Draw text-to-image retrieval results of a trained run (processor/retrieval.py, processor/test_queries.py).
 
 Test queries of the run's dataset (green frame = right identity, red = wrong, blue = ground truth):
     python visualize.py --config_file logs/<dataset>/<run>/configs.yaml [--query_index 0 7 ...] [--num_queries 5]
@@ -6,13 +6,16 @@ Test queries of the run's dataset (green frame = right identity, red = wrong, bl
 Free-text search over any folder of images (embeddings cached next to the run):
     python visualize.py --config_file logs/<dataset>/<run>/configs.yaml --gallery my_photos/ \
         --query "a man in a blue jacket with a black backpack" [--query "..."]
+Grids never overwrite a file: an existing name gets a _1, _2... suffix.
 """
 import argparse
 import logging
 import os
 from pathlib import Path
 
-from utils import retrieval as R
+from processor import test_queries as T
+from processor.retrieval import Retriever
+from utils.grid import draw_search_grid, save_new_png, slug, tile_size_for
 
 
 def main(argv=None) -> list[Path]:
@@ -32,39 +35,36 @@ def main(argv=None) -> list[Path]:
     a = p.parse_args(argv)
     if a.topk < 1 or a.num_queries < 1:
         p.error("--topk and --num_queries must be >= 1")
+    if any(not q.strip() for q in a.query):
+        p.error(f"--query must be a sentence describing the person, got {[q for q in a.query if not q.strip()]}")
     if a.query and (a.failures or a.query_index):
         p.error("--failures / --query_index select test queries; they cannot be combined with --query")
     if a.gallery and not a.query:
         p.error("--gallery is searched with --query \"a sentence\"")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    r = R.Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers)
+    r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers)
     out = Path(a.out) if a.out else r.run_dir / "vis"
-    out.mkdir(parents=True, exist_ok=True)
-    tile = R.tile_size_for(r.args)
-    saved = []
+    tile, saved = tile_size_for(r.args), []
     if a.query:
-        if a.gallery:
-            gallery = r.encode_folder(a.gallery)
-        else:
-            gallery = R.encode_test_gallery(r, R.load_test_split(r.args))
+        gallery = r.encode_folder(a.gallery) if a.gallery else T.encode_test_gallery(r, T.load_test_split(r.args))
         for i, q in enumerate(a.query):
             scores, idx = r.search(q, gallery, a.topk)
             paths = [gallery.paths[j] for j in idx.tolist()]
-            saved.append(out / f"search_{i:02d}_{R.slug(q)}.png")
-            R.draw_search_grid(q, paths, scores, tile).save(saved[-1])
+            out.mkdir(parents=True, exist_ok=True)
+            grid = draw_search_grid(r.kept_text(q), paths, scores, tile)  # the header shows what the model saw
+            saved.append(save_new_png(grid, out / f"search_{i:02d}_{slug(q)}.png"))
             print(f"\nquery: {q}\n" + "\n".join(f"{k:3d}  {s:7.4f}  {pth}" for k, (s, pth)
                                                 in enumerate(zip(scores.tolist(), paths), start=1)))
     else:
-        split = R.load_test_split(r.args)
-        R.check_query_indices(a.query_index, len(split["captions"]))
-        results = R.rank_test_queries(r, split, a.topk)
-        picked = R.pick_queries(results, a.query_index, a.num_queries, a.failures)
+        split = T.load_test_split(r.args)
+        T.check_query_indices(a.query_index, len(split["captions"]))
+        picked = T.pick_queries(T.rank_test_queries(r, split, a.topk), a.query_index, a.num_queries, a.failures)
         if not picked:
             print("no query to draw" + (" (every top-1 is correct)" if a.failures else ""))
         for res in picked:
-            saved.append(out / f"query_{res.index:05d}.png")
-            R.draw_query_grid(res, tile).save(saved[-1])
+            out.mkdir(parents=True, exist_ok=True)
+            saved.append(save_new_png(T.draw_query_grid(res, tile), out / f"query_{res.index:05d}.png"))
     print("\n" + "\n".join(f"saved {s}" for s in saved))
     return saved
 

@@ -25,10 +25,11 @@ import random
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from PIL import Image
 from prettytable import PrettyTable
 from torch.utils.data import Dataset
 
-from utils.iotools import read_image, read_json
+from utils.iotools import open_image, read_image, read_json
 
 logger = logging.getLogger("IRRA.dataset")
 
@@ -304,6 +305,42 @@ class ImageDataset(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return self.image_pids[index], img
+
+
+# What opening an arbitrary image file can raise (PIL.UnidentifiedImageError is an OSError).
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
+class ImageFileDataset(Dataset):
+    """Image files by path -> ``(index, img)``; a file that cannot be read gives ``(index, None)`` instead of raising.
+
+    For galleries of arbitrary photos (visualize.py --gallery): the caller skips and reports the unreadable ones
+    (batch with :func:`collate_skip_unreadable`). One read attempt per file, through ``utils.iotools.open_image``.
+    """
+
+    def __init__(self, img_paths: Sequence[str], transform: Optional[Callable] = None) -> None:
+        self.img_paths = list(img_paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.img_paths)
+
+    def __getitem__(self, index: int) -> Tuple[int, Any]:
+        try:
+            img = open_image(self.img_paths[index])
+        except UNREADABLE_IMAGE_ERRORS:
+            return index, None
+        return index, self.transform(img) if self.transform is not None else img
+
+
+def collate_skip_unreadable(batch: List[Tuple[int, Optional[torch.Tensor]]]
+                            ) -> Tuple[List[int], Optional[torch.Tensor], List[int]]:
+    """Collate :class:`ImageFileDataset` items: (read indices, their images stacked [B, 3, H, W] or None, failed)."""
+    ok = [(i, x) for i, x in batch if x is not None]
+    failed = [i for i, x in batch if x is None]
+    if not ok:
+        return [], None, failed
+    return [i for i, _ in ok], torch.stack([x for _, x in ok]), failed
 
 
 class TextDataset(Dataset):

@@ -1,5 +1,7 @@
-"""utils/retrieval.py with a transparent stand-in model: image embedding = mean RGB, text embedding = colour-word
-counts, so every score has a naive closed form. The real-model end-to-end path is in tests/test_visualize.py."""
+"""processor/retrieval.py, processor/test_queries.py and utils/grid.py with a transparent stand-in model: image
+embedding = mean RGB, text embedding = colour-word counts, so every score has a naive closed form. The real-model
+end-to-end path is in tests/test_visualize.py."""
+import logging
 import os
 
 import pytest
@@ -8,10 +10,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
+from processor import retrieval as R
+from processor import test_queries as TQ
 from tests.conftest import retrieval_warnings
-from utils import retrieval as R
-
-
+from utils import grid as G
+from utils.simple_tokenizer import get_tokenizer, tokenize
 
 COLOURS = {"red": (230, 20, 20), "green": (20, 210, 30), "blue": (25, 30, 220), "yellow": (220, 220, 30),
            "white": (250, 250, 250)}
@@ -34,9 +37,15 @@ class ColourModel(torch.nn.Module):
         return ids.float()
 
 
-def colour_tokenize(text):
+def colour_counts(text):
     words = text.lower().split()
     return torch.tensor([words.count("red"), words.count("green"), words.count("blue")], dtype=torch.long)
+
+
+def colour_tokenize(text):
+    """Stand-in tokenizer: the 'ids' are the colour counts, never cut."""
+    ids = colour_counts(text)
+    return R.TokenizedText(ids, ids.numel(), text)
 
 
 def make_retriever(run_dir=None, checkpoint=None, batch_size=3):
@@ -60,7 +69,7 @@ def write_gallery(folder):
 
 
 def naive_scores(retriever, paths, query):
-    q = F.normalize(colour_tokenize(query).float(), dim=0)
+    q = F.normalize(colour_counts(query).float(), dim=0)
     out = {}
     for p in paths:
         x = retriever.transform(Image.open(p).convert("RGB")).mean(dim=(1, 2))
@@ -108,9 +117,16 @@ def test_unreadable_image_skipped_with_one_warning(tmp_path):
     bad1.write_bytes(b"\xff\xd8 this is not a jpeg")
     bad2.write_bytes(b"")
     r = make_retriever()
-    with retrieval_warnings() as warnings:
-        g = r.encode_images(R.list_images(tmp_path / "g"), progress=False)
-    assert len(warnings) == 1
+    iotools_records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = iotools_records.append
+    logging.getLogger("IRRA.iotools").addHandler(handler)
+    try:
+        with retrieval_warnings() as warnings:
+            g = r.encode_images(R.list_images(tmp_path / "g"), progress=False)
+    finally:
+        logging.getLogger("IRRA.iotools").removeHandler(handler)
+    assert len(warnings) == 1 and iotools_records == []  # one read attempt per file, no per-file retry warnings
     assert str(bad1) in warnings[0].getMessage() and str(bad2) in warnings[0].getMessage()
     assert sorted(g.paths) == sorted(paths.values()) and sorted(g.skipped) == sorted([str(bad1), str(bad2)])
     all_paths = R.list_images(tmp_path / "g")
@@ -176,10 +192,10 @@ def test_cache_keeps_skipped_list(tmp_path):
 
 
 def test_wrap_text_keeps_every_word_within_width():
-    font = R.load_font(R.CAPTION_FONT_SIZE)
+    font = G.load_font(G.CAPTION_FONT_SIZE)
     text = ("The woman is wearing a long sleeved white shirt, a pair of dark blue jeans and black shoes. She carries "
             "a red handbag on her left shoulder " + "x" * 80)
-    lines = R.wrap_text(text, font, 200)
+    lines = G.wrap_text(text, font, 200)
     assert len(lines) > 5
     assert all(font.getlength(line) <= 200 for line in lines)
     assert "".join(lines).replace(" ", "") == text.replace(" ", "")
@@ -188,7 +204,7 @@ def test_wrap_text_keeps_every_word_within_width():
 def frame_colour(img, box):
     """Colour at the middle of the left frame edge and the top-left frame corner (both must agree)."""
     x0, y0, x1, y1 = box
-    mid = img.getpixel((x0 + R.FRAME // 2, (y0 + y1) // 2))
+    mid = img.getpixel((x0 + G.FRAME // 2, (y0 + y1) // 2))
     corner = img.getpixel((x0 + 1, y0 + 1))
     assert mid == corner
     return mid
@@ -198,51 +214,51 @@ def test_query_grid_frame_colours_follow_identities(tmp_path):
     paths = write_gallery(tmp_path / "g")
     names = list(COLOURS)
     pids = [3, 7, 3, 3, 9]
-    res = R.QueryResult(index=12, caption="a person in red " * 30, pid=3, gt_path=paths["red"],
+    res = TQ.QueryResult(index=12, caption="a person in red " * 30, pid=3, gt_path=paths["red"],
                         paths=[paths[n] for n in names], pids=pids, scores=[0.9, 0.8, 0.7, 0.6, 0.5])
-    img = R.draw_query_grid(res)
+    img = TQ.draw_query_grid(res)
     img.save(tmp_path / "q.png")
     img = Image.open(tmp_path / "q.png").convert("RGB")
-    lines, (w, h), boxes = R.caption_layout(R.query_title(res), 6)
-    assert R.query_title(res).startswith("[query 12, pid 3] a person in red")
+    lines, (w, h), boxes = G.caption_layout(TQ.query_title(res), 6)
+    assert TQ.query_title(res).startswith("[query 12, pid 3] a person in red")
     assert img.size == (w, h) and len(lines) >= 3  # the long caption is wrapped, not cut
-    assert boxes[0][2] - boxes[0][0] + 1 == 128 + 2 * R.FRAME and boxes[0][3] - boxes[0][1] + 1 == 256 + 2 * R.FRAME
-    assert frame_colour(img, boxes[0]) == R.GT_COLOR
+    assert boxes[0][2] - boxes[0][0] + 1 == 128 + 2 * G.FRAME and boxes[0][3] - boxes[0][1] + 1 == 256 + 2 * G.FRAME
+    assert frame_colour(img, boxes[0]) == G.GT_COLOR
     for box, pid in zip(boxes[1:], pids):
-        assert frame_colour(img, box) == (R.MATCH_COLOR if pid == 3 else R.MISMATCH_COLOR)
+        assert frame_colour(img, box) == (G.MATCH_COLOR if pid == 3 else G.MISMATCH_COLOR)
     # the image is inside the frame: the blue gallery image (index 2) shows blue at its centre
     x0, y0, x1, y1 = boxes[3]
     r_, g_, b_ = img.getpixel(((x0 + x1) // 2, (y0 + y1) // 2))
     assert b_ > 180 and r_ < 60
     # caption text is drawn on every wrapped line (dark pixels in each line band)
-    lh = R._line_height(R.load_font(R.CAPTION_FONT_SIZE))
+    lh = G._line_height(G.load_font(G.CAPTION_FONT_SIZE))
     for i in range(len(lines)):
-        band = img.crop((0, R.MARGIN + i * lh, w, R.MARGIN + (i + 1) * lh)).convert("L")
+        band = img.crop((0, G.MARGIN + i * lh, w, G.MARGIN + (i + 1) * lh)).convert("L")
         assert band.getextrema()[0] < 100
 
 
 def test_search_grid_is_neutral_and_sized_to_run_aspect(tmp_path):
     paths = write_gallery(tmp_path / "g")
-    tile = R.tile_size_for(type("A", (), {"img_size": (384, 128)})())
+    tile = G.tile_size_for(type("A", (), {"img_size": (384, 128)})())
     assert tile == (128, 384)
-    img = R.draw_search_grid("red", [paths["red"], paths["blue"]], torch.tensor([0.9, 0.1]), tile)
-    (w, h), boxes = R.grid_layout(2, 1, tile)
+    img = G.draw_search_grid("red", [paths["red"], paths["blue"]], torch.tensor([0.9, 0.1]), tile)
+    (w, h), boxes = G.grid_layout(2, 1, tile)
     assert img.size == (w, h)
-    assert {frame_colour(img, b) for b in boxes} == {R.NEUTRAL_COLOR}
+    assert {frame_colour(img, b) for b in boxes} == {G.NEUTRAL_COLOR}
 
 
 def test_pick_queries():
     def res(i, ok):
-        return R.QueryResult(i, f"c{i}", 1, None, ["p"], [1 if ok else 2], [0.5])
+        return TQ.QueryResult(i, f"c{i}", 1, None, ["p"], [1 if ok else 2], [0.5])
 
     results = [res(i, ok) for i, ok in enumerate([True, False, True, False, False, True])]
-    assert [q.index for q in R.pick_queries(results, failures=True, num_queries=10)] == [1, 3, 4]
-    assert [q.index for q in R.pick_queries(results, failures=True, num_queries=2)] == [1, 4]
-    assert [q.index for q in R.pick_queries(results, num_queries=3)] == [0, 2, 5]  # spread over the split
-    assert [q.index for q in R.pick_queries(results, query_indices=[5, 0])] == [5, 0]
+    assert [q.index for q in TQ.pick_queries(results, failures=True, num_queries=10)] == [1, 3, 4]
+    assert [q.index for q in TQ.pick_queries(results, failures=True, num_queries=2)] == [1, 4]
+    assert [q.index for q in TQ.pick_queries(results, num_queries=3)] == [0, 2, 5]  # spread over the split
+    assert [q.index for q in TQ.pick_queries(results, query_indices=[5, 0])] == [5, 0]
     with pytest.raises(ValueError, match=r"out of range.*6 queries"):
-        R.pick_queries(results, query_indices=[6])
-    assert R.pick_queries([res(0, True)], failures=True) == []
+        TQ.pick_queries(results, query_indices=[6])
+    assert TQ.pick_queries([res(0, True)], failures=True) == []
 
 
 def test_from_run_clear_errors(tmp_path):
@@ -253,3 +269,75 @@ def test_from_run_clear_errors(tmp_path):
         R.Retriever.from_run(tmp_path / "configs.yaml")
     with pytest.raises(FileNotFoundError, match="last.pth"):
         R.Retriever.from_run(tmp_path, checkpoint=tmp_path / "last.pth")
+
+
+# ------------------------------------------------------------------ bad / long sentences (one BPE token per word)
+SIX_TOKENS = "a man in a red jacket"
+
+
+def test_query_tokenizer_cuts_like_training_and_keeps_the_text():
+    tok = get_tokenizer()
+    assert len(tok.encode(SIX_TOKENS)) == 6  # the premise: each of these words is one BPE token
+    qt = R.QueryTokenizer(tok, text_length=10)  # SOT + 8 words + EOT
+    long_text = "A Man in a RED jacket " * 5  # 30 words
+    t = qt(long_text)
+    assert t.was_cut and t.num_tokens == 30 + 2
+    assert t.text == "a man in a red jacket a man"  # the first 8 words, cleaned (lower case) as the model sees them
+    assert torch.equal(t.ids, tokenize(long_text, tok, text_length=10, truncate=True))  # the ids training uses
+    short = qt("A Man in RED")
+    assert not short.was_cut and short.num_tokens == 6 and short.text == "A Man in RED"  # shown as typed
+    assert torch.equal(short.ids[6:], torch.zeros(4, dtype=torch.long))
+
+
+def test_empty_or_whitespace_query_is_an_error(tmp_path):
+    write_gallery(tmp_path / "g")
+    r = make_retriever()
+    g = r.encode_images(R.list_images(tmp_path / "g"), progress=False)
+    for bad in ["", "   ", "\t\n"]:
+        with pytest.raises(ValueError, match="empty or whitespace only"):
+            r.search(bad, g)
+        with pytest.raises(ValueError, match="query 1 is empty"):
+            r.encode_texts(["red", bad])
+    r_bpe = R.Retriever(ColourModel(), r.transform, R.QueryTokenizer(get_tokenizer(), 77), torch.device("cpu"))
+    with pytest.raises(ValueError, match="holds no words"):
+        r_bpe.encode_texts(["&nbsp;"])  # not blank as typed, blank once cleaned
+
+
+def test_long_query_cut_with_one_warning_saying_how_much_was_kept():
+    r = R.Retriever(ColourModel(), None, R.QueryTokenizer(get_tokenizer(), 10), torch.device("cpu"))
+    with retrieval_warnings() as warnings:
+        emb = r.encode_texts([SIX_TOKENS * 1, (SIX_TOKENS + " ") * 3])
+    assert emb.shape == (2, 10)
+    assert len(warnings) == 1
+    msg = warnings[0].getMessage()
+    assert "query 1 is longer than text_length=10" in msg and "kept 10 of 20 tokens" in msg
+    assert "a man in a red jacket a man" in msg
+    assert r.kept_text((SIX_TOKENS + " ") * 3) == "a man in a red jacket a man"
+    assert r.kept_text(SIX_TOKENS) == SIX_TOKENS
+    with retrieval_warnings() as warnings:
+        r.encode_texts([SIX_TOKENS + " red", (SIX_TOKENS + " ") * 2, (SIX_TOKENS + " ") * 4])
+    assert len(warnings) == 1 and "2 of 3 queries" in warnings[0].getMessage()
+    assert "of 14 to 26" in warnings[0].getMessage()
+
+
+def test_long_caption_header_is_wrapped_and_capped():
+    font = G.load_font(G.CAPTION_FONT_SIZE)
+    text = "word " * 400
+    lines, (w, h), _ = G.caption_layout(text, 2)
+    width = 2 * (128 + 2 * G.FRAME) + G.TILE_GAP
+    assert len(G.wrap_text(text, font, width)) > G.MAX_CAPTION_LINES  # would be taller uncapped
+    assert len(lines) == G.MAX_CAPTION_LINES and lines[-1].endswith(G.ELLIPSIS)
+    assert all(font.getlength(line) <= width for line in lines)
+    assert h == G.grid_layout(2, G.MAX_CAPTION_LINES)[0][1]
+    assert G.caption_layout("a short one", 2)[0] == ["a short one"]
+
+
+def test_save_new_png_never_overwrites(tmp_path):
+    first = tmp_path / "q.png"
+    first.write_bytes(b"an earlier grid")
+    (tmp_path / "q_1.png").write_bytes(b"another one")
+    img = Image.new("RGB", (4, 4), (1, 2, 3))
+    out = G.save_new_png(img, first)
+    assert out == tmp_path / "q_2.png" and Image.open(out).getpixel((0, 0)) == (1, 2, 3)
+    assert first.read_bytes() == b"an earlier grid" and (tmp_path / "q_1.png").read_bytes() == b"another one"
+    assert G.save_new_png(img, tmp_path / "new.png") == tmp_path / "new.png"

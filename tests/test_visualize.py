@@ -18,8 +18,10 @@ import visualize
 from datasets import build as dbuild
 from datasets.synthpedes import SynthPEDES
 from model.build import build_model
+from processor import retrieval as R
+from processor import test_queries as TQ
 from tests.conftest import retrieval_warnings
-from utils import retrieval as R
+from utils import grid as G
 from utils.checkpoint import Checkpointer
 from utils.iotools import save_train_configs
 from utils.options import get_args
@@ -53,7 +55,7 @@ def run_dir(tiny_synth, tmp_path_factory):
 
 
 def independent_ranking(run, split, topk):
-    """Top-k scores and test pids per caption, computed without utils.retrieval."""
+    """Top-k scores and test pids per caption, computed without processor/retrieval.py."""
     sd = torch.load(run / "best.pth", weights_only=True)["model"]
     model = build_model(get_args(TINY_RUN), num_classes=sd["classifier.weight"].shape[0],
                         device=torch.device("cpu")).eval()
@@ -71,12 +73,12 @@ def independent_ranking(run, split, topk):
 
 def frame_colour(img, box):
     x0, y0, x1, y1 = box
-    return img.getpixel((x0 + R.FRAME // 2, (y0 + y1) // 2))
+    return img.getpixel((x0 + G.FRAME // 2, (y0 + y1) // 2))
 
 
 def read_grid_colours(png, caption, num_tiles, tile):
     img = Image.open(png).convert("RGB")
-    _, size, boxes = R.caption_layout(caption, num_tiles, tile)
+    _, size, boxes = G.caption_layout(caption, num_tiles, tile)
     assert img.size == size
     return [frame_colour(img, b) for b in boxes]
 
@@ -93,13 +95,13 @@ def test_test_queries_grid_colours_match_identities(tiny_synth, run_dir, tmp_pat
     for png in saved:
         q = int(re.search(r"query_(\d+)\.png", png.name).group(1))
         pid = split["caption_pids"][q]
-        res = R.QueryResult(q, split["captions"][q], pid, None, [], [], [])
-        colours = read_grid_colours(png, R.query_title(res), topk + 1, tile)
-        assert colours[0] == R.GT_COLOR
-        want = [R.MATCH_COLOR if p == pid else R.MISMATCH_COLOR for p in topk_pids[q].tolist()]
+        res = TQ.QueryResult(q, split["captions"][q], pid, None, [], [], [])
+        colours = read_grid_colours(png, TQ.query_title(res), topk + 1, tile)
+        assert colours[0] == G.GT_COLOR
+        want = [G.MATCH_COLOR if p == pid else G.MISMATCH_COLOR for p in topk_pids[q].tolist()]
         assert colours[1:] == want, f"query {q}"
     # same ranking as the library's
-    results = R.rank_test_queries(R.Retriever.from_run(run_dir, device="cpu"), split, topk, progress=False)
+    results = TQ.rank_test_queries(R.Retriever.from_run(run_dir, device="cpu"), split, topk, progress=False)
     assert [r.pids for r in results] == topk_pids.tolist()
     assert torch.allclose(torch.tensor([r.scores for r in results]), scores, atol=1e-5)
     # the ground truth drawn first is an image of the query's identity
@@ -116,8 +118,8 @@ def test_failures_only_draws_wrong_top1(tiny_synth, run_dir, tmp_path):
     assert sorted(int(re.search(r"(\d+)", p.name).group(1)) for p in saved) == wrong
     for png in saved[:3]:
         q = int(re.search(r"(\d+)", png.name).group(1))
-        res = R.QueryResult(q, split["captions"][q], split["caption_pids"][q], None, [], [], [])
-        assert read_grid_colours(png, R.query_title(res), 4, (128, 256))[1] == R.MISMATCH_COLOR
+        res = TQ.QueryResult(q, split["captions"][q], split["caption_pids"][q], None, [], [], [])
+        assert read_grid_colours(png, TQ.query_title(res), 4, (128, 256))[1] == G.MISMATCH_COLOR
     # explicit indices, and a clear error out of range
     saved = visualize.main(["--config_file", str(run_dir / "configs.yaml"), "--query_index", "4", "1", "--topk", "2",
                             "--out", str(tmp_path / "idx"), "--device", "cpu", "--num_workers", "0"])
@@ -170,8 +172,8 @@ def test_free_text_search_cache_and_reencode(tiny_synth, run_dir, tmp_path, caps
     encoded.clear()
     # the grid: neutral frames, one tile per result, readable size
     img = Image.open(saved[0]).convert("RGB")
-    _, size, boxes = R.caption_layout(queries[0], 4, (128, 256))
-    assert img.size == size and {frame_colour(img, b) for b in boxes} == {R.NEUTRAL_COLOR}
+    _, size, boxes = G.caption_layout(queries[0], 4, (128, 256))
+    assert img.size == size and {frame_colour(img, b) for b in boxes} == {G.NEUTRAL_COLOR}
     # second call: cache hit, no image encoded, same results
     visualize.main(argv)
     assert encoded == [] and parse_printed(capsys.readouterr().out) == printed
@@ -219,7 +221,7 @@ def test_bad_inputs_give_clear_messages(run_dir, tmp_path, capsys):
         saved = visualize.main(base + ["--gallery", str(gal), "--topk", "5"])
     warnings = [r.getMessage() for r in records]
     assert len(warnings) == 1 and str(gal / "broken.jpg") in warnings[0]
-    _, size, _ = R.caption_layout("a man", 2, (128, 256))
+    _, size, _ = G.caption_layout("a man", 2, (128, 256))
     assert Image.open(saved[0]).size == size  # two results, not three
 
 
@@ -237,9 +239,65 @@ def test_num_classes_from_checkpoint(tiny_synth, tmp_path, loss_names, num_class
     r = R.Retriever.from_run(tmp_path / "configs.yaml", device="cpu")
     if num_classes:
         assert r.model.classifier.out_features == num_classes
-    split = R.load_test_split(r.args)
+    split = TQ.load_test_split(r.args)
     g = r.encode_images(split["img_paths"][:4], progress=False)
     with torch.no_grad():
         want = F.normalize(model.encode_image(torch.stack([r.transform(Image.open(p).convert("RGB"))
                                                            for p in g.paths])), dim=-1)
     assert torch.allclose(g.embeddings, want, atol=1e-5)
+
+
+def small_gallery(folder):
+    folder.mkdir()
+    for k, c in enumerate([(200, 20, 20), (20, 20, 200), (20, 200, 20)]):
+        Image.new("RGB", (32, 64), c).save(folder / f"img{k}.png")
+    return folder
+
+
+def test_empty_query_is_an_error_naming_it_and_keeps_earlier_grids(run_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--config_file", str(run_dir), "--gallery", str(small_gallery(tmp_path / "gal")), "--topk", "2",
+            "--out", str(out), "--device", "cpu", "--num_workers", "0"]
+    visualize.main(base + ["--query", "a man"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before) == 1
+    for bad in ["", "   "]:
+        with pytest.raises(SystemExit):
+            visualize.main(base + ["--query", "a man", "--query", bad])
+        err = capsys.readouterr().err
+        assert "--query must be a sentence" in err and repr(bad) in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, nothing lost
+    # the library refuses it as well (a notebook user has no parser)
+    r = R.Retriever.from_run(run_dir, device="cpu")
+    g = r.encode_folder(tmp_path / "gal", progress=False)
+    with pytest.raises(ValueError, match="empty or whitespace only"):
+        r.search(" ", g)
+
+
+def test_long_query_cut_with_warning_and_header_shows_the_kept_text(run_dir, tmp_path, capsys):
+    tok = SimpleTokenizer()
+    six = "A Man in a RED jacket"
+    assert len(tok.encode(six)) == 6  # each word is one BPE token
+    query = " ".join([six] * 40)  # 240 tokens + SOT/EOT
+    kept = " ".join(" ".join([six] * 13).lower().split()[:75])  # text_length 77 = SOT + 75 words + EOT
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = out / f"search_00_{G.slug(query)}.png"
+    earlier.write_bytes(b"a grid from an earlier run")
+    argv = ["--config_file", str(run_dir), "--gallery", str(small_gallery(tmp_path / "gal")), "--query", query,
+            "--topk", "2", "--out", str(out), "--device", "cpu", "--num_workers", "0"]
+    with retrieval_warnings() as records:
+        saved = visualize.main(argv)
+    msgs = [r.getMessage() for r in records]
+    assert len(msgs) == 1 and "longer than text_length=77" in msgs[0] and "kept 77 of 242 tokens" in msgs[0]
+    assert earlier.read_bytes() == b"a grid from an earlier run"  # not overwritten
+    assert saved == [out / f"search_00_{G.slug(query)}_1.png"]
+    # the header: the kept text (lower-cased as the model saw it), wrapped, at most MAX_CAPTION_LINES lines
+    img = Image.open(saved[0]).convert("RGB")
+    lines, size, boxes = G.caption_layout(kept, 2, (128, 256))
+    assert img.size == size and len(lines) == G.MAX_CAPTION_LINES and lines[0].startswith("a man in a red")
+    want = G.draw_search_grid(kept, [str(tmp_path / "gal" / "img0.png")] * 2, [0.0, 0.0], (128, 256))
+    header = (0, 0, size[0], boxes[0][1])
+    assert img.crop(header).tobytes() == want.crop(header).tobytes()
+    as_typed = G.draw_search_grid(query, [str(tmp_path / "gal" / "img0.png")] * 2, [0.0, 0.0], (128, 256))
+    assert as_typed.size == size and as_typed.crop(header).tobytes() != want.crop(header).tobytes()  # not as typed

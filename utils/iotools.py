@@ -25,6 +25,12 @@ CONFIG_FILE_NAME = "configs.yaml"
 TUPLE_OPTIONS = ("img_size", "milestones")
 
 
+def open_image(img_path: str) -> Image.Image:
+    """Open ``img_path`` as an RGB PIL image in one try (no retry, no logging): errors reach the caller."""
+    with Image.open(img_path) as img:
+        return img.convert("RGB")
+
+
 def read_image(img_path: str, retries: int = 3, retry_delay: float = 0.1) -> Image.Image:
     """Open ``img_path`` as an RGB PIL image.
 
@@ -39,8 +45,7 @@ def read_image(img_path: str, retries: int = 3, retry_delay: float = 0.1) -> Ima
         if not osp.exists(img_path):
             raise FileNotFoundError(f"Image file does not exist: '{img_path}'")
         try:
-            with Image.open(img_path) as img:
-                return img.convert("RGB")
+            return open_image(img_path)
         except OSError as err:  # PIL.UnidentifiedImageError is an OSError too
             last_err = err
             logger.warning("IOError reading '%s' (attempt %d/%d): %s", img_path, attempt, retries, err)
