@@ -1,5 +1,6 @@
 """Evaluate a trained run:  python test.py --config_file logs/<dataset>/<run>/configs.yaml
 Works with our configs.yaml and the original IRRA's; loads best.pth from the config's directory by default.
+The results are also recorded, under the checkpoint's file name, in test_metrics.json next to the checkpoint.
 """
 import argparse
 import os
@@ -13,6 +14,7 @@ from utils.checkpoint import (Checkpointer, checkpoint_num_classes, clip_state_d
 from utils.comm import resolve_device
 from utils.logger import setup_logger
 from utils.options import load_config_args
+from utils.summarize import write_test_metrics
 
 
 def main(argv=None) -> dict:
@@ -43,9 +45,12 @@ def main(argv=None) -> dict:
     weights = read_model_state_dict(ckpt)
     model = build_model(args, checkpoint_num_classes(weights, default=num_classes), device=device,
                         clip_state_dict=clip_state_dict_from_checkpoint(weights))
-    Checkpointer(model).load(f=ckpt)
+    epoch = Checkpointer(model).load(f=ckpt).get("epoch")  # None in a checkpoint without one
     model.to(device)
-    return do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric)
+    metrics = do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric)
+    logger.info(f"results of {os.path.basename(ckpt)} (epoch {epoch}) recorded in "
+                f"{write_test_metrics(ckpt, metrics, epoch=epoch, split='test')}")
+    return metrics
 
 
 if __name__ == "__main__":
