@@ -4,22 +4,52 @@
 #   a dataset    : the paper's recipe with OpenAI ViT-B/16 weights; the dataset under --root_dir (default ./data).
 # The dataset may also come from the DATASET_NAME environment variable, as in the original script.
 # Multi-GPU:  NPROC=4 bash run_irra.sh CUHK-PEDES   (uses torchrun; the batch is split over the processes)
+# Seeds:      SEEDS="1 2 3" bash run_irra.sh RSTPReid   (one training per seed, each followed by test.py on best.pth
+#             and last.pth, then the table of utils/summarize.py over these runs: per run and mean ± std)
 set -euo pipefail
 cd "$(dirname "$0")"
 DATASET_NAME="${1:-${DATASET_NAME:-CUHK-PEDES}}"
 [ $# -gt 0 ] && shift
 PY="${PYTHON:-python}"
+read -r -a SEED_LIST <<< "${SEEDS:-}"
+for s in ${SEED_LIST[@]+"${SEED_LIST[@]}"}; do
+    [[ "$s" =~ ^-?[0-9]+$ ]] || {
+        echo "run_irra.sh: SEEDS='$SEEDS': '$s' is not an integer (expected e.g. SEEDS=\"1 2 3\")" >&2; exit 2; }
+done
+
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+RUNS=()
+# train_and_test TRAIN_COMMAND...: run a training (its output shown), find its run directory in the log, then
+# evaluate best.pth and last.pth with test.py (each records its results in the run's test_metrics.json).
+train_and_test() {
+    "$@" | tee "$LOG"
+    local out
+    out=$(sed -n 's/.*run dir \(.*\)$/\1/p' "$LOG" | head -n 1)
+    [ -n "$out" ] || { echo "run_irra.sh: could not find the run directory in the training log" >&2; exit 1; }
+    for ckpt in best.pth last.pth; do
+        if [ -f "$out/$ckpt" ]; then
+            "$PY" test.py --config_file "$out/configs.yaml" --checkpoint "$out/$ckpt"
+        else
+            echo "run_irra.sh: $out/$ckpt does not exist: not tested" >&2
+        fi
+    done
+    RUNS+=("$out")
+}
 
 if [ "$DATASET_NAME" = "demo" ]; then
-    # configs/demo.yaml holds the demo's options; train, then evaluate the best checkpoint with test.py.
-    LOG=$(mktemp)
-    trap 'rm -f "$LOG"' EXIT
-    "$PY" train.py --config configs/demo.yaml "$@" | tee "$LOG"
-    OUT=$(sed -n 's/.*run dir \(.*\)$/\1/p' "$LOG" | head -n 1)
-    [ -n "$OUT" ] || { echo "run_irra.sh: could not find the run directory in the training log" >&2; exit 1; }
-    "$PY" test.py --config_file "$OUT/configs.yaml"
-    echo "Run directory: $OUT"
-    echo "Next: python visualize.py --config_file $OUT/configs.yaml"
+    # configs/demo.yaml holds the demo's options; train, evaluate best.pth and last.pth, and show what the run is worth.
+    if [ ${#SEED_LIST[@]} -eq 0 ]; then
+        train_and_test "$PY" train.py --config configs/demo.yaml "$@"
+    fi
+    for seed in ${SEED_LIST[@]+"${SEED_LIST[@]}"}; do
+        train_and_test "$PY" train.py --config configs/demo.yaml "$@" --seed "$seed"
+    done
+    for out in "${RUNS[@]}"; do
+        echo "Run directory: $out"
+    done
+    echo "Next: python visualize.py --config_file ${RUNS[0]}/configs.yaml"
+    "$PY" -m utils.summarize "${RUNS[@]}"
     exit 0
 fi
 
@@ -36,12 +66,20 @@ else
     LAUNCH=("$PY")
 fi
 # The paper recipe (as the original run_irra.sh), spelled out; the config file adds nothing else.
-"${LAUNCH[@]}" train.py --config "$CFG" \
-    --name irra \
-    --img_aug \
-    --batch_size 64 \
-    --MLM \
-    --loss_names 'sdm+mlm+id' \
-    --dataset_name "$DATASET_NAME" \
-    --num_epoch 60 \
-    "$@"
+RECIPE=("${LAUNCH[@]}" train.py --config "$CFG"
+    --name irra
+    --img_aug
+    --batch_size 64
+    --MLM
+    --loss_names 'sdm+mlm+id'
+    --dataset_name "$DATASET_NAME"
+    --num_epoch 60
+    "$@")
+if [ ${#SEED_LIST[@]} -eq 0 ]; then
+    "${RECIPE[@]}"
+    exit 0
+fi
+for seed in "${SEED_LIST[@]}"; do
+    train_and_test "${RECIPE[@]}" --seed "$seed"
+done
+"$PY" -m utils.summarize "${RUNS[@]}"

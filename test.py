@@ -1,5 +1,6 @@
 """Evaluate a trained run:  python test.py --config_file logs/<dataset>/<run>/configs.yaml
 Works with our configs.yaml and the original IRRA's; loads best.pth from the config's directory by default.
+The results are also recorded, under the checkpoint's file name, in test_metrics.json next to the checkpoint.
 """
 import argparse
 import os
@@ -9,10 +10,11 @@ from datasets import build_dataloader
 from model.build import build_model
 from processor.processor import do_inference
 from utils.checkpoint import (checkpoint_num_classes, clip_state_dict_from_checkpoint, load_state_dict,
-                              read_model_state_dict)
+                              model_state_dict, read_checkpoint)
 from utils.comm import resolve_device
 from utils.logger import setup_logger
 from utils.options import config_path, load_config_args
+from utils.summarize import write_test_metrics
 
 
 def main(argv=None) -> dict:
@@ -39,12 +41,17 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     test_img_loader, test_txt_loader, num_classes = build_dataloader(args)
     # the backbone is rebuilt from the checkpoint itself: the pretrained CLIP file is not needed
-    weights = read_model_state_dict(ckpt)
+    checkpoint = read_checkpoint(ckpt)  # read once: weights, classes, backbone and epoch all come from it
+    weights = model_state_dict(checkpoint, ckpt)
+    epoch = checkpoint.get("epoch")  # None in a checkpoint without one (the original's)
     model = build_model(args, checkpoint_num_classes(weights, default=num_classes), device=device,
                         clip_state_dict=clip_state_dict_from_checkpoint(weights))
     load_state_dict(model, weights, source=ckpt)
     model.to(device)
-    return do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric)
+    metrics = do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric)
+    logger.info(f"results of {os.path.basename(ckpt)} (epoch {epoch}) recorded in "
+                f"{write_test_metrics(ckpt, metrics, epoch=epoch, split='test')}")
+    return metrics
 
 
 if __name__ == "__main__":

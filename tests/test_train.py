@@ -217,3 +217,6 @@ def test_run_irra_sh(tiny_cuhk_root, tmp_path):
     assert f"Run directory: {run_dir}" in proc.stdout
     assert os.path.isfile(os.path.join(run_dir, "test_log.txt"))
     assert "Enter inferencing" in open(os.path.join(run_dir, "test_log.txt")).read()
+    # best.pth and last.pth are tested, and the demo ends with the summary table of its run
+    assert set(json.load(open(os.path.join(run_dir, "test_metrics.json")))) == {"best.pth", "last.pth"}
+    assert "mean ± std (1 run)" in proc.stdout and proc.stdout.rstrip().endswith("+")

@@ -5,9 +5,13 @@ Compatible with the original IRRA checkpoints (same layout and parameter names).
 """
 from __future__ import annotations
 
+import errno
+import glob
 import logging
 import os
+import pickle
 import tempfile
+import zipfile
 from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
@@ -16,6 +20,33 @@ from torch import nn
 from utils.comm import unwrap_model
 
 CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
+
+
+class CheckpointReadError(ValueError):
+    """A file that is not a readable torch checkpoint (empty, truncated, random bytes, unsafe objects)."""
+
+
+def torch_load(f: str, mmap: bool = True) -> Any:
+    """``torch.load(f, map_location="cpu", weights_only=True)``, memory-mapped when ``mmap`` and the file is in torch's
+    zip format (legacy non-zip files load without mmap). A missing file raises FileNotFoundError; a file torch cannot
+    read raises :class:`CheckpointReadError` naming it."""
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"checkpoint file not found: {f}")
+    if os.path.getsize(f) == 0:
+        raise CheckpointReadError(f"{f}: empty file (0 bytes), not a readable torch checkpoint")
+    use_mmap = mmap and zipfile.is_zipfile(f)
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError,
+            ImportError, TypeError, zipfile.BadZipFile) as e:
+        text = str(e)
+        if "Weights only load failed" in text:
+            why = ("it holds Python objects other than tensors and plain containers, which the safe loader refuses; "
+                   "save its weights with torch.save({'model': model.state_dict()})")
+        else:
+            first = next((ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln), "")
+            why = f"truncated, corrupt or not written by torch.save ({type(e).__name__}: {first[:200]})"
+        raise CheckpointReadError(f"{f}: not a readable torch checkpoint: {why}") from None
 
 
 def strip_prefix_if_present(state_dict: Dict[str, Any], prefix: str = "module.") -> Dict[str, Any]:
@@ -80,7 +111,11 @@ class Checkpointer:
         return unwrap_model(self.model)
 
     def save(self, name: str, **kwargs: Any) -> Optional[str]:
-        """Write ``<save_dir>/<name>.pth`` atomically; returns its path (None when saving is disabled)."""
+        """Write ``<save_dir>/<name>.pth`` atomically; returns its path (None when saving is disabled).
+
+        The previous file stays in place until the new one is complete (a full disk raises an OSError saying so);
+        temporary files of an earlier save that was killed are removed; the file gets the mode of the other files
+        of the run (0666 less the umask)."""
         if not self.save_dir or not self.save_to_disk:
             return None
         data: Dict[str, Any] = {"model": self._model().state_dict()}
@@ -91,14 +126,20 @@ class Checkpointer:
         data.update(kwargs)
         os.makedirs(self.save_dir, exist_ok=True)
         save_file = os.path.join(self.save_dir, f"{name}.pth")
+        for stale in glob.glob(os.path.join(glob.escape(self.save_dir), f".{glob.escape(name)}.*.tmp")):
+            os.remove(stale)  # left by a save that was killed
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.save_dir)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(data, f)
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, save_file)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(tmp):
                 os.remove(tmp)
+            if _disk_full(e):
+                raise OSError(errno.ENOSPC, f"No space left on device while writing {save_file}; the previous "
+                                            f"{name}.pth (if any) is kept") from None
             raise
         self.logger.info("Saving checkpoint to %s", save_file)
         return save_file
@@ -106,15 +147,8 @@ class Checkpointer:
     def _read(self, f: Optional[str]) -> Dict[str, Any]:
         if not f:
             raise ValueError("no checkpoint file given (set --resume_ckpt_file / pass the path)")
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"checkpoint file not found: {f}")
         self.logger.info("Loading checkpoint from %s", f)
-        ckpt = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
-        if not isinstance(ckpt, dict):
-            raise ValueError(f"{f}: expected a checkpoint dict, got {type(ckpt).__name__}")
-        if "model" not in ckpt:  # a bare state dict
-            ckpt = {"model": ckpt}
-        return ckpt
+        return read_checkpoint(f, mmap=False)
 
     def load(self, f: Optional[str] = None, strict: bool = True,
              except_keys: Optional[Iterable[str]] = None) -> Dict[str, Any]:
@@ -141,15 +175,45 @@ class Checkpointer:
         return checkpoint
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _disk_full(e: BaseException) -> bool:
+    """True when ``e`` (or an exception it was raised from) is ENOSPC; torch's writer reports a failed write as
+    ``unexpected pos`` with the OSError as context."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def read_checkpoint(f: str, mmap: bool = True) -> Dict[str, Any]:
+    """Checkpoint ``f`` as ``{"model": state_dict, ...}`` (ours, the original's, or a bare state dict, which becomes
+    the "model" entry). Errors name the file (see :func:`torch_load`)."""
+    ckpt = torch_load(f, mmap=mmap)
+    if not isinstance(ckpt, dict):
+        raise CheckpointReadError(f"{f}: expected a checkpoint dict, got {type(ckpt).__name__}")
+    if "model" not in ckpt:  # a bare state dict
+        ckpt = {"model": ckpt}
+    if not isinstance(ckpt["model"], dict):
+        raise CheckpointReadError(f"{f}: expected a checkpoint dict with a 'model' state dict")
+    return ckpt
+
+
+def model_state_dict(checkpoint: Dict[str, Any], source: str = "checkpoint") -> Dict[str, torch.Tensor]:
+    """The model weights of a :func:`read_checkpoint` dict, a ``module.`` prefix stripped."""
+    return strip_prefix_if_present(checkpoint["model"], "module.")
+
+
 def read_model_state_dict(f: str) -> Dict[str, torch.Tensor]:
     """The model weights of checkpoint ``f`` (ours or the original's; a ``module.`` prefix stripped)."""
-    if not os.path.isfile(f):
-        raise FileNotFoundError(f"checkpoint file not found: {f}")
-    ckpt = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict):
-        raise ValueError(f"{f}: expected a checkpoint dict with a 'model' state dict")
-    return strip_prefix_if_present(sd, "module.")
+    return model_state_dict(read_checkpoint(f), f)
 
 
 def checkpoint_num_classes(f: Union[str, Dict[str, torch.Tensor]], default: Optional[int] = None) -> Optional[int]:

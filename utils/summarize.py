@@ -1,0 +1,373 @@
+"""What a run is worth, over seeds:  python -m utils.summarize logs/CUHK-PEDES/<run> [<run> ...]  (or logs/CUHK-PEDES)
+
+One epoch's test score is a noisy estimate, and a checkpoint chosen on the test split flatters it. This prints, per
+run: its seed, the epoch with the best val R1 (``metrics.jsonl``, the training's rule: the first maximum wins), the
+test metrics of that checkpoint (``best.pth``) and of the last epoch (``last.pth``), both read from the
+``test_metrics.json`` that ``test.py`` writes next to the checkpoints; then, for the runs whose ``configs.yaml`` differ
+only in the seed (and the name / output directory / run-state keys), a mean ± sample-std row. A missing or unreadable
+file becomes a note in the table, never an error.
+
+Only the standard library, PyYAML and prettytable are imported (no torch): it runs anywhere the logs are.
+``write_test_metrics`` is the writer that ``test.py`` uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+from prettytable import PrettyTable
+
+TEST_METRICS_FILE = "test_metrics.json"
+CONFIG_FILE = "configs.yaml"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = ("best.pth", "last.pth")
+# A folder holding any of these is a run directory.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, TEST_METRICS_FILE, *CHECKPOINTS)
+METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
+# configs.yaml keys that do not make two runs different experiments: the seed, the run's name and directory, and
+# utils.options.RUN_STATE_KEYS (repeated here, not imported: utils.options imports torch; a test keeps them equal).
+IGNORED_CONFIG_KEYS = ("seed", "name", "output_dir",
+                       "config", "distributed", "training", "resume", "resume_ckpt_file", "local_rank", "stop_epoch")
+# The table's numeric columns: the val-best epoch and best.pth's test metrics, the last epoch and last.pth's.
+COLUMNS = ("best_epoch", *(f"best_{m}" for m in METRIC_NAMES), "last_epoch", *(f"last_{m}" for m in METRIC_NAMES))
+DECIMALS = 2  # metrics in the table
+EPOCH_DECIMALS = 1  # mean / std of epochs
+MAX_DIFFERING_SHOWN = 4  # options named in a group's row when groups differ
+
+
+# --------------------------------------------------------------------------------------------------- writing (test.py)
+def _atomic_write_json(obj: Any, path: str) -> None:
+    """Write ``obj`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_test_metrics(checkpoint: str, metrics: Dict[str, float], epoch: Optional[int],
+                       split: str = "test") -> str:
+    """Record the test metrics of ``checkpoint`` in ``test_metrics.json`` next to it; returns that file's path.
+
+    The file maps a checkpoint's file name to ``{"checkpoint": absolute path, "epoch", "split", **metrics}``, so that
+    best.pth and last.pth of one run each keep their entry: the entry of ``checkpoint`` is replaced, the others are
+    kept, and the file is replaced atomically. An existing file that is not such a mapping is left as it is and a
+    ``ValueError`` names it.
+
+    Args:
+        checkpoint: the evaluated checkpoint file.
+        metrics: the evaluation's results (``R1``, ``R5``, ``R10``, ``mAP``, ``mINP``, ...), stored as floats.
+        epoch: the checkpoint's epoch (its ``"epoch"`` entry), ``None`` when it has none.
+        split: the evaluated split.
+    """
+    checkpoint = os.path.abspath(checkpoint)
+    path = os.path.join(os.path.dirname(checkpoint), TEST_METRICS_FILE)
+    table: Dict[str, Any] = {}
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                table = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read it ({e}); left unchanged: move it away to record "
+                             f"{os.path.basename(checkpoint)}") from e
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: expected a mapping of checkpoint file name to metrics, got "
+                             f"{type(table).__name__}; left unchanged: move it away to record "
+                             f"{os.path.basename(checkpoint)}")
+    table[os.path.basename(checkpoint)] = {"checkpoint": checkpoint, "epoch": None if epoch is None else int(epoch),
+                                           "split": split, **{k: float(v) for k, v in metrics.items()}}
+    _atomic_write_json(table, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------------ reading
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that reads the original IRRA's ``!!python/tuple`` (as utils.iotools.ConfigLoader, which imports
+    PIL); any other python tag is a YAML error."""
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:python/tuple",
+                              lambda loader, node: list(loader.construct_sequence(node, deep=True)))
+
+
+def is_run_dir(path: str) -> bool:
+    """True if ``path`` is a folder holding a run's files (configs.yaml, metrics.jsonl, test_metrics.json, .pth)."""
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in RUN_FILES)
+
+
+def find_runs(paths: Sequence[str]) -> List[str]:
+    """The run directories named by ``paths``: each is a run directory or a folder whose subfolders are runs (sorted
+    by name, i.e. by start time for ours). A path that does not exist or holds no run raises ``FileNotFoundError``."""
+    runs: List[str] = []
+    for p in paths:
+        if not os.path.isdir(p):
+            raise FileNotFoundError(f"{p}: no such directory (expected a run directory logs/<dataset>/<run> or a "
+                                    f"folder of them)")
+        if is_run_dir(p):
+            found = [p]
+        else:
+            found = [os.path.join(p, d) for d in sorted(os.listdir(p)) if is_run_dir(os.path.join(p, d))]
+            if not found:
+                raise FileNotFoundError(f"{p}: neither a run directory nor a folder of runs (no {', '.join(RUN_FILES)} "
+                                        f"in it or its subfolders)")
+        runs += [r for r in found if os.path.realpath(r) not in {os.path.realpath(x) for x in runs}]
+    return runs
+
+
+def _number(value: Any) -> Optional[float]:
+    """``value`` as a finite float, None when it is not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _read_config(run_dir: str, notes: List[str]) -> Optional[dict]:
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        notes.append(f"no {CONFIG_FILE} (not grouped)")
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.load(f, Loader=_ConfigLoader)
+    except (OSError, yaml.YAMLError) as e:
+        notes.append(f"{CONFIG_FILE} unreadable (not grouped): {str(e).splitlines()[0]}")
+        return None
+    if not isinstance(cfg, dict):
+        notes.append(f"{CONFIG_FILE} is not a mapping (not grouped)")
+        return None
+    return cfg
+
+
+def _read_val_metrics(run_dir: str, notes: List[str]) -> List[dict]:
+    """The records of metrics.jsonl that have an epoch and an R1 (others skipped with a note)."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        notes.append(f"no {METRICS_FILE}")
+        return []
+    records, bad = [], []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = None
+            if isinstance(rec, dict) and _number(rec.get("epoch")) is not None and _number(rec.get("R1")) is not None:
+                records.append(rec)
+            else:
+                bad.append(i)
+    if bad:
+        notes.append(f"{METRICS_FILE} line(s) {', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''} "
+                     f"skipped (not a JSON record with epoch and R1)")
+    if not records and not bad:
+        notes.append(f"{METRICS_FILE} is empty")
+    return records
+
+
+def best_val_epoch(records: Sequence[dict]) -> Optional[int]:
+    """The epoch with the highest val R1, as training picks best.pth: the first maximum wins, and an R1 must exceed
+    0 (training starts from ``best_top1 = 0``). None when no record qualifies."""
+    best_r1, best_epoch = 0.0, None
+    for rec in records:
+        if rec["R1"] > best_r1:
+            best_r1, best_epoch = float(rec["R1"]), int(rec["epoch"])
+    return best_epoch
+
+
+def _read_test_metrics(run_dir: str, notes: List[str]) -> Dict[str, dict]:
+    path = os.path.join(run_dir, TEST_METRICS_FILE)
+    if not os.path.isfile(path):
+        notes.append(f"no {TEST_METRICS_FILE} (run test.py on best.pth and last.pth)")
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        notes.append(f"{TEST_METRICS_FILE} unreadable: {e}")
+        return {}
+    if not isinstance(table, dict):
+        notes.append(f"{TEST_METRICS_FILE} is not a mapping of checkpoint name to metrics")
+        return {}
+    return {k: v for k, v in table.items() if isinstance(v, dict)}
+
+
+def read_run(run_dir: str) -> Dict[str, Any]:
+    """One row of the table for ``run_dir``: ``run`` (its name), ``run_dir``, ``seed``, ``config``, the numbers of
+    ``COLUMNS`` (None when unknown) and ``notes`` (what is missing or inconsistent)."""
+    notes: List[str] = []
+    cfg = _read_config(run_dir, notes)
+    row: Dict[str, Any] = {"run": os.path.basename(os.path.normpath(run_dir)), "run_dir": os.path.abspath(run_dir),
+                           "seed": cfg.get("seed") if cfg else None, "config": cfg, **{c: None for c in COLUMNS}}
+    records = _read_val_metrics(run_dir, notes)
+    row["best_epoch"] = best_val_epoch(records)
+    if records and row["best_epoch"] is None:
+        notes.append("no epoch with val R1 > 0 (no best.pth)")
+    last_logged = int(max(r["epoch"] for r in records)) if records else None
+
+    tested = _read_test_metrics(run_dir, notes)
+    for prefix, ckpt, logged_epoch, what in (("best", "best.pth", row["best_epoch"], "the val-best epoch is"),
+                                             ("last", "last.pth", last_logged, f"{METRICS_FILE} ends at")):
+        rec = tested.get(ckpt)
+        if rec is None:
+            if tested:
+                notes.append(f"{ckpt} not tested")
+            if prefix == "last":
+                row["last_epoch"] = last_logged
+            continue
+        for m in METRIC_NAMES:
+            row[f"{prefix}_{m}"] = _number(rec.get(m))
+        missing = [m for m in METRIC_NAMES if row[f"{prefix}_{m}"] is None]
+        if missing:
+            notes.append(f"{ckpt}: no {'/'.join(missing)} in {TEST_METRICS_FILE}")
+        epoch = _number(rec.get("epoch"))
+        if rec.get("split", "test") != "test":
+            notes.append(f"{ckpt} was evaluated on split {rec.get('split')!r}, not 'test'")
+        if epoch is not None and logged_epoch is not None and int(epoch) != logged_epoch:
+            notes.append(f"{ckpt} tested at epoch {int(epoch)} but {what} {logged_epoch}: rerun test.py?")
+        if prefix == "last":
+            row["last_epoch"] = int(epoch) if epoch is not None else last_logged
+    row["notes"] = notes
+    return row
+
+
+# ------------------------------------------------------------------------------------------------------------ groups
+def _comparable(cfg: Optional[dict]) -> Optional[dict]:
+    return None if cfg is None else {k: v for k, v in cfg.items() if k not in IGNORED_CONFIG_KEYS}
+
+
+def group_runs(rows: Sequence[Dict[str, Any]]) -> List[List[int]]:
+    """Indices of ``rows`` grouped by configuration (configs.yaml without ``IGNORED_CONFIG_KEYS``), in the order of
+    first appearance; a run without a readable configs.yaml is a group of its own."""
+    groups: List[List[int]] = []
+    keys: List[Optional[dict]] = []
+    for i, row in enumerate(rows):
+        key = _comparable(row["config"])
+        for g, k in zip(groups, keys):
+            if key is not None and k == key:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+            keys.append(key)
+    return groups
+
+
+def group_stats(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per column of ``COLUMNS``: ``mean``, ``std`` (sample standard deviation, n - 1; None for fewer than two
+    values) and ``n`` over the rows that have a value."""
+    mean, std, n = {}, {}, {}
+    for c in COLUMNS:
+        values = [r[c] for r in rows if r[c] is not None]
+        n[c] = len(values)
+        mean[c] = statistics.mean(values) if values else None
+        std[c] = statistics.stdev(values) if len(values) > 1 else None
+    return {"mean": mean, "std": std, "n": n}
+
+
+def _differing_options(configs: Sequence[Optional[dict]]) -> List[Dict[str, Any]]:
+    """For each config, the options (outside ``IGNORED_CONFIG_KEYS``) whose values are not the same in all."""
+    known = [_comparable(c) for c in configs if c is not None]
+    keys = sorted({k for c in known for k in c})
+    differ = [k for k in keys if any(c.get(k, "<unset>") != known[0].get(k, "<unset>") for c in known)]
+    return [{} if c is None else {k: _comparable(c).get(k, "<unset>") for k in differ} for c in configs]
+
+
+def summarize_runs(paths: Sequence[str]) -> Dict[str, Any]:
+    """Read the runs named by ``paths`` (see ``find_runs``). Returns ``{"runs": rows (read_run), "groups": [...]}``,
+    each group ``{"runs": [row indices], "seeds": [...], "options": {the options that set it apart}, "notes": [...],
+    **group_stats}``."""
+    rows = [read_run(r) for r in find_runs(paths)]
+    groups = []
+    indices = group_runs(rows)
+    differing = _differing_options([rows[g[0]]["config"] for g in indices]) if len(indices) > 1 else [{}] * len(indices)
+    for g, options in zip(indices, differing):
+        members = [rows[i] for i in g]
+        stats = group_stats(members)
+        notes = []
+        if any((r["config"] or {}).get("val_dataset") == "test" for r in members):
+            notes.append("@best chosen on the test split (val_dataset: test)")
+        for prefix, what in (("best", "best.pth"), ("last", "last.pth")):
+            k = stats["n"][f"{prefix}_R1"]
+            if k < len(members):
+                notes.append(f"{what} tested in {k} of {len(members)} runs")
+        groups.append({"runs": g, "seeds": [r["seed"] for r in members], "options": options, "notes": notes, **stats})
+    return {"runs": rows, "groups": groups}
+
+
+# ------------------------------------------------------------------------------------------------------------- table
+def _fmt(value: Optional[float], column: str) -> str:
+    if value is None:
+        return "-"
+    if column.endswith("epoch"):
+        return str(int(value)) if float(value).is_integer() else f"{value:.{EPOCH_DECIMALS}f}"
+    return f"{value:.{DECIMALS}f}"
+
+
+def _fmt_mean_std(mean: Optional[float], std: Optional[float], column: str) -> str:
+    if mean is None:
+        return "-"
+    decimals = EPOCH_DECIMALS if column.endswith("epoch") else DECIMALS
+    return f"{mean:.{decimals}f} ± " + ("-" if std is None else f"{std:.{decimals}f}")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def format_table(summary: Dict[str, Any]) -> str:
+    """The summary as a text table: each group's runs, then its ``mean ± std`` row."""
+    headers = ["run", "seed", "val-best ep", *(f"{m}@best" for m in METRIC_NAMES),
+               "last ep", *(f"{m}@last" for m in METRIC_NAMES), "note"]
+    table = PrettyTable(headers)
+    table.align = "r"
+    table.align["run"] = table.align["note"] = "l"
+    rows = summary["runs"]
+    for gi, group in enumerate(summary["groups"]):
+        for i in group["runs"]:
+            r = rows[i]
+            table.add_row([r["run"], "-" if r["seed"] is None else r["seed"], *(_fmt(r[c], c) for c in COLUMNS),
+                           "; ".join(r["notes"])])
+        options = ", ".join(f"{k}={_short(v)}" for k, v in list(group["options"].items())[:MAX_DIFFERING_SHOWN])
+        if len(group["options"]) > MAX_DIFFERING_SHOWN:
+            options += f", +{len(group['options']) - MAX_DIFFERING_SHOWN} more"
+        seeds = " ".join("-" if s is None else str(s) for s in group["seeds"])
+        table.add_row([f"mean ± std ({len(group['runs'])} run{'s' if len(group['runs']) > 1 else ''})", seeds,
+                       *(_fmt_mean_std(group["mean"][c], group["std"][c], c) for c in COLUMNS),
+                       "; ".join(([options] if options else []) + group["notes"])],
+                      divider=gi < len(summary["groups"]) - 1)
+    legend = (f"@best: best.pth, the epoch with the best R1 on the val_dataset split ({METRICS_FILE}); @last: "
+              f"last.pth; both on the test split ({TEST_METRICS_FILE}). mean ± sample std over runs that differ only "
+              f"in seed.")
+    return legend + "\n" + table.get_string()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """``python -m utils.summarize RUN_OR_FOLDER [...]``: print the table; returns ``summarize_runs``'s result."""
+    parser = argparse.ArgumentParser(prog="python -m utils.summarize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="run directories (logs/<dataset>/<run>) or folders of runs")
+    cli = parser.parse_args(argv)
+    summary = summarize_runs(cli.runs)
+    print(format_table(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except FileNotFoundError as e:
+        sys.exit(f"utils.summarize: {e}")
