@@ -117,7 +117,7 @@ def set_train_epoch(loader: DataLoader, epoch: int) -> None:
     if sampler is None:
         raise ValueError("set_train_epoch: this loader has no train_sampler (not built by build_dataloader)")
     sampler.set_epoch(epoch)
-    if hasattr(loader.dataset, "set_epoch"):
+    if hasattr(getattr(loader, "dataset", None), "set_epoch"):
         loader.dataset.set_epoch(epoch)
 
 

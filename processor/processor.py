@@ -127,11 +127,14 @@ def save_checkpoint(checkpointer, model, name: str, **extra) -> None:
 
 
 def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, optimizer, scheduler, checkpointer,
-             best_top1: float = 0.0, best_epoch: Optional[int] = None, tb_writer=None) -> Dict[str, object]:
+             best_top1: float = 0.0, best_epoch: Optional[int] = None, tb_writer=None,
+             scaler_state: Optional[dict] = None) -> Dict[str, object]:
     """Train epochs ``start_epoch..args.num_epoch`` (1-based, as the original; ``--stop_epoch`` stops earlier);
-    returns the best R1 and its epoch."""
+    returns the best R1 and its epoch. ``scaler_state``: the GradScaler state of a resumed amp_fp16 run."""
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type) if args.precision == "amp_fp16" else None
+    if scaler is not None and scaler_state:
+        scaler.load_state_dict(scaler_state)
     last_epoch = min(args.num_epoch, args.stop_epoch or args.num_epoch)
     logger.info("start training")
     if is_main_process():
@@ -151,7 +154,8 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
         if epoch % args.eval_period == 0:
             best_top1, best_epoch = evaluate_and_checkpoint(args, model, evaluator, checkpointer, epoch, best_top1,
                                                             best_epoch, tb_writer)
-        save_checkpoint(checkpointer, model, "last", epoch=epoch, best_top1=best_top1, best_epoch=best_epoch)
+        extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
+        save_checkpoint(checkpointer, model, "last", epoch=epoch, best_top1=best_top1, best_epoch=best_epoch, **extra)
         if device.type != "cpu":
             torch.accelerator.empty_cache()
 

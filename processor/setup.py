@@ -86,6 +86,7 @@ class TrainingParts:
     start_epoch: int = 1
     best_top1: float = 0.0
     best_epoch: Optional[int] = None
+    scaler_state: Optional[dict] = None
 
 
 def build_training(args) -> TrainingParts:
@@ -130,5 +131,6 @@ def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
         ckpt = checkpointer.resume(args.resume_ckpt_file)
         parts.start_epoch = int(ckpt["epoch"]) + 1  # the original restarted the saved epoch
         parts.best_top1, parts.best_epoch = float(ckpt.get("best_top1", 0.0)), ckpt.get("best_epoch")
+        parts.scaler_state = ckpt.get("scaler")
         logger.info(f"Resumed from {args.resume_ckpt_file}: continuing at epoch {parts.start_epoch}")
     return parts
