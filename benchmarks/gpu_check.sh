@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# One prepared check of the accelerator paths, for a machine with a GPU (none was available when this was written):
-# fp16 weights (--precision auto on CUDA = the original's convert_weights), AMP bf16/fp16 (+GradScaler), a demo
-# epoch's speed, and NCCL DDP when there are 2+ GPUs. Each step trains 1-2 epochs on a small generated dataset.
-#   bash benchmarks/gpu_check.sh            # DEVICE=cpu bash benchmarks/gpu_check.sh checks the plumbing on a CPU
+# One prepared check of the accelerator paths, for a machine with a GPU:
+# 1. fp16 weights (--precision auto on a GPU = the original's convert_weights), AMP bf16/fp16 (+GradScaler) and fp32
+#    each train 2 demo epochs on a small generated dataset (epoch speed, metrics);
+# 2. the full-size model (ViT-B/16 shapes, 384x128, sdm+mlm+id, cmt_depth 4) at FULL_BS (64) per precision: the
+#    original computation vs ours vs ours + --grad_checkpointing, samples/s and max memory allocated
+#    (benchmarks/bench_train_variants.py; JSON files in $RESULTS);
+# 3. with 2+ GPUs: NCCL DDP, and the DDP equivalence tests.
+#   bash benchmarks/gpu_check.sh            # DEVICE=cpu SKIP_FULL=1 bash benchmarks/gpu_check.sh: the plumbing on a CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 DEVICE="${DEVICE:-cuda}"
 WORK="${WORK:-$(mktemp -d)}"
+RESULTS="${RESULTS:-$WORK/results}"
+FULL_BS="${FULL_BS:-64}"
+PRECISIONS="${PRECISIONS:-fp16 amp_bf16 amp_fp16 fp32}"
+mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
 "$PY" - <<'PYEOF'
 import torch
@@ -32,3 +40,10 @@ if [ "$DEVICE" != "cpu" ] && [ "$NGPU" -ge 2 ]; then
 fi
 for f in "$WORK"/logs/SynthPEDES/*/metrics.jsonl; do echo "$f: $(tail -n 1 "$f")"; done
 grep -h "Epoch 2 done" "$WORK"/logs/SynthPEDES/*/train_log.txt || true
+if [ -z "${SKIP_FULL:-}" ]; then
+    for p in $PRECISIONS; do
+        echo "== full size, bs $FULL_BS, $p: original vs ours vs ours + grad checkpointing"
+        "$PY" benchmarks/bench_train_variants.py --device "$DEVICE" --precision "$p" --batch_size "$FULL_BS" \
+            --warmup 3 --runs 10 --json "$RESULTS/full_$p.json" || echo "FAILED: full size $p"
+    done
+fi
