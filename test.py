@@ -8,6 +8,7 @@ import sys
 
 from datasets import build_dataloader
 from model.build import build_model
+from model.clip_model import check_image_grid
 from processor.processor import do_inference
 from utils.checkpoint import (checkpoint_num_classes, clip_state_dict_from_checkpoint, load_state_dict,
                               model_state_dict, read_checkpoint)
@@ -39,13 +40,16 @@ def main(argv=None) -> dict:
     logger.info(f"config {config_file}, checkpoint {ckpt}")
 
     device = resolve_device(args.device)
-    test_img_loader, test_txt_loader, num_classes = build_dataloader(args)
-    # the backbone is rebuilt from the checkpoint itself: the pretrained CLIP file is not needed
+    # the checkpoint first: an unreadable file or one that does not fit the config fails before the data is read
     checkpoint = read_checkpoint(ckpt)  # read once: weights, classes, backbone and epoch all come from it
     weights = model_state_dict(checkpoint, ckpt)
     epoch = checkpoint.get("epoch")  # None in a checkpoint without one (the original's)
+    # the backbone is rebuilt from the checkpoint itself: the pretrained CLIP file is not needed
+    clip_weights = clip_state_dict_from_checkpoint(weights)
+    check_image_grid(clip_weights, args.img_size, args.stride_size, source=ckpt, config=config_file)
+    test_img_loader, test_txt_loader, num_classes = build_dataloader(args)
     model = build_model(args, checkpoint_num_classes(weights, default=num_classes), device=device,
-                        clip_state_dict=clip_state_dict_from_checkpoint(weights))
+                        clip_state_dict=clip_weights)
     load_state_dict(model, weights, source=ckpt)
     model.to(device)
     metrics = do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric)
