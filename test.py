@@ -27,11 +27,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--test_batch_size", type=int, default=None)
     parser.add_argument("--num_workers", type=int, default=None)
     parser.add_argument("--i2t_metric", action="store_true")
+    parser.add_argument("--skip_image_check", action="store_true",
+                        help="do not open every test image before evaluating (default: the run's setting)")
     cli = parser.parse_args(argv)
     config_file = config_path(cli.config_file)
     run_dir = os.path.dirname(os.path.abspath(config_file))
     args = load_config_args(config_file, device=cli.device, root_dir=cli.root_dir, num_workers=cli.num_workers,
-                            test_batch_size=cli.test_batch_size)
+                            test_batch_size=cli.test_batch_size, skip_image_check=cli.skip_image_check or None)
     args.training, args.output_dir = False, run_dir
     ckpt = cli.checkpoint or os.path.join(run_dir, "best.pth")
     if not os.path.isfile(ckpt):

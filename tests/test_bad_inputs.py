@@ -347,3 +347,19 @@ def test_synthpedes_annotation_with_a_bom_is_read(tiny_copy):
     bom = dbuild.build_dataset("CUHK-PEDES", root=tiny_copy, verbose=False)
     assert bom.train == plain.train and bom.test == plain.test and bom.val == plain.val
 
+
+
+# ------------------------------------------------------------------------------------------------ 6. image grid
+@pytest.mark.parametrize("arch, trained, ok, bad, implied", [
+    ("scratch:ViT-Micro", (64, 32), [(64, 32), (72, 40)], (384, 128), "24x8 grid of 192"),  # (72-16)//16+1 = 4
+    ("scratch:RN-Tiny", (64, 32), [(64, 32), (95, 63)], (384, 128), "12x4 grid of 48"),  # ResNet: H//32 x W//32
+])
+def test_check_image_grid(arch, trained, ok, bad, implied):
+    from model.clip_model import build_CLIP_from_openai_pretrained, check_image_grid
+    clip, _ = build_CLIP_from_openai_pretrained(arch, trained, 16)
+    sd = clip.state_dict()
+    for img_size in ok:  # the same grid: fine
+        check_image_grid(sd, img_size, 16, source="w.pth", config="c.yaml")
+    with pytest.raises(ValueError, match=rf"^c\.yaml does not fit w\.pth: .* grid of {4 * 2 if 'ViT' in arch else 2} "
+                                         rf"patch positions, .*img_size 384x128.* implies a {implied} positions"):
+        check_image_grid(sd, bad, 16, source="w.pth", config="c.yaml")

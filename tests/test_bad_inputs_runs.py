@@ -201,12 +201,17 @@ def test_corrupt_image_stops_training_before_the_first_epoch(base_run, tiny_cuhk
     with pytest.raises(dcheck.ImageCheckError) as err:
         train.main(tiny_train_argv(str(root), logs))
     msg = str(err.value)
-    assert f"1 of " in msg and f"{bad}: unreadable" in msg and "--skip_image_check" in msg
+    assert "1 of " in msg and f"{bad}: unreadable" in msg and "--skip_image_check" in msg
     assert epochs == [] and run_dirs(logs) == []  # the new run directory is removed
     assert "setup failed: removed the new run directory" in capsys.readouterr().out
     # test.py checks the test split of the data it is pointed at
+    argv = ["--config_file", base_run, "--root_dir", str(root), "--device", "cpu"]
     with pytest.raises(dcheck.ImageCheckError, match=rf"{bad}: unreadable"):
-        test_script.main(["--config_file", base_run, "--root_dir", str(root), "--device", "cpu"])
+        test_script.main(argv)
+    # --skip_image_check (the option the message names) exists there too: the bad file is met while evaluating
+    monkeypatch.setattr("utils.iotools.time.sleep", lambda s: None)
+    with pytest.raises(OSError, match=rf"Could not read image '{bad}' after"):
+        test_script.main(argv + ["--skip_image_check"])
 
 
 # ------------------------------------------------------------------------------------------------ 8. leftovers
