@@ -8,6 +8,7 @@ import sys
 
 from datasets import build_dataloader
 from model.build import build_model
+from model.clip_model import check_image_grid
 from processor.processor import do_inference
 from utils.checkpoint import (checkpoint_num_classes, clip_state_dict_from_checkpoint, load_state_dict,
                               model_state_dict, read_checkpoint)
@@ -26,11 +27,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--test_batch_size", type=int, default=None)
     parser.add_argument("--num_workers", type=int, default=None)
     parser.add_argument("--i2t_metric", action="store_true")
+    parser.add_argument("--skip_image_check", action="store_true",
+                        help="do not open every test image before evaluating (default: the run's setting)")
     cli = parser.parse_args(argv)
     config_file = config_path(cli.config_file)
     run_dir = os.path.dirname(os.path.abspath(config_file))
     args = load_config_args(config_file, device=cli.device, root_dir=cli.root_dir, num_workers=cli.num_workers,
-                            test_batch_size=cli.test_batch_size)
+                            test_batch_size=cli.test_batch_size, skip_image_check=cli.skip_image_check or None)
     args.training, args.output_dir = False, run_dir
     ckpt = cli.checkpoint or os.path.join(run_dir, "best.pth")
     if not os.path.isfile(ckpt):
@@ -39,13 +42,16 @@ def main(argv=None) -> dict:
     logger.info(f"config {config_file}, checkpoint {ckpt}")
 
     device = resolve_device(args.device)
-    test_img_loader, test_txt_loader, num_classes = build_dataloader(args)
-    # the backbone is rebuilt from the checkpoint itself: the pretrained CLIP file is not needed
+    # the checkpoint first: an unreadable file or one that does not fit the config fails before the data is read
     checkpoint = read_checkpoint(ckpt)  # read once: weights, classes, backbone and epoch all come from it
     weights = model_state_dict(checkpoint, ckpt)
     epoch = checkpoint.get("epoch")  # None in a checkpoint without one (the original's)
+    # the backbone is rebuilt from the checkpoint itself: the pretrained CLIP file is not needed
+    clip_weights = clip_state_dict_from_checkpoint(weights)
+    check_image_grid(clip_weights, args.img_size, args.stride_size, source=ckpt, config=config_file)
+    test_img_loader, test_txt_loader, num_classes = build_dataloader(args)
     model = build_model(args, checkpoint_num_classes(weights, default=num_classes), device=device,
-                        clip_state_dict=clip_state_dict_from_checkpoint(weights))
+                        clip_state_dict=clip_weights)
     load_state_dict(model, weights, source=ckpt)
     model.to(device)
     metrics = do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric)

@@ -31,7 +31,7 @@ from datasets.sampler import EpochRandomSampler, RandomIdentitySampler, check_id
 from datasets.sampler_ddp import DistributedRandomSampler, RandomIdentitySampler_DDP
 from datasets.synthpedes import SynthPEDES
 from utils.choices import DATASETS, SAMPLERS, VAL_DATASETS, check_choice
-from utils.comm import get_rank, get_world_size
+from utils.comm import get_rank, get_world_size, is_main_process
 
 logger = logging.getLogger("IRRA.dataset")
 
@@ -199,13 +199,25 @@ def build_dataloader(args: argparse.Namespace, tranforms: Optional[Callable] = N
     loaders use ``args.val_dataset`` ('val' or 'test'). Test mode: ``(test_img_loader, test_txt_loader, num_classes)``.
     ``tranforms`` (sic, the original's name) overrides the eval transform; ``generator`` the train loader's generator
     (default: seeded with ``args.seed + rank``); ``dataset`` a pre-built parser object.
+
+    Before any loader is built, every image of the splits used (training: train and ``args.val_dataset``; test mode:
+    test) is opened once (``datasets.check.check_dataset_images``, cached by size and mtime in
+    ``<dataset_dir>/.irra_image_check``): a missing, empty or unreadable file raises ``ImageCheckError`` naming
+    every such file, unless ``args.skip_image_check``.
     """
     if dataset is None:
         dataset = build_dataset(args.dataset_name, root=args.root_dir)
     num_classes = len(dataset.train_id_container)
+    if args.training:
+        check_choice("val_dataset", args.val_dataset, VAL_DATASETS)
+    if not args.skip_image_check:
+        from datasets.check import check_dataset_images  # here: datasets.check imports this module in its main
+
+        # every image of the splits used, opened once before any loader (cached by size and mtime)
+        check_dataset_images(dataset, splits=("train", args.val_dataset) if args.training else ("test",),
+                             show_progress=is_main_process())
     if not args.training:
         return (*build_eval_loaders(args, dataset.test, "test", tranforms), num_classes)
-    check_choice("val_dataset", args.val_dataset, VAL_DATASETS)
     val_split = dataset.val if args.val_dataset == "val" else dataset.test
     val_img_loader, val_txt_loader = build_eval_loaders(args, val_split, args.val_dataset, tranforms)
     train_loader = build_train_loader(args, dataset, generator)

@@ -280,6 +280,47 @@ class Transformer(nn.Module):
         return self.resblocks(x)
 
 
+def vit_grid(img_size: Size2, patch_size: int, stride_size: int) -> Tuple[int, int]:
+    """``(num_y, num_x)``: the patch grid of :class:`VisionTransformer` for ``img_size`` (H, W),
+    ``num_y = (H - patch_size) // stride_size + 1`` (same for x / W)."""
+    height, width = _pair(img_size)
+    return (height - patch_size) // stride_size + 1, (width - patch_size) // stride_size + 1
+
+
+def check_image_grid(clip_state_dict: Dict[str, torch.Tensor], img_size: Size2, stride_size: int,
+                     source: str = "checkpoint", config: str = "the config") -> None:
+    """Raise a ValueError when the image grid of trained CLIP weights does not fit ``img_size`` / ``stride_size``.
+
+    A trained IRRA checkpoint holds the positional embedding of the grid it was trained on; a config with another
+    image size or stride would otherwise fail deep inside the positional-embedding resize (or load resized weights
+    the model never saw).
+
+    Args:
+        clip_state_dict: CLIP weights in OpenAI names (``utils.checkpoint.clip_state_dict_from_checkpoint``).
+        img_size: the config's ``img_size`` (H, W).
+        stride_size: the config's ``stride_size`` (ViT only).
+        source: the checkpoint, named in the message.
+        config: the config file, named in the message.
+    """
+    height, width = _pair(img_size)
+    if "visual.positional_embedding" in clip_state_dict and "visual.conv1.weight" in clip_state_dict:  # ViT
+        patch = int(clip_state_dict["visual.conv1.weight"].shape[-1])
+        n_ckpt = int(clip_state_dict["visual.positional_embedding"].shape[0]) - 1  # minus the class token
+        num_y, num_x = vit_grid((height, width), patch, stride_size)
+        how = f"img_size {height}x{width} with stride_size {stride_size} (patch {patch})"
+    elif "visual.attnpool.positional_embedding" in clip_state_dict:  # ModifiedResNet: a 32x smaller grid
+        n_ckpt = int(clip_state_dict["visual.attnpool.positional_embedding"].shape[0]) - 1  # minus the mean token
+        num_y, num_x = height // 32, width // 32
+        how = f"img_size {height}x{width} (ResNet: a grid of H/32 x W/32)"
+    else:
+        return
+    if n_ckpt != num_y * num_x:
+        raise ValueError(
+            f"{config} does not fit {source}: the checkpoint's image encoder was trained on a grid of {n_ckpt} "
+            f"patch positions, but the config's {how} implies a {num_y}x{num_x} grid of {num_y * num_x} positions. "
+            f"Use the configs.yaml of the run that wrote the checkpoint (or its img_size / stride_size).")
+
+
 class VisionTransformer(nn.Module):
     """ViT over (H, W) images with patch ``patch_size`` and stride ``stride_size``; returns ALL tokens projected.
 
@@ -293,8 +334,7 @@ class VisionTransformer(nn.Module):
         if stride_size < 1 or min(self.input_resolution) < patch_size:
             raise ValueError(f"--img_size {self.input_resolution} / --stride_size {stride_size}: the image must be at "
                              f"least one patch ({patch_size}x{patch_size}) and the stride >= 1")
-        self.num_x = (self.input_resolution[1] - patch_size) // stride_size + 1
-        self.num_y = (self.input_resolution[0] - patch_size) // stride_size + 1
+        self.num_y, self.num_x = vit_grid(self.input_resolution, patch_size, stride_size)
         num_patches = self.num_x * self.num_y
         self.output_dim = output_dim
         self.conv1 = nn.Conv2d(in_channels=3, out_channels=width, kernel_size=patch_size, stride=stride_size, bias=False)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from datasets.bases import ImageFileDataset, collate_skip_unreadable
 from datasets.build import build_transforms
 from model.build import build_model
+from model.clip_model import check_image_grid
 from utils.checkpoint import (Checkpointer, checkpoint_num_classes, clip_state_dict_from_checkpoint,
                               read_model_state_dict)
 from utils.comm import resolve_device
@@ -219,6 +220,7 @@ class Retriever:
         num_classes = checkpoint_num_classes(weights)
         # the backbone comes from the checkpoint itself: no pretrained CLIP file needed
         clip_sd = clip_state_dict_from_checkpoint(weights)
+        check_image_grid(clip_sd, args.img_size, args.stride_size, source=str(ckpt), config=str(config_file))
         if num_classes is not None:
             model = build_model(args, num_classes, dev, clip_state_dict=clip_sd)
         else:

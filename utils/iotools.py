@@ -73,10 +73,11 @@ def check_isfile(path: str) -> bool:
 
 
 def read_json(fpath: str) -> Any:
-    """Load a json file; a missing or malformed file raises an error naming it."""
+    """Load a json file (UTF-8, with or without a byte order mark, as some Windows editors write it); a missing or
+    malformed file raises an error naming it."""
     if not osp.isfile(fpath):
         raise FileNotFoundError(f"JSON file not found: '{fpath}'")
-    with open(fpath, "r", encoding="utf-8") as f:
+    with open(fpath, "r", encoding="utf-8-sig") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
