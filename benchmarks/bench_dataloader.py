@@ -72,6 +72,8 @@ def main() -> None:
         batch_size=opts.batch_size, test_batch_size=512, num_workers=0, img_size=tuple(opts.img_size),
         img_aug=opts.img_aug, text_length=77, val_dataset="test", masked_token_rate=0.8,
         masked_token_unchanged_rate=0.1, mlm_probability=0.15, mlm_mask_caption=False, seed=1,
+        txt_aug_word_drop_rate=0.0, txt_aug_word_drop_apply_prob=1.0, txt_aug_backtrans_prob=0.0, img_aug_pool=False,
+        img_aug_pool_ops=2,
         batches=opts.batches, repeats=opts.repeats)
     print(f"SynthPEDES ready in {t_gen:.1f}s ({len(dataset.train)} train captions); images: {src}; "
           f"img_size {opts.img_size[0]}x{opts.img_size[1]}, batch {opts.batch_size}, MLM {opts.MLM}, "
