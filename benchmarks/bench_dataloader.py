@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from datasets.build import build_dataloader  # noqa: E402
+from utils.options import default_args  # noqa: E402
 from datasets.synthpedes import SynthPEDES  # noqa: E402
 
 
@@ -67,13 +68,11 @@ def main() -> None:
     t_gen = time.perf_counter() - t0
     src = f"{opts.img_size[0]}x{opts.img_size[1]} native" if opts.native else "128x64 upscaled by the transform"
 
-    args = argparse.Namespace(
-        dataset_name="SynthPEDES", root_dir=root, training=True, MLM=opts.MLM, sampler=opts.sampler, num_instance=4,
+    args = default_args(
+        dataset_name="SynthPEDES", root_dir=root, MLM=opts.MLM, sampler=opts.sampler, num_instance=4,
         batch_size=opts.batch_size, test_batch_size=512, num_workers=0, img_size=tuple(opts.img_size),
-        img_aug=opts.img_aug, text_length=77, val_dataset="test", masked_token_rate=0.8,
-        masked_token_unchanged_rate=0.1, mlm_probability=0.15, mlm_mask_caption=False, seed=1,
-        skip_image_check=True,
-        batches=opts.batches, repeats=opts.repeats)
+        img_aug=opts.img_aug, val_dataset="test", skip_image_check=True)
+    args.batches, args.repeats = opts.batches, opts.repeats  # this script's own settings, read by measure()
     print(f"SynthPEDES ready in {t_gen:.1f}s ({len(dataset.train)} train captions); images: {src}; "
           f"img_size {opts.img_size[0]}x{opts.img_size[1]}, batch {opts.batch_size}, MLM {opts.MLM}, "
           f"aug {opts.img_aug}, sampler {opts.sampler}, torch threads 1, CPUs {os.cpu_count()}")

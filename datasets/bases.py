@@ -2,10 +2,16 @@
 
 Annotation format (CUHK-PEDES ``reid_raw.json``, ICFG-PEDES ``ICFG-PEDES.json``, RSTPReid ``data_captions.json``):
 a json list of entries ``{"split": "train"|"test"|other (-> val), "id": int, <path_key>: str, "captions": [str]}``.
+An entry may also hold ``"captions_bt": [str]``, the back-translations of its captions (the key TBPS-CLIP reads),
+aligned one-to-one: ``captions_bt[j]`` is the back-translation of ``captions[j]``, ``""`` where a caption has none; a
+list of another length is a DatasetFormatError naming the entry. Only the train split uses them
+(``--txt_aug_backtrans_prob``).
 
 Parsed splits (identical to the original IRRA):
 - ``train``: list of ``(pid, image_id, img_path, caption)``, one row per caption; ``image_id`` counts train images in
   file order; pids must be 0..N-1 without gaps.
+- ``train_captions_bt``: None when no train entry has ``captions_bt``; else a list aligned with ``train`` holding each
+  row's back-translation, or None where the row has none.
 - ``test`` / ``val``: dicts ``{"image_pids", "img_paths", "caption_pids", "captions"}`` in file order.
 
 Captions are tokenized once per torch Dataset (an int32 ``[N, L]`` table); ``__getitem__`` returns a fresh copy, so
@@ -14,7 +20,8 @@ MLM masking never touches the cached ids.
 Training samples draw every random choice (the transform's flip / crop / erasing, the MLM masks) from generators
 seeded by :func:`sample_seed` ``(seed, epoch, index)``: the same sample in the same epoch is augmented the same way
 whatever the number of loader workers or processes. The distributions are the original's (same transforms, same
-masking algorithm); only the source of the random numbers changed.
+masking algorithm); only the source of the random numbers changed. The optional caption augmentation
+(``datasets/augment.py``, off by default) draws from its own stream, so it leaves the image and the MLM draws alone.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from PIL import Image
 from prettytable import PrettyTable
 from torch.utils.data import Dataset
 
+from datasets.augment import CaptionAugment
 from utils.iotools import open_image, read_image, read_json
 
 logger = logging.getLogger("IRRA.dataset")
@@ -43,6 +51,8 @@ EvalSplit = Dict[str, list]
 MAX_MISSING_SHOWN = 5
 # Caption counts from which tokenize_all logs that it is working (CUHK-PEDES: ~20 s for 68k captions on one core).
 LOG_TOKENIZE_ABOVE = 10000
+# The annotation key of the captions' back-translations (TBPS-CLIP's name).
+BACKTRANS_KEY = "captions_bt"
 
 
 class DatasetFormatError(ValueError):
@@ -72,6 +82,7 @@ class BaseDataset:
         annos = self._read_annos(self.anno_path)
         self.train_annos, self.test_annos, self.val_annos = self._split_anno(annos)
         self.train, self.train_id_container = self._process_anno(self.train_annos, training=True)
+        self.train_captions_bt = self._process_backtrans(self.train_annos)
         self.test, self.test_id_container = self._process_anno(self.test_annos)
         self.val, self.val_id_container = self._process_anno(self.val_annos)
         if verbose:
@@ -126,16 +137,37 @@ class BaseDataset:
             for j, c in enumerate(caps):
                 if not isinstance(c, str):
                     raise DatasetFormatError(f"{where}: key 'captions'[{j}] must be a string, got {c!r}")
-            kept = [c for c in caps if c.strip()]
+            bts = self._check_backtrans(anno, where)
+            kept = [j for j, c in enumerate(caps) if c.strip()]
             n_dropped += len(caps) - len(kept)
             if not kept:  # an image with no usable caption would add an identity with no training text
                 n_entries_dropped += 1
                 continue
-            cleaned.append({**anno, "id": int(pid), "captions": kept})
+            entry = {**anno, "id": int(pid), "captions": [caps[j] for j in kept]}
+            if bts is not None:  # stays aligned with the kept captions
+                entry[BACKTRANS_KEY] = [bts[j] for j in kept]
+            cleaned.append(entry)
         if n_dropped:
             self.logger.warning("%s: dropped %d empty/whitespace-only captions (%d entries left without any caption "
                                 "were dropped too)", anno_path, n_dropped, n_entries_dropped)
         return cleaned
+
+    @staticmethod
+    def _check_backtrans(anno: dict, where: str) -> Optional[List[str]]:
+        """The entry's ``captions_bt`` (checked: a list of strings as long as ``captions``), or None without one."""
+        if BACKTRANS_KEY not in anno:
+            return None
+        bts, caps = anno[BACKTRANS_KEY], anno["captions"]
+        if not isinstance(bts, list):
+            raise DatasetFormatError(f"{where}: key '{BACKTRANS_KEY}' must be a list of strings, got {bts!r}")
+        if len(bts) != len(caps):
+            raise DatasetFormatError(
+                f"{where}: key '{BACKTRANS_KEY}' has {len(bts)} items but 'captions' has {len(caps)}; they must be "
+                f"aligned one-to-one ('{BACKTRANS_KEY}'[j] is the back-translation of 'captions'[j], \"\" for none)")
+        for j, c in enumerate(bts):
+            if not isinstance(c, str):
+                raise DatasetFormatError(f"{where}: key '{BACKTRANS_KEY}'[{j}] must be a string, got {c!r}")
+        return bts
 
     def _split_anno(self, annos: List[dict]) -> Tuple[List[dict], List[dict], List[dict]]:
         """split 'train' -> train, 'test' -> test, anything else -> val (as the original)."""
@@ -172,6 +204,18 @@ class BaseDataset:
                 caption_pids.append(pid)
         split = {"image_pids": image_pids, "img_paths": img_paths, "caption_pids": caption_pids, "captions": captions}
         return split, pid_container
+
+    @staticmethod
+    def _process_backtrans(annos: List[dict]) -> Optional[List[Optional[str]]]:
+        """Back-translations aligned with the train rows of :meth:`_process_anno` (one per caption, in the same
+        order): None when no entry has ``captions_bt``; else a list with None where a row has none (blank)."""
+        if not any(BACKTRANS_KEY in anno for anno in annos):
+            return None
+        out: List[Optional[str]] = []
+        for anno in annos:
+            bts = anno.get(BACKTRANS_KEY) or [""] * len(anno["captions"])
+            out.extend(bt if bt.strip() else None for bt in bts)
+        return out
 
     def _check_contiguous_pids(self, pid_container: set) -> None:
         """Train pids index the ID classifier, so they must be exactly 0..N-1."""
@@ -229,8 +273,9 @@ def tokenize_all(captions: Sequence[str], tokenizer: SimpleTokenizer, text_lengt
     return out
 
 
-# Streams of one sample's random draws (distinct seeds from the same (seed, epoch, index)).
-STREAM_IMAGE, STREAM_TEXT = 0, 1
+# Streams of one sample's random draws (distinct seeds from the same (seed, epoch, index)): the image transform, the
+# MLM masks, the caption augmentation.
+STREAM_IMAGE, STREAM_TEXT, STREAM_CAPTION = 0, 1, 2
 
 
 def sample_seed(seed: int, epoch: int, index: int, stream: int = STREAM_IMAGE) -> int:
@@ -242,11 +287,24 @@ def sample_seed(seed: int, epoch: int, index: int, stream: int = STREAM_IMAGE) -
 class ImageTextDataset(Dataset):
     """Train rows ``(pid, image_id, img_path, caption)`` -> dict(pids, image_ids, images, caption_ids).
 
-    ``seed`` and the epoch (``set_epoch``) seed each sample's random draws (module docstring)."""
+    ``seed`` and the epoch (``set_epoch``) seed each sample's random draws (module docstring).
+
+    Args:
+        dataset: the parser's train rows.
+        transform: the image transform (its random draws are seeded per sample).
+        text_length, truncate, tokenizer: tokenization of the captions (``tokenize``).
+        check_files: raise at once if an image file is missing.
+        seed: the run's seed.
+        caption_aug: optional ``datasets.augment.CaptionAugment``: each sample's caption is augmented (from the
+            ``STREAM_CAPTION`` generator) and tokenized on the fly when it changed; an inactive one is ignored.
+        captions_bt: the rows' back-translations (the parser's ``train_captions_bt``), needed by a ``caption_aug``
+            with back-translation.
+    """
 
     def __init__(self, dataset: List[TrainRow], transform: Optional[Callable] = None, text_length: int = 77,
                  truncate: bool = True, tokenizer: Optional[SimpleTokenizer] = None, check_files: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, caption_aug: Optional[CaptionAugment] = None,
+                 captions_bt: Optional[Sequence[Optional[str]]] = None) -> None:
         self.dataset = dataset
         self.transform = transform
         self.text_length = text_length
@@ -255,6 +313,12 @@ class ImageTextDataset(Dataset):
         self.epoch = 0
         if check_files:
             check_image_files([row[2] for row in dataset], "train set")
+        if captions_bt is not None and len(captions_bt) != len(dataset):
+            raise ValueError(f"ImageTextDataset: {len(captions_bt)} back-translations for {len(dataset)} train rows")
+        if caption_aug is not None and caption_aug.backtrans_prob > 0 and captions_bt is None:
+            raise ValueError("ImageTextDataset: caption_aug uses back-translations but captions_bt is None")
+        self.caption_aug = caption_aug if caption_aug is not None and caption_aug.active else None
+        self.captions_bt = captions_bt
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
         self.caption_ids = tokenize_all([row[3] for row in dataset], self.tokenizer, text_length, truncate)
 
@@ -269,6 +333,21 @@ class ImageTextDataset(Dataset):
         """The seed of sample ``index``'s draws of ``stream`` in the current epoch."""
         return sample_seed(self.seed, self.epoch, index, stream)
 
+    def caption(self, index: int) -> str:
+        """Sample ``index``'s caption in the current epoch (augmented when a caption augmentation is on)."""
+        caption = self.dataset[index][3]
+        if self.caption_aug is None:
+            return caption
+        caption_bt = self.captions_bt[index] if self.captions_bt is not None else None
+        return self.caption_aug(caption, caption_bt, random.Random(self.sample_rng(index, STREAM_CAPTION)))
+
+    def _caption_ids(self, index: int) -> torch.Tensor:
+        if self.caption_aug is not None:
+            caption = self.caption(index)
+            if caption != self.dataset[index][3]:  # changed: tokenize it now
+                return tokenize(caption, self.tokenizer, text_length=self.text_length, truncate=self.truncate)
+        return self.caption_ids[index].long()  # .long() copies the cached row
+
     def _load(self, index: int) -> Tuple[int, int, Any, torch.Tensor]:
         pid, image_id, img_path, _ = self.dataset[index]
         img = read_image(img_path)
@@ -277,7 +356,7 @@ class ImageTextDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(self.sample_rng(index, STREAM_IMAGE))
                 img = self.transform(img)
-        return pid, image_id, img, self.caption_ids[index].long()  # .long() copies the cached row
+        return pid, image_id, img, self._caption_ids(index)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         pid, image_id, img, caption_ids = self._load(index)
@@ -402,14 +481,18 @@ class ImageTextMLMDataset(ImageTextDataset):
     ``random.Random`` seeded per sample).
 
     ``mlm_mask_caption=False`` (default) returns clean ``caption_ids``; ``True`` reproduces the original, whose
-    in-place masking made ``caption_ids`` equal to ``mlm_ids``.
+    in-place masking made ``caption_ids`` equal to ``mlm_ids``. With a caption augmentation the masks are drawn on
+    the augmented caption.
     """
 
     def __init__(self, dataset: List[TrainRow], transform: Optional[Callable] = None, text_length: int = 77,
                  truncate: bool = True, tokenizer: Optional[SimpleTokenizer] = None, check_files: bool = True,
                  mlm_probability: float = 0.15, masked_token_rate: float = 0.8,
-                 masked_token_unchanged_rate: float = 0.1, mlm_mask_caption: bool = False, seed: int = 0) -> None:
-        super().__init__(dataset, transform, text_length, truncate, tokenizer, check_files, seed)
+                 masked_token_unchanged_rate: float = 0.1, mlm_mask_caption: bool = False, seed: int = 0,
+                 caption_aug: Optional[CaptionAugment] = None,
+                 captions_bt: Optional[Sequence[Optional[str]]] = None) -> None:
+        super().__init__(dataset, transform, text_length, truncate, tokenizer, check_files, seed, caption_aug,
+                         captions_bt)
         for name, p in (("mlm_probability", mlm_probability), ("masked_token_rate", masked_token_rate),
                         ("masked_token_unchanged_rate", masked_token_unchanged_rate)):
             if not 0.0 <= p <= 1.0:

@@ -1,9 +1,10 @@
 """Dataset registry, transforms, collate and the dataloaders.
 
 A run's numbers depend only on its options and seed, not on ``--num_workers`` or the number of processes:
-- every random choice made for a training sample (flip, pad/crop, erasing, MLM masks) is drawn from generators seeded
-  by ``(seed, epoch, sample index)`` inside the dataset (``datasets/bases.py:sample_seed``), so the same sample in the
-  same epoch gets the same augmentation in any worker, on any rank;
+- every random choice made for a training sample (flip, pad/crop, erasing, the ``--img_aug_pool`` ops, the
+  ``--txt_aug_*`` caption augmentation, MLM masks) is drawn from generators seeded by ``(seed, epoch, sample index)``
+  inside the dataset (``datasets/bases.py:sample_seed``), so the same sample in the same epoch gets the same
+  augmentation in any worker, on any rank;
 - the samplers' order is a function of ``(seed, epoch)``: identity -> RandomIdentitySampler; random ->
   EpochRandomSampler. Under DDP every rank takes its consecutive slice of each global batch of that same order
   (RandomIdentitySampler_DDP / DistributedRandomSampler), so the ranks together see the one-process batches (the
@@ -23,14 +24,15 @@ import torch
 import torchvision.transforms as T
 from torch.utils.data import BatchSampler, DataLoader
 
-from datasets.bases import ImageDataset, ImageTextDataset, ImageTextMLMDataset, TextDataset
+from datasets.augment import CaptionAugment, RandomOpsPool, image_pool_ops
+from datasets.bases import BACKTRANS_KEY, ImageDataset, ImageTextDataset, ImageTextMLMDataset, TextDataset
 from datasets.cuhkpedes import CUHKPEDES
 from datasets.icfgpedes import ICFGPEDES
 from datasets.rstpreid import RSTPReid
 from datasets.sampler import EpochRandomSampler, RandomIdentitySampler, check_identity_batch
 from datasets.sampler_ddp import DistributedRandomSampler, RandomIdentitySampler_DDP
 from datasets.synthpedes import SynthPEDES
-from utils.choices import DATASETS, SAMPLERS, VAL_DATASETS, check_choice
+from utils.choices import DATASETS, IMG_AUG_POOL, SAMPLERS, VAL_DATASETS, check_choice
 from utils.comm import get_rank, get_world_size, is_main_process
 
 logger = logging.getLogger("IRRA.dataset")
@@ -57,11 +59,23 @@ def build_dataset(name: str, root: str = "./data", verbose: bool = True, **kwarg
 
 def build_transforms(img_size: Sequence[int] = (384, 128), aug: bool = False, is_train: bool = True,
                      mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                     pad: int = 10, flip_p: float = 0.5, erasing_scale: Tuple[float, float] = (0.02, 0.4)) -> T.Compose:
-    """The original's pipelines: eval Resize+ToTensor+Normalize; train adds a flip (and Pad/RandomCrop/Erasing with aug)."""
+                     pad: int = 10, flip_p: float = 0.5, erasing_scale: Tuple[float, float] = (0.02, 0.4),
+                     pool: bool = False, pool_ops: int = 2) -> T.Compose:
+    """The original's pipelines: eval Resize+ToTensor+Normalize; train adds a flip (and Pad/RandomCrop/Erasing with aug).
+
+    ``pool`` (``--img_aug_pool``, train only) replaces the train pipeline, ``aug`` included, by TBPS-CLIP's: Resize,
+    ToTensor, ``pool_ops`` ops drawn per sample from ``datasets/augment.py:image_pool_ops``, Normalize.
+    """
     height, width = img_size
     if not is_train:
         return T.Compose([T.Resize((height, width)), T.ToTensor(), T.Normalize(mean=mean, std=std)])
+    if pool:
+        return T.Compose([
+            T.Resize((height, width)),
+            T.ToTensor(),
+            RandomOpsPool(image_pool_ops((height, width)), pool_ops),
+            T.Normalize(mean=mean, std=std),
+        ])
     if aug:
         return T.Compose([
             T.Resize((height, width)),
@@ -121,6 +135,27 @@ def set_train_epoch(loader: DataLoader, epoch: int) -> None:
         loader.dataset.set_epoch(epoch)
 
 
+def build_caption_aug(args: argparse.Namespace, dataset
+                      ) -> Tuple[Optional[CaptionAugment], Optional[List[Optional[str]]]]:
+    """``(caption augmentation, the train rows' back-translations)`` of the ``--txt_aug_*`` options; ``(None, None)``
+    when they are off. Back-translation needs ``captions_bt`` in the annotation file (``datasets/bases.py``)."""
+    caption_aug = CaptionAugment(args.txt_aug_word_drop_rate, args.txt_aug_word_drop_apply_prob,
+                                 args.txt_aug_backtrans_prob)
+    if not caption_aug.active:
+        return None, None
+    captions_bt = None
+    if caption_aug.backtrans_prob > 0:
+        captions_bt = dataset.train_captions_bt
+        n_bt = 0 if captions_bt is None else sum(bt is not None for bt in captions_bt)
+        if n_bt == 0:
+            raise ValueError(f"--txt_aug_backtrans_prob {args.txt_aug_backtrans_prob}: no train caption of "
+                             f"{dataset.anno_path} has a back-translation (entries need a '{BACKTRANS_KEY}' list "
+                             f"aligned with 'captions')")
+        logger.info("back-translations: %d of %d train captions have one", n_bt, len(captions_bt))
+    logger.info("caption augmentation: %s", caption_aug)
+    return caption_aug, captions_bt
+
+
 def build_train_loader(args: argparse.Namespace, dataset, generator: Optional[torch.Generator] = None,
                        rank: Optional[int] = None, world_size: Optional[int] = None) -> DataLoader:
     """The train loader of ``dataset`` (a parsed dataset) for this process; ``loader.train_sampler`` has
@@ -136,14 +171,21 @@ def build_train_loader(args: argparse.Namespace, dataset, generator: Optional[to
                          f"processes {world_size}")
     if generator is None:
         generator = torch.Generator().manual_seed(args.seed + rank)
-    transform = build_transforms(img_size=args.img_size, aug=args.img_aug, is_train=True)
+    transform = build_transforms(img_size=args.img_size, aug=args.img_aug, is_train=True, pool=args.img_aug_pool,
+                                 pool_ops=args.img_aug_pool_ops)
+    if args.img_aug_pool:
+        logger.info("image augmentation pool: %d of %s per sample%s", args.img_aug_pool_ops, list(IMG_AUG_POOL),
+                    " (replaces --img_aug's pipeline)" if args.img_aug else "")
+    caption_aug, captions_bt = build_caption_aug(args, dataset)
     if args.MLM:
         train_set = ImageTextMLMDataset(
             dataset.train, transform, text_length=args.text_length, seed=args.seed,
             mlm_probability=args.mlm_probability, masked_token_rate=args.masked_token_rate,
-            masked_token_unchanged_rate=args.masked_token_unchanged_rate, mlm_mask_caption=args.mlm_mask_caption)
+            masked_token_unchanged_rate=args.masked_token_unchanged_rate, mlm_mask_caption=args.mlm_mask_caption,
+            caption_aug=caption_aug, captions_bt=captions_bt)
     else:
-        train_set = ImageTextDataset(dataset.train, transform, text_length=args.text_length, seed=args.seed)
+        train_set = ImageTextDataset(dataset.train, transform, text_length=args.text_length, seed=args.seed,
+                                     caption_aug=caption_aug, captions_bt=captions_bt)
 
     common = dict(num_workers=args.num_workers, collate_fn=collate, worker_init_fn=seed_worker, generator=generator,
                   pin_memory=torch.accelerator.is_available())  # page-locked batches for the async copy to a GPU

@@ -16,6 +16,8 @@ VAL_DATASETS = ("test", "val")
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
 LR_SCHEDULERS = ("step", "exp", "poly", "cosine", "linear")
 WARMUP_METHODS = ("constant", "linear")
+# The ops of --img_aug_pool (datasets/augment.py:image_pool_ops builds them in this order).
+IMG_AUG_POOL = ("resized_crop", "erasing", "grayscale", "color_jitter", "flip", "rotation")
 
 
 def check_choice(option: str, value: object, valid: Iterable[str]) -> None:

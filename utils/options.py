@@ -3,7 +3,8 @@
 Every option of the original IRRA ``utils/options.py`` keeps its name and default, but is typed so that it can
 actually be set from the command line (``--img_size 384 128`` parses to two ints; periods are ints). New options:
 ``--config`` (a YAML file whose values become defaults that the command line overrides), ``--device``,
-``--precision``, ``--seed``, ``--mlm_mask_caption``, ``--mlm_probability`` and a few named constants.
+``--precision``, ``--seed``, ``--mlm_mask_caption``, ``--mlm_probability``, the successors' augmentations
+(``--txt_aug_*``, ``--img_aug_pool*``, off by default) and a few named constants.
 
 This module is the one place where options are filled and checked: ``get_args`` (the command line + ``--config``)
 and ``load_config_args`` (a saved run's ``configs.yaml``) both return a Namespace holding every option, typed and
@@ -17,9 +18,14 @@ import os
 from typing import Any, Dict, Optional, Sequence
 
 
-from utils.choices import (DATASETS, LOSSES, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, SAMPLERS, VAL_DATASETS,
+from utils.choices import (DATASETS, IMG_AUG_POOL, LOSSES, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, SAMPLERS, VAL_DATASETS,
                            WARMUP_METHODS, check_choice, parse_loss_names)
 from utils.iotools import load_train_configs
+
+
+# Defaults of the options of the successors' augmentations that only matter when another option turns them on.
+WORD_DROP_APPLY_PROB = 1.0
+IMG_AUG_POOL_OPS = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.02,
                         help="temperature of the similarity logits (logit scale = 1 / temperature), > 0")
     parser.add_argument("--img_aug", default=False, action="store_true")
+
+    ## augmentations from IRRA's successors (TBPS-CLIP, AAAI 2024; datasets/augment.py), off by default
+    parser.add_argument("--txt_aug_word_drop_rate", type=float, default=0.0,
+                        help="random word deletion: each word of a caption dropped with this probability "
+                             "(TBPS-CLIP's eda_alpha 0.05); 0 = off")
+    parser.add_argument("--txt_aug_word_drop_apply_prob", type=float, default=WORD_DROP_APPLY_PROB,
+                        help="probability that word deletion is applied to a caption (TBPS-CLIP: every caption, 1.0)")
+    parser.add_argument("--txt_aug_backtrans_prob", type=float, default=0.0,
+                        help="probability that a train caption is replaced by its back-translation (the annotation "
+                             "entry's 'captions_bt'; TBPS-CLIP: 0.1); 0 = off")
+    parser.add_argument("--img_aug_pool", default=False, action="store_true",
+                        help=f"TBPS-CLIP's image augmentation: --img_aug_pool_ops ops per sample drawn from "
+                             f"{list(IMG_AUG_POOL)}; replaces the train pipeline (--img_aug included)")
+    parser.add_argument("--img_aug_pool_ops", type=int, default=IMG_AUG_POOL_OPS,
+                        help=f"how many distinct ops of the pool each sample gets (1..{len(IMG_AUG_POOL)})")
 
     ## cross modal transfomer setting
     parser.add_argument("--cmt_depth", type=int, default=4, help="cross modal transformer self attn layers")
@@ -234,6 +255,18 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
               ("warmup_epochs", args.warmup_epochs >= 0, ">= 0"), ("num_instance", args.num_instance >= 1, ">= 1"),
               ("num_workers", args.num_workers >= 0, ">= 0"),
               ("eval_period", args.eval_period >= 1, ">= 1"), ("lr", args.lr > 0, "> 0")]
+    for name in ("txt_aug_word_drop_rate", "txt_aug_word_drop_apply_prob", "txt_aug_backtrans_prob"):
+        checks.append((name, 0.0 <= getattr(args, name) <= 1.0, "a probability in [0, 1]"))
+    checks += [("txt_aug_word_drop_apply_prob",
+                args.txt_aug_word_drop_rate > 0 or args.txt_aug_word_drop_apply_prob == WORD_DROP_APPLY_PROB,
+                f"{WORD_DROP_APPLY_PROB} (its default) while --txt_aug_word_drop_rate is 0 (word deletion off)"),
+               ("txt_aug_word_drop_rate",
+                args.txt_aug_word_drop_rate == 0 or args.txt_aug_word_drop_apply_prob > 0,
+                "0 while --txt_aug_word_drop_apply_prob is 0 (word deletion never applied)"),
+               ("img_aug_pool_ops", 1 <= args.img_aug_pool_ops <= len(IMG_AUG_POOL),
+                f"1..{len(IMG_AUG_POOL)} (the pool: {list(IMG_AUG_POOL)})"),
+               ("img_aug_pool_ops", args.img_aug_pool or args.img_aug_pool_ops == IMG_AUG_POOL_OPS,
+                f"{IMG_AUG_POOL_OPS} (its default) without --img_aug_pool")]
     for name, ok, want in checks:
         if not ok:
             raise ValueError(f"--{name} {getattr(args, name)}: expected {want}")
