@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from datasets.build import build_dataloader  # noqa: E402
+from datasets.build import build_dataloader, set_train_epoch  # noqa: E402
 from utils.options import default_args  # noqa: E402
 from datasets.synthpedes import SynthPEDES  # noqa: E402
 
@@ -30,7 +30,7 @@ def measure(args: argparse.Namespace, dataset, workers: int) -> list:
     train_loader, _, _, _ = build_dataloader(run_args, dataset=dataset)
     rates = []
     for rep in range(args.repeats):
-        train_loader.train_sampler.set_epoch(rep)
+        set_train_epoch(train_loader, rep)
         it = iter(train_loader)
         next(it)  # warm-up: worker start-up and the first batch are not counted
         n, t0 = 0, time.perf_counter()
