@@ -1,0 +1,118 @@
+"""One optimizer step of a tiny IRRA, in one process or as one rank of a gloo group (used by
+tests/test_ddp_equivalence.py; a module of its own so that ``torch.multiprocessing.spawn`` can import the worker).
+
+The fixed global batch: 8 samples, pids with ids repeated across the two ranks' halves (so the global SDM / CMPM
+labels have cross-rank positives), captions of different lengths, and an MLM mask with a different number of masked
+tokens in each half (so the global MLM mean differs from the mean of the two rank means).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from model.build import build_model
+from solver import build_optimizer
+from utils.options import default_args
+
+GLOBAL_BATCH = 8
+NUM_CLASSES = 5
+MODEL_SEED = 123
+PIDS = (0, 1, 2, 0, 3, 1, 2, 4)  # rank 0 gets the first half, rank 1 the second; ids 0, 1, 2 in both halves
+CAPTION_LENGTHS = (5, 9, 7, 12, 6, 4, 10, 8)  # words between <|startoftext|> and <|endoftext|>
+SOT, EOT, MASK = 49406, 49407, 49405
+IMG_SIZE = (64, 32)
+# AdamW's first step is lr * g / (|g| + eps): with the default eps (1e-8) it is lr * sign(g) wherever |g| >> 1e-8 and
+# moves by up to lr / eps = 1e5 per unit of g near 0, so fp32 gradient noise (~1e-7 where g is ~0, e.g. the attention
+# key biases, whose gradient is mathematically zero) becomes parameter differences of up to lr, even between two
+# thread counts of one process. eps = lr keeps the step's sensitivity to the gradient at 1 (one process, 1 vs 2
+# threads: 1.7e-6 apart; 7e-6 with eps 1e-4, 1e-3 with eps 1e-8); the AdamW code path is the same.
+ADAMW_EPS = 1e-3
+
+# name, loss_names, local_negatives, masked tokens per rank half
+CONFIGS: List[Tuple[str, str, bool, Tuple[int, int]]] = [
+    ("sdm+id+mlm", "sdm+id+mlm", False, (1, 6)),
+    ("itc", "itc", False, (0, 0)),
+    ("cmpm+mlm", "cmpm+mlm", False, (0, 5)),  # no masked token at all on rank 0
+    ("local", "sdm+itc+cmpm+id+mlm", True, (2, 5)),
+]
+
+
+def model_args(loss_names: str, local_negatives: bool):
+    """Options of the tiny IRRA (64 wide, 1 + 1 layers, 1 cross-modal block) and its AdamW."""
+    return default_args(pretrain_choice="scratch:ViT-Micro", img_size=IMG_SIZE, loss_names=loss_names, cmt_depth=1,
+                        device="cpu", precision="fp32", optimizer="AdamW", lr=1e-3, adamw_eps=ADAMW_EPS,
+                        local_negatives=local_negatives)
+
+
+def global_batch(mlm_counts: Sequence[int]) -> Dict[str, torch.Tensor]:
+    """The fixed global batch; half r holds ``mlm_counts[r]`` masked tokens."""
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(GLOBAL_BATCH, 3, *IMG_SIZE, generator=g)
+    caption_ids = torch.zeros(GLOBAL_BATCH, 77, dtype=torch.long)
+    for i, n in enumerate(CAPTION_LENGTHS):
+        words = torch.randint(1, MASK, (n,), generator=g)
+        caption_ids[i, :n + 2] = torch.cat([torch.tensor([SOT]), words, torch.tensor([EOT])])
+    mlm_ids, mlm_labels = caption_ids.clone(), torch.zeros_like(caption_ids)
+    half = GLOBAL_BATCH // 2
+    for r, count in enumerate(mlm_counts):
+        # word positions (1..length) of the half's samples, in a fixed shuffled order
+        slots = [(i, p) for i in range(r * half, (r + 1) * half) for p in range(1, CAPTION_LENGTHS[i] + 1)]
+        for k in torch.randperm(len(slots), generator=g)[:count].tolist():
+            i, p = slots[k]
+            mlm_labels[i, p] = caption_ids[i, p]
+            mlm_ids[i, p] = MASK
+    assert [int((mlm_labels[r * half:(r + 1) * half] != 0).sum()) for r in range(2)] == list(mlm_counts)
+    return {"images": images, "caption_ids": caption_ids, "pids": torch.tensor(PIDS), "mlm_ids": mlm_ids,
+            "mlm_labels": mlm_labels}
+
+
+def rank_slice(batch: Dict[str, torch.Tensor], rank: int, world: int) -> Dict[str, torch.Tensor]:
+    """Rank ``rank``'s consecutive slice of the global batch (what the DDP samplers give it)."""
+    per = GLOBAL_BATCH // world
+    return {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+
+
+def losses_of(ret: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """The losses and accuracies of a forward's output, as floats."""
+    return {k: float(v.detach()) for k, v in ret.items() if "loss" in k or "acc" in k}
+
+
+def build(loss_names: str, local_negatives: bool):
+    """(model, options), the model's weights drawn from MODEL_SEED: the same in every process."""
+    torch.manual_seed(MODEL_SEED)
+    args = model_args(loss_names, local_negatives)
+    model = build_model(args, NUM_CLASSES)
+    model.train()
+    return model, args
+
+
+def step(model, args, forward_model, batches: Sequence[Dict[str, torch.Tensor]]) -> dict:
+    """``forward_model`` (``model`` or its DDP wrapper) on each of ``batches``; one step of ``args``'s optimizer on
+    the mean of their total losses. Returns the losses of each forward, the gradients and the parameters after the step."""
+    optimizer = build_optimizer(args, forward_model)
+    rets = [forward_model(b) for b in batches]
+    total = sum(sum(v for k, v in ret.items() if "loss" in k) for ret in rets) / len(rets)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {"losses": [losses_of(r) for r in rets], "grads": grads, "params": params}
+
+
+def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank ``rank`` of ``world``: for every config, DDP over the tiny IRRA, rank slice of the global batch, one
+    step; writes ``<out_dir>/<config>_rank<rank>.pt``."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for name, loss_names, local, counts in CONFIGS:
+            model, args = build(loss_names, local)
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            out = step(model, args, ddp, [rank_slice(global_batch(counts), rank, world)])
+            torch.save(out, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
