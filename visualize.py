@@ -29,7 +29,7 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--failures", action="store_true", help="draw test queries whose top-1 is wrong")
     p.add_argument("--topk", type=int, default=10)
     p.add_argument("--out", default=None, help="output folder (default: <run>/vis)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help="auto | cpu | an accelerator[:N]")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
     a = p.parse_args(argv)

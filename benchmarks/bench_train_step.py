@@ -129,7 +129,8 @@ def main(argv=None) -> None:
     print(f"caption tokens (with SOT/EOT): mean {lens.mean():.1f}, max {int(lens.max())} of {opt.text_length}; "
           f"masked tokens {n_masked} of {opt.batch_size * opt.text_length} positions")
 
-    # same numbers on both paths (eval mode: no dropout anyway, but keep it explicit)
+    # same numbers on both paths, in train mode as the timed steps (the model has no dropout: train mode is
+    # deterministic)
     with torch.no_grad():
         model.fast = False
         ref = model(batch)

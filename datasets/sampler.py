@@ -7,7 +7,8 @@ previous one, advances by one. ``len()`` is the length of the current (last star
 
 All train samplers here share ``EpochSeeded``: ``attach_loader_generator(generator, seed)`` makes ``set_epoch(e)``
 also re-seed the DataLoader's generator with ``seed + e`` (it draws the workers' base seed), so epoch ``e`` of a
-resumed run sees the same order, worker seeds, flips and MLM masks as an uninterrupted run.
+resumed run sees the same order and worker seeds as an uninterrupted run. The flips, crops, erasing and MLM masks do
+not depend on the workers: they come from per-sample seeds (``datasets/bases.py:sample_seed``).
 """
 from __future__ import annotations
 

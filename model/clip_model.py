@@ -358,8 +358,7 @@ class VisionTransformer(nn.Module):
         x = self.transformer(x)
         x = x.permute(1, 0, 2)  # LND -> NLD
         x = self.ln_post(x)  # all tokens
-        if self.proj is not None:
-            x = x @ self.proj  # [*, L, width] -> [*, L, output_dim]
+        x = x @ self.proj  # [*, L, width] -> [*, L, output_dim]
         return x
 
 
@@ -411,19 +410,17 @@ class CLIP(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         if isinstance(self.visual, ModifiedResNet):
-            if self.visual.attnpool is not None:
-                std = self.visual.attnpool.c_proj.in_features ** -0.5
-                nn.init.normal_(self.visual.attnpool.q_proj.weight, std=std)
-                nn.init.normal_(self.visual.attnpool.k_proj.weight, std=std)
-                nn.init.normal_(self.visual.attnpool.v_proj.weight, std=std)
-                nn.init.normal_(self.visual.attnpool.c_proj.weight, std=std)
+            std = self.visual.attnpool.c_proj.in_features ** -0.5
+            nn.init.normal_(self.visual.attnpool.q_proj.weight, std=std)
+            nn.init.normal_(self.visual.attnpool.k_proj.weight, std=std)
+            nn.init.normal_(self.visual.attnpool.v_proj.weight, std=std)
+            nn.init.normal_(self.visual.attnpool.c_proj.weight, std=std)
             for resnet_block in [self.visual.layer1, self.visual.layer2, self.visual.layer3, self.visual.layer4]:
                 for name, param in resnet_block.named_parameters():
                     if name.endswith("bn3.weight"):
                         nn.init.zeros_(param)
         init_transformer_(self.transformer)
-        if self.text_projection is not None:
-            nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
 
     def build_attention_mask(self) -> torch.Tensor:
         """Causal additive mask [context_length, context_length]: -inf above the diagonal."""

@@ -4,8 +4,9 @@ What changed from the original, behaviour otherwise identical:
 - the device is the model's, never hard-coded; AMP (``--precision amp_bf16|amp_fp16``) is optional;
 - a non-finite loss stops training loudly (epoch, iteration and every loss term in the message), and a checkpoint is
   written only while every parameter is finite, so the last good one is kept;
-- ``last.pth`` is written every epoch (model, optimizer, scheduler, epoch, best R1) next to ``best.pth``, and every
-  evaluation is appended to ``metrics.jsonl``; resuming continues at the next epoch;
+- ``last.pth`` is written every epoch (model, optimizer, scheduler, epoch, best R1, and the GradScaler state with
+  ``amp_fp16``) next to ``best.pth``, and every evaluation is appended to ``metrics.jsonl``; resuming continues at
+  the next epoch;
 - each epoch starts from seeds derived from ``(seed, epoch, rank)`` (the data's randomness from ``(seed, epoch,
   sample index)``, see datasets/build.py), so a resumed run repeats an uninterrupted one: no RNG state is saved.
 """

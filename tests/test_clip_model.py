@@ -3,6 +3,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import urllib.error
 
 import pytest
@@ -213,12 +214,29 @@ def test_scratch_archs():
 
 
 # ------------------------------------------------------------------ download
-def test_available_models():
+def test_every_named_model_is_a_checked_download(tmp_path, monkeypatch):
+    """Each OpenAI name (README's list) leads, offline, to an error naming the cache file and a URL whose second-last
+    component is a SHA256; a file already at that path is then accepted only with that SHA256."""
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(clip_model.urllib.request, "urlopen", offline)
+    cache = tmp_path / "cache"
     names = available_models()
-    assert {"RN50", "RN101", "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"} <= set(names)
+    assert {"RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16", "ViT-L/14",
+            "ViT-L/14@336px"} <= set(names)
     for name in names:
-        sha = clip_model._MODELS[name].split("/")[-2]
-        assert len(sha) == 64 and int(sha, 16) >= 0
+        with pytest.raises(FileNotFoundError) as err:
+            build_CLIP_from_openai_pretrained(name, (64, 32), 16, download_root=str(cache))
+        found = re.search(r"fetch https://\S+/([0-9a-f]{64})/([\w.@-]+\.pt) by hand and place it at (\S+) ",
+                          str(err.value))
+        assert found, (name, str(err.value))
+        sha, filename, target = found.groups()
+        assert target == str(cache / filename)
+        cache.mkdir(exist_ok=True)
+        (cache / filename).write_bytes(b"not the weights")
+        with pytest.raises(RuntimeError, match=f"does not match the expected {sha}"):
+            build_CLIP_from_openai_pretrained(name, (64, 32), 16, download_root=str(cache))
 
 
 def test_download_sha_mismatch_is_error(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.bases import ImageTextMLMDataset, build_random_masked_tokens_and_labels, tokenize
+from datasets.bases import STREAM_TEXT, ImageTextMLMDataset, build_random_masked_tokens_and_labels, tokenize
 from datasets.synthpedes import make_caption, sample_identities
 from utils.simple_tokenizer import SimpleTokenizer
 
@@ -115,14 +115,14 @@ def test_dataset_caption_ids_clean_by_default_and_masked_with_option(tmp_path):
     rows = _rows(tmp_path)
     tf = lambda im: torch.zeros(1)  # noqa: E731
     ds = ImageTextMLMDataset(rows, tf, tokenizer=TOK)
-    assert (ds.mlm_probability, ds.masked_token_rate, ds.masked_token_unchanged_rate, ds.mlm_mask_caption) == \
-        (0.15, 0.8, 0.1, False)
-    random.seed(0)
     n_diff = 0
     for i, (_, _, _, cap) in enumerate(rows):
         item = ds[i]
         clean = tokenize(cap, TOK, 77)
         assert torch.equal(item["caption_ids"], clean)
+        # by default the masks are the original's (rates 0.15 / 0.8 / 0.1), drawn from the sample's own generator
+        orig_ids, orig_labels = original_mask(clean.tolist(), random.Random(ds.sample_rng(i, STREAM_TEXT)))
+        assert torch.equal(item["mlm_ids"], orig_ids) and torch.equal(item["mlm_labels"], orig_labels)
         sel = item["mlm_labels"] > 0
         assert torch.equal(item["mlm_labels"][sel], clean[sel]) and sel.any()
         n_diff += int((item["mlm_ids"] != clean).any())

@@ -18,7 +18,8 @@ RANK_CASES = json.loads((FIX / "functions.json").read_text())["rank"]
 
 
 def make_case(nq: int, ng: int, npid: int, seed: int, bonus: float = 0.15):
-    """The fixture recipe (see shared conformance README)."""
+    """Inputs of the rank fixtures: ``functions.json["rank"]`` holds the original ``rank``'s outputs (cmc, mAP, mINP,
+    top-10 indices) on ``make_case(nq, ng, npid, seed)`` for each case's parameters."""
     g = torch.Generator().manual_seed(seed)
     gpids = torch.randint(0, npid, (ng,), generator=g)
     gpids[:npid] = torch.arange(npid)

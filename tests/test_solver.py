@@ -76,25 +76,37 @@ def test_frozen_params_skipped():
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
-def test_optimizer_types(name):
+def test_optimizer_types_read_their_options(name):
+    """Each optimizer takes lr, momentum / betas, eps and the per-group rules from the options (values unlike the
+    defaults, so that a hard-coded value would show)."""
     m = nn.Linear(3, 2)
-    opt = build_optimizer(_args(optimizer=name), m)
+    opt = build_optimizer(_args(optimizer=name, lr=3e-4, momentum=0.7, alpha=0.8, beta=0.99, adam_eps=2e-4,
+                                adamw_eps=3e-7, bias_lr_factor=3.0, weight_decay=1e-3, weight_decay_bias=2e-4), m)
     if name == "SGD":
         assert type(opt) is torch.optim.SGD
-        assert opt.defaults["momentum"] == 0.9 and opt.defaults["lr"] == 1e-5
+        assert opt.defaults["momentum"] == 0.7 and opt.defaults["lr"] == 3e-4
     else:
         assert type(opt) is (torch.optim.Adam if name == "Adam" else torch.optim.AdamW)
-        assert opt.defaults["betas"] == (0.9, 0.999)
-        assert opt.defaults["eps"] == (1e-3 if name == "Adam" else 1e-8)
-    # weight decay / lr live per group
-    assert [g["weight_decay"] for g in opt.param_groups] == [4e-5, 0.0]
-    assert [g["lr"] for g in opt.param_groups] == [1e-5, 2e-5]
+        assert opt.defaults["betas"] == (0.8, 0.99)
+        assert opt.defaults["eps"] == (2e-4 if name == "Adam" else 3e-7)
+    # weight decay / lr live per group: [weight, bias]
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-3, 2e-4]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([3e-4, 9e-4])
 
 
-def test_eps_override():
-    args = _args(optimizer="Adam")
-    args.adam_eps = 1e-6
-    assert build_optimizer(args, nn.Linear(2, 2)).defaults["eps"] == 1e-6
+@pytest.mark.parametrize("name,eps", [("Adam", 1e-3), ("AdamW", 1e-8)])
+def test_default_eps_is_the_originals(name, eps):
+    """With the default options the first step moves a weight by lr * g / (|g| + eps) (Adam's bias-corrected first
+    step) with the original's eps: 1e-3 for Adam, 1e-8 for AdamW; gradients near eps show it."""
+    w = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    model = nn.Module()
+    model.register_parameter("weight", w)
+    opt = build_optimizer(_args(optimizer=name), model)
+    g = torch.tensor([1e-3, -2e-3, 5e-4, 1.0], dtype=torch.float64)
+    w.grad = g.clone()
+    opt.step()
+    lr = opt.param_groups[0]["lr"]
+    torch.testing.assert_close(w.detach(), -lr * g / (g.abs() + eps), rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])

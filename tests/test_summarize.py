@@ -206,10 +206,16 @@ def test_write_test_metrics_keeps_other_checkpoints(tmp_path):
     assert open(path).read() == "{broken"
 
 
-def test_ignored_keys_cover_the_run_state_keys():
-    from utils.options import RUN_STATE_KEYS
-    assert set(RUN_STATE_KEYS) <= set(summarize.IGNORED_CONFIG_KEYS)
-    assert set(summarize.IGNORED_CONFIG_KEYS) - set(RUN_STATE_KEYS) == {"seed", "name", "output_dir"}
+def test_only_seed_name_output_dir_and_run_state_keys_leave_runs_in_one_group():
+    """Two runs whose configs.yaml differ in one option are one experiment (one group) exactly when that option is
+    the seed, the name, the output directory or a run-state key (utils.options.RUN_STATE_KEYS: resume, ...)."""
+    from utils.options import RUN_STATE_KEYS, build_parser
+    config = {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
+    config["distributed"] = False  # saved by train.py, not an option
+    same_experiment = {"seed", "name", "output_dir", *RUN_STATE_KEYS}
+    for key in config:
+        rows = [{"config": dict(config)}, {"config": {**config, key: f"another {key}"}}]
+        assert (summarize.group_runs(rows) == [[0, 1]]) == (key in same_experiment), key
 
 
 def test_summarize_imports_no_torch():

@@ -128,7 +128,21 @@ def test_foreign_folder_and_bad_params(tmp_path):
 def test_registry_entry(tmp_path):
     ds = build_dataset("SynthPEDES", str(tmp_path), verbose=False, show_progress=False, **SMALL)
     assert isinstance(ds, SynthPEDES) and len(ds.train_id_container) == 8
-    import inspect
-    defaults = {k: v.default for k, v in inspect.signature(SynthPEDES).parameters.items()}
-    assert defaults == dict(root="", verbose=True, num_train_ids=240, num_val_ids=40, num_test_ids=80,
-                            images_per_id=4, img_height=128, img_width=64, seed=0, show_progress=True)
+
+
+def test_the_demo_generates_the_documented_dataset(tmp_path, monkeypatch):
+    """``--dataset_name SynthPEDES`` with no size options (the demo) asks the generator for the set README's demo
+    output shows: 240 / 40 / 80 train / val / test identities with 960 / 160 / 320 images of 128x64."""
+    requested = []
+
+    def record(out_dir, params, show_progress=True):
+        requested.append(params)
+        raise KeyboardInterrupt  # stop before drawing 1440 images
+
+    monkeypatch.setattr(sp, "_write_dataset", record)
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset("SynthPEDES", str(tmp_path), verbose=False)
+    (p,) = requested
+    ids_images = [(p[k], p[k] * p["images_per_id"]) for k in ("num_train_ids", "num_val_ids", "num_test_ids")]
+    assert ids_images == [(240, 960), (40, 160), (80, 320)]  # README's table of the demo
+    assert (p["img_height"], p["img_width"]) == (128, 64)

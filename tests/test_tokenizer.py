@@ -63,8 +63,27 @@ def test_cleaning(tok):
     assert tok.encode("A  &amp;quot;Red&amp;quot;\n\tCoat") == tok.encode('a "red" coat')
 
 
-def test_get_tokenizer_cached():
-    assert get_tokenizer() is get_tokenizer()
+def test_datasets_read_the_bpe_file_once(monkeypatch):
+    """Datasets built without a tokenizer (as build_dataloader builds them: train + gallery text) read the BPE
+    vocabulary once between them (building the encoder takes about a second), not once each."""
+    import gzip
+
+    from datasets.bases import ImageTextDataset, TextDataset
+    from utils import simple_tokenizer
+
+    real_open, opened = gzip.open, []
+
+    def counting_open(path, *a, **k):
+        opened.append(path)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(simple_tokenizer.gzip, "open", counting_open)
+    simple_tokenizer.get_tokenizer.cache_clear()
+    train = ImageTextDataset([(0, 0, "unused.png", "a man in a red coat")], check_files=False)
+    val = TextDataset([0, 1], ["a man in a red coat", "a woman with a bag"])
+    test = TextDataset([2], ["a child"])
+    assert opened == [default_bpe()]
+    assert train.caption_ids[0].tolist() == val.caption_ids[0].tolist() != test.caption_ids[0].tolist()
 
 
 def test_missing_bpe_file_error(tmp_path):

@@ -40,7 +40,8 @@ def synchronize() -> None:
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
-    """Turn ``auto | cpu | <accelerator> | <accelerator>:N`` (e.g. ``cuda:1``) into a ``torch.device``.
+    """Turn ``auto | cpu | <accelerator> | <accelerator>:N`` into a ``torch.device``; ``<accelerator>`` is the device
+    type torch reports for this machine's accelerator (``torch.accelerator.current_accelerator().type``).
 
     ``auto`` picks torch's accelerator when one is available (the local rank's under torchrun), else the CPU.
     Asking for an accelerator that is not available is an error, not a silent fallback.
@@ -54,7 +55,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError as e:
-        raise ValueError(f"--device {spec!r}: expected auto, cpu, or an accelerator such as cuda / cuda:N") from e
+        raise ValueError(f"--device {spec!r}: expected auto, cpu, or an accelerator (its device type, "
+                         "optionally with :N)") from e
     if device.type == "cpu":
         return device
     acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
@@ -147,7 +149,7 @@ __all__ = ["is_dist", "get_world_size", "get_rank", "get_local_rank", "is_main_p
 def init_distributed(device_spec: str = "auto") -> torch.device:
     """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1) and return this process's device.
 
-    The backend is torch's default for the device (NCCL on CUDA GPUs, gloo on the CPU).
+    The backend is torch's default for the device (NCCL on NVIDIA GPUs, gloo on the CPU).
     """
     device = resolve_device(device_spec)
     if device.type != "cpu":

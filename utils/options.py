@@ -1,10 +1,12 @@
 """Command-line options.
 
 Every option of the original IRRA ``utils/options.py`` keeps its name and default, but is typed so that it can
-actually be set from the command line (``--img_size 384 128`` parses to two ints; periods are ints). New options:
-``--config`` (a YAML file whose values become defaults that the command line overrides), ``--device``,
-``--precision``, ``--seed``, ``--mlm_mask_caption``, ``--mlm_probability``, the successors' augmentations
-(``--txt_aug_*``, ``--img_aug_pool*``, off by default) and a few named constants.
+actually be set from the command line (``--img_size 384 128`` parses to two ints; periods are ints). New options
+(``build_parser`` lists them all) include ``--config`` (a YAML file whose values become defaults that the command
+line overrides), ``--device``, ``--precision``, ``--seed``, ``--mlm_mask_caption``, ``--mlm_probability``, the
+successors' augmentations (``--txt_aug_*``, ``--img_aug_pool*``, off by default), the scale options
+(``--local_negatives``, ``--grad_checkpointing``) and the original's hard-coded constants made options
+(``--adam_eps``, ...) with the original's values as defaults.
 
 This module is the one place where options are filled and checked: ``get_args`` (the command line + ``--config``)
 and ``load_config_args`` (a saved run's ``configs.yaml``) both return a Namespace holding every option, typed and
