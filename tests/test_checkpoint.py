@@ -130,3 +130,18 @@ def test_checkpoint_num_classes(tmp_path):
     assert checkpoint_num_classes(str(tmp_path / "ddp.pth")) == 6
     torch.save({"model": {"base.weight": torch.zeros(4, 3)}}, tmp_path / "noid.pth")
     assert checkpoint_num_classes(str(tmp_path / "noid.pth"), default=11) == 11
+
+
+def test_except_keys_skip_by_substring_as_the_original():
+    """``load_state_dict(model, sd, ["classifier"])`` (the original's third positional parameter) skips every key
+    containing "classifier" on both sides, so a checkpoint with another number of classes loads the rest."""
+    from utils.checkpoint import check_key, load_state_dict
+    src, dst = torch.nn.Module(), torch.nn.Module()
+    src.body, dst.body = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    src.classifier, dst.classifier = torch.nn.Linear(3, 5), torch.nn.Linear(3, 7)
+    before = dst.classifier.weight.detach().clone()
+    load_state_dict(dst, src.state_dict(), ["classifier"])
+    assert torch.equal(dst.body.weight, src.body.weight) and torch.equal(dst.classifier.weight, before)
+    assert check_key("classifier.weight", ["classifier"]) and not check_key("body.weight", ["classifier"])
+    with pytest.raises(ValueError, match="classifier has 5 classes but the model has 7"):
+        load_state_dict(dst, src.state_dict())

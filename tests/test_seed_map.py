@@ -41,7 +41,8 @@ ORIGINAL = {
     "solver.build": {"build_optimizer": FUNCTION, "build_lr_scheduler": FUNCTION},
     "solver.lr_scheduler": {"LRSchedulerWithWarmup": CLASS},
     "processor.processor": {"do_train": FUNCTION, "do_inference": FUNCTION},
-    "utils.checkpoint": {"Checkpointer": CLASS, "strip_prefix_if_present": FUNCTION, "load_state_dict": FUNCTION},
+    "utils.checkpoint": {"Checkpointer": CLASS, "strip_prefix_if_present": FUNCTION, "load_state_dict": FUNCTION,
+                         "check_key": FUNCTION},
     "utils.metrics": {"rank": FUNCTION, "Evaluator": CLASS},
     "utils.options": {"get_args": FUNCTION},
     "utils.iotools": {"read_image": FUNCTION, "mkdir_if_missing": FUNCTION, "check_isfile": FUNCTION,
@@ -123,9 +124,6 @@ RENAMED_PARAMETERS = {
 
 # Known differences, reported and not fixed yet: their signature test is an expected failure, and
 # test_known_signature_differences_are_still_there fails once one is fixed, so that its entry is removed.
-KNOWN_SIGNATURE_DIFFERENCES = {
-    "utils.checkpoint.load_state_dict": "the third positional parameter is strict here, except_keys in the original",
-}
 
 METHODS = {
     "model.build.IRRA": ("_set_task", "cross_former", "encode_image", "encode_text", "forward"),
@@ -142,7 +140,6 @@ METHODS = {
 }
 
 DROPPED = {
-    "utils.checkpoint.check_key": "loading matches keys exactly (utils.checkpoint.load_state_dict), no substring rule",
     "utils.checkpoint.align_and_update_state_dicts": "its suffix matching of keys is replaced by exact keys; missing, "
                                                      "unexpected and mis-shaped keys are errors naming them",
     "utils.iotools.get_text_embedding": "an unused stub in the original (unpickles a file, returns nothing)",
@@ -171,8 +168,6 @@ def test_original_name_imports_from_its_module(module, name, kind):
 
 @pytest.mark.parametrize("path", sorted(SIGNATURES))
 def test_original_positional_parameters_are_accepted_in_order(path):
-    if path in KNOWN_SIGNATURE_DIFFERENCES:
-        pytest.xfail(KNOWN_SIGNATURE_DIFFERENCES[path])
     renamed = RENAMED_PARAMETERS.get(path, {})
     want = [renamed.get(p, p) for p in SIGNATURES[path].split()]
     params = list(inspect.signature(_get(path)).parameters.values())
@@ -181,15 +176,6 @@ def test_original_positional_parameters_are_accepted_in_order(path):
     extra = [p for p in params[len(want):] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
                                                          p.KEYWORD_ONLY)]
     assert all(p.default is not p.empty for p in extra), f"{path}: a parameter added after the original's has no default"
-
-
-@pytest.mark.parametrize("path", sorted(KNOWN_SIGNATURE_DIFFERENCES))
-def test_known_signature_differences_are_still_there(path):
-    """Keeps KNOWN_SIGNATURE_DIFFERENCES true: remove an entry (and its xfail) once fixed."""
-    positional = [p.name for p in inspect.signature(_get(path)).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    want = SIGNATURES[path].split()
-    assert positional[:len(want)] != want
 
 
 @pytest.mark.parametrize("path", sorted(METHODS))

@@ -57,20 +57,27 @@ def strip_prefix_if_present(state_dict: Dict[str, Any], prefix: str = "module.")
     return {k[len(prefix):]: v for k, v in state_dict.items()}
 
 
-def load_state_dict(model: nn.Module, loaded_state_dict: Dict[str, torch.Tensor], strict: bool = True,
-                    except_keys: Optional[Iterable[str]] = None, source: str = "checkpoint") -> None:
+def check_key(key: str, except_keys: Optional[Iterable[str]]) -> bool:
+    """True when ``key`` contains one of ``except_keys`` (the original's substring rule)."""
+    return any(k in key for k in (except_keys or ()))
+
+
+def load_state_dict(model: nn.Module, loaded_state_dict: Dict[str, torch.Tensor],
+                    except_keys: Optional[Iterable[str]] = None, strict: bool = True,
+                    source: str = "checkpoint") -> None:
     """Load ``loaded_state_dict`` into ``model`` (strips "module.", checks shapes, names the ``source``).
 
+    - ``except_keys``: keys containing any of these strings are skipped on purpose (the original's rule, e.g.
+      ``["classifier"]``), also on the model's side (they are not reported missing);
     - classifier size mismatch -> ValueError naming both numbers of classes;
     - any other shape mismatch -> ValueError;
-    - missing / unexpected keys -> ValueError when ``strict``, else a warning;
-    - ``except_keys``: keys skipped on purpose.
+    - missing / unexpected keys -> ValueError when ``strict``, else a warning.
     """
     log = logging.getLogger("IRRA.checkpoint")
     sd = strip_prefix_if_present(dict(loaded_state_dict), "module.")
     model = unwrap_model(model)
-    except_keys = set(except_keys or ())
-    sd = {k: v for k, v in sd.items() if k not in except_keys}
+    except_keys = list(except_keys or ())
+    sd = {k: v for k, v in sd.items() if not check_key(k, except_keys)}
     own = model.state_dict()
 
     if "classifier.weight" in sd and "classifier.weight" in own:
@@ -83,7 +90,7 @@ def load_state_dict(model: nn.Module, loaded_state_dict: Dict[str, torch.Tensor]
                   for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if bad_shapes:
         raise ValueError(f"{source}: {len(bad_shapes)} shape mismatches, e.g. {bad_shapes[:5]}")
-    missing = [k for k in own if k not in sd and k not in except_keys]
+    missing = [k for k in own if k not in sd and not check_key(k, except_keys)]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
         msg = (f"{source}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys "
