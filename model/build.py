@@ -12,10 +12,11 @@ from torch import nn
 
 from model import objectives
 from model.clip_model import (LayerNorm, QuickGELU, Transformer, build_CLIP_from_openai_pretrained, convert_weights,
-                              init_transformer_)
+                              init_transformer_, is_pretrained_file, load_pretrained_file)
 from utils.choices import LOSSES as VALID_LOSSES
 from utils.choices import PRECISIONS as VALID_PRECISIONS
 from utils.choices import parse_loss_names
+from utils.checkpoint import BACKBONE_PREFIX, count_by_module, load_matching_state_dict, summarize_names
 from utils.comm import all_reduce_sum, gather_with_grad, get_world_size, resolve_device, scale_grad
 
 logger = logging.getLogger("IRRA.model.build")
@@ -227,16 +228,64 @@ def build_model(args: argparse.Namespace, num_classes: int = 11003,
                 clip_state_dict: Optional[Dict[str, torch.Tensor]] = None) -> IRRA:
     """Build IRRA (on CPU) and apply the precision rule for the target ``device``.
 
+    ``args.pretrain_choice`` may be an IRRA checkpoint (the original's ``best.pth``, ours, with a ``module.`` prefix
+    or a bare state dict; recognised by its ``base_model.*`` keys) to fine-tune from: the backbone is built from its
+    ``base_model.*`` weights (architecture read from them, positional embeddings resized to ``img_size`` /
+    ``text_length`` as for a CLIP file), then every other tensor whose name and shape match is loaded; the others
+    (e.g. a classifier for another number of identities) keep their initialisation. The log lists what was loaded,
+    resized and skipped.
+
     ``args.precision``: fp16 -> convert_weights (OpenAI fp16 weights); auto -> fp16 when the target device
     (``device`` or ``args.device``) is the accelerator, fp32 otherwise; fp32 / amp_bf16 / amp_fp16 -> fp32
-    weights (the trainer autocasts for amp_*). ``clip_state_dict``: see :class:`IRRA`.
+    weights (the trainer autocasts for amp_*). ``clip_state_dict``: see :class:`IRRA` (``pretrain_choice`` is then
+    not read).
     """
     precision = args.precision
     if precision not in VALID_PRECISIONS:
         raise ValueError(f"--precision {precision!r}: expected one of {', '.join(VALID_PRECISIONS)}")
     device = torch.device(device) if device is not None else resolve_device(args.device)
+    irra_state_dict = None
+    if clip_state_dict is None and is_pretrained_file(args.pretrain_choice):
+        # the file is read once; an IRRA checkpoint's image positional grid is resized there (it may be non-square)
+        clip_state_dict, irra_state_dict = load_pretrained_file(args.pretrain_choice, args.img_size, args.stride_size)
     model = IRRA(args, num_classes, clip_state_dict=clip_state_dict)
+    if irra_state_dict is not None:
+        _load_irra_pretrain(model, irra_state_dict, args.pretrain_choice)
     if precision == "fp16" or (precision == "auto" and device.type != "cpu"):
         convert_weights(model)
         logger.info("model weights converted to fp16 (precision=%s, device=%s)", precision, device)
     return model
+
+
+def _load_irra_pretrain(model: IRRA, state_dict: Dict[str, torch.Tensor], source: str) -> None:
+    """After the backbone was built from the ``base_model.*`` weights of the IRRA ``state_dict`` (positional
+    embeddings resized), load its other tensors whose name and shape match and log what was loaded / resized /
+    skipped."""
+    report = load_matching_state_dict(model, state_dict, ignore_prefixes=(BACKBONE_PREFIX,))
+    base = model.base_model.state_dict()
+    loaded, resized, unexpected = [], [], []
+    for name, v in state_dict.items():  # the backbone's weights as stored, before the resize
+        if not name.startswith(BACKBONE_PREFIX):
+            continue
+        k = name[len(BACKBONE_PREFIX):]
+        if k not in base:
+            unexpected.append(name)
+        elif tuple(v.shape) != tuple(base[k].shape):
+            resized.append(f"{name} {tuple(v.shape)} -> {tuple(base[k].shape)}")
+        else:
+            loaded.append(name)
+    loaded += report["loaded"]
+    unexpected += report["unexpected"]
+    mismatched, fresh = report["mismatched"], report["fresh"]
+    logger.info("fine-tuning from the IRRA checkpoint %s: %d tensors loaded, %d resized, %d skipped, %d of this model "
+                "not in the checkpoint", source, len(loaded), len(resized), len(mismatched) + len(unexpected),
+                len(fresh))
+    logger.info("  loaded (per module): %s", count_by_module(loaded))
+    if resized:
+        logger.info("  resized: %s", summarize_names(resized))
+    if mismatched:
+        logger.info("  skipped, other shape (the model's keep their initialisation): %s", summarize_names(mismatched))
+    if unexpected:
+        logger.info("  skipped, not in this model (per module): %s", count_by_module(unexpected))
+    if fresh:
+        logger.info("  not in the checkpoint (keep their initialisation): %s", summarize_names(fresh))

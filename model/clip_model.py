@@ -19,11 +19,15 @@ import urllib.error
 import urllib.request
 import warnings
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from utils.checkpoint import (CheckpointReadError, clip_state_dict_from_checkpoint, is_irra_state_dict,
+                              strip_prefix_if_present, torch_load)
+from utils.iotools import CONFIG_FILE_NAME, load_train_configs
 
 logger = logging.getLogger("IRRA.model.clip_model")
 
@@ -66,6 +70,8 @@ SCRATCH_ARCHS: Dict[str, Dict[str, Any]] = {
                  transformer_width=512, transformer_layers=12, **_TEXT_DEFAULTS),
 }
 SCRATCH_PREFIX = "scratch:"
+RESNET_DOWNSAMPLE = 32  # ModifiedResNet's total stride: its attention-pool grid is (H // 32, W // 32)
+DEFAULT_STRIDE_SIZE = 16  # --stride_size default, for a configs.yaml without it
 
 Size2 = Union[int, Tuple[int, int], Sequence[int]]
 
@@ -491,22 +497,27 @@ class CLIP(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # positional-embedding resizing, precision
 # ----------------------------------------------------------------------------------------------------------------
-def resize_pos_embed(posemb: torch.Tensor, posemb_new: torch.Tensor, hight: int, width: int) -> torch.Tensor:
-    """Resize a ViT/attnpool positional embedding [1 + g*g, D] (square grid) to [1 + hight*width, D].
+def resize_pos_embed(posemb: torch.Tensor, posemb_new: torch.Tensor, hight: int, width: int,
+                     old_grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Resize a ViT/attnpool positional embedding [1 + gh*gw, D] to [1 + hight*width, D].
 
     Token 0 (class/mean token) is kept; the grid is resized with bilinear interpolation (align_corners=False).
-    ``posemb_new`` is only used for logging (as the original).
+    ``old_grid``: (gh, gw) of ``posemb``; None: a square grid (CLIP's, as the original assumes). ``posemb_new`` is
+    only used for logging (as the original).
     """
-    posemb = posemb.unsqueeze(0)  # [1+g*g, D] -> [1, 1+g*g, D]
+    posemb = posemb.unsqueeze(0)  # [1+gh*gw, D] -> [1, 1+gh*gw, D]
     posemb_new = posemb_new.unsqueeze(0)
     posemb_token, posemb_grid = posemb[:, :1], posemb[0, 1:]
-    gs_old = int(math.sqrt(len(posemb_grid)))
-    if gs_old * gs_old != len(posemb_grid):
-        raise ValueError(f"resize_pos_embed: the old grid has {len(posemb_grid)} positions, not a square grid")
+    if old_grid is None:
+        gs_old = int(math.sqrt(len(posemb_grid)))
+        old_grid = (gs_old, gs_old)
+    gh, gw = old_grid
+    if gh * gw != len(posemb_grid):
+        raise ValueError(f"resize_pos_embed: the old grid has {len(posemb_grid)} positions, not a {gh}x{gw} grid")
     logger.info("Resized position embedding from size %s to size %s with height:%d width:%d",
                 tuple(posemb.shape), tuple(posemb_new.shape), hight, width)
     dtype = posemb.dtype
-    posemb_grid = posemb_grid.float().reshape(1, gs_old, gs_old, -1).permute(0, 3, 1, 2)  # [g*g, D] -> [1, D, g, g]
+    posemb_grid = posemb_grid.float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # [gh*gw, D] -> [1, D, gh, gw]
     posemb_grid = F.interpolate(posemb_grid, size=(hight, width), mode="bilinear")  # [1, D, hight, width]
     posemb_grid = posemb_grid.permute(0, 2, 3, 1).reshape(1, hight * width, -1)  # [1, D, h, w] -> [1, h*w, D]
     posemb = torch.cat([posemb_token, posemb_grid.to(dtype)], dim=1)  # [1, 1+h*w, D]
@@ -629,20 +640,128 @@ def _unwrap_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
 
 
 def load_clip_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Read a CLIP state dict from a TorchScript archive (OpenAI's .pt), a plain state dict, or a
-    {"state_dict": ...} / {"model": ...} wrapper. Tensors are returned on CPU in their stored dtype."""
+    """Read a state dict from a TorchScript archive (OpenAI's .pt), a plain state dict, or a {"state_dict": ...} /
+    {"model": ...} wrapper (an IRRA checkpoint comes back whole: ``base_model.*``, ``classifier.*``...). Tensors are
+    returned on CPU in their stored dtype. A file torch cannot read raises
+    :class:`~utils.checkpoint.CheckpointReadError` naming it (see :func:`utils.checkpoint.torch_load`)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             state_dict = torch.jit.load(path, map_location="cpu").state_dict()
     except (RuntimeError, ValueError, AttributeError):
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise ValueError(f"cannot read CLIP weights from {path!r}: neither a TorchScript archive nor a "
-                             f"state dict ({e})") from e
-    sd = _unwrap_state_dict(state_dict)
+        state_dict = torch_load(path)  # not TorchScript: a torch.save file (weights_only=True)
+    try:
+        sd = _unwrap_state_dict(state_dict)
+    except ValueError as e:
+        raise CheckpointReadError(f"{path}: {e}") from None
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def is_pretrained_file(name: str) -> bool:
+    """True when ``pretrain_choice`` ``name`` is read from a local file: not an OpenAI model name
+    (``available_models()``, which wins over a file of the same name), not ``scratch:<arch>``, an existing file."""
+    return name not in _MODELS and not name.startswith(SCRATCH_PREFIX) and os.path.isfile(name)
+
+
+def load_pretrained_file(path: str, image_size: Optional[Size2] = None, stride_size: Optional[int] = None
+                         ) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, torch.Tensor]]]:
+    """Weights of a ``pretrain_choice`` file: an OpenAI CLIP file (TorchScript archive or state dict, see
+    :func:`load_clip_state_dict`) or an IRRA checkpoint (the original's ``best.pth`` layout
+    ``{"model": {"base_model.*": ..., ...}}``, optionally with a ``module.`` prefix, or its bare state dict).
+
+    Returns ``(clip_state_dict, irra_state_dict)``: the CLIP weights (an IRRA checkpoint's ``base_model.*``, prefix
+    removed) and, for an IRRA checkpoint, its whole state dict as stored (``module.`` stripped; None for a CLIP
+    file). An IRRA checkpoint is recognised by its keys (some key starts with ``base_model.``). Errors name the file.
+
+    An IRRA checkpoint's image positional grid need not be square (384x128 -> 24x8): given ``image_size`` /
+    ``stride_size`` (the model to build), its ``visual.positional_embedding`` (ViT) or
+    ``visual.attnpool.positional_embedding`` (ResNet) is resized here when the number of positions differs, the
+    checkpoint's grid read from the configs.yaml next to it or inferred (:func:`_checkpoint_pos_grid`); a CLIP
+    file's square grid is resized by :meth:`CLIP.load_param`.
+    """
+    sd = strip_prefix_if_present(load_clip_state_dict(path), "module.")
+    irra_sd = sd if is_irra_state_dict(sd) else None
+    clip_sd = clip_state_dict_from_checkpoint(sd) if irra_sd is not None else sd
+    try:
+        _cfg_from_state_dict(clip_sd)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e} (expected an OpenAI CLIP file or an IRRA checkpoint)") from None
+    if irra_sd is not None and image_size is not None and stride_size is not None:
+        key, new_grid, grid_of = _image_pos_grid(clip_sd, image_size, stride_size)
+        old = clip_sd[key]
+        n_old = old.shape[0] - 1
+        if n_old != new_grid[0] * new_grid[1]:
+            old_grid = _checkpoint_pos_grid(path, n_old, new_grid, grid_of)
+            new = old.new_empty(1 + new_grid[0] * new_grid[1], old.shape[1])  # only its shape is used (logging)
+            clip_sd[key] = resize_pos_embed(old, new, *new_grid, old_grid=old_grid)
+    return clip_sd, irra_sd
+
+
+def _image_pos_grid(state_dict: Dict[str, torch.Tensor], image_size: Size2, stride_size: int
+                    ) -> Tuple[str, Tuple[int, int], Callable[[Size2, int], Tuple[int, int]]]:
+    """(key of the image positional embedding, its grid for ``image_size`` / ``stride_size``, the function
+    (image_size, stride_size) -> grid) for the CLIP weights ``state_dict`` (ViT or ModifiedResNet)."""
+    if "visual.proj" in state_dict:  # ViT, as VisionTransformer
+        patch = state_dict["visual.conv1.weight"].shape[-1]
+
+        def grid_of(size: Size2, stride: int) -> Tuple[int, int]:
+            h, w = _pair(size)
+            return (h - patch) // stride + 1, (w - patch) // stride + 1
+
+        return "visual.positional_embedding", grid_of(image_size, stride_size), grid_of
+
+    def grid_of_rn(size: Size2, stride: int) -> Tuple[int, int]:  # as ModifiedResNet (stride unused)
+        h, w = _pair(size)
+        return h // RESNET_DOWNSAMPLE, w // RESNET_DOWNSAMPLE
+
+    return "visual.attnpool.positional_embedding", grid_of_rn(image_size, stride_size), grid_of_rn
+
+
+def _checkpoint_pos_grid(path: str, n: int, new_grid: Tuple[int, int],
+                         grid_of: Callable[[Size2, int], Tuple[int, int]]) -> Tuple[int, int]:
+    """The (height, width) grid of the ``n`` image positions of IRRA checkpoint ``path``.
+
+    1. The ``configs.yaml`` next to it (written by our runs and the original's): the grid of its img_size /
+       stride_size, when it has ``n`` positions.
+    2. Otherwise the one grid of ``n`` positions among: the width of ``new_grid``, its height, its aspect ratio, a
+       square (e.g. 4x2 for 8 positions and a new 6x2 grid). None or several -> ValueError naming the file.
+    """
+    cfg_file = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE_NAME)
+    if os.path.isfile(cfg_file):
+        try:
+            cfg = vars(load_train_configs(cfg_file))
+            grid = grid_of(cfg["img_size"], int(cfg.get("stride_size", DEFAULT_STRIDE_SIZE)))
+        except (ValueError, KeyError, TypeError) as e:
+            logger.warning("%s: cannot read img_size / stride_size (%s): the image grid of %s is inferred",
+                           cfg_file, e, path)
+        else:
+            if grid[0] * grid[1] == n:
+                logger.info("%s: image positional grid %dx%d (img_size %s in %s)", path, grid[0], grid[1],
+                            tuple(cfg["img_size"]), cfg_file)
+                return grid
+            logger.warning("%s: img_size %s gives a %dx%d grid but the checkpoint has %d image positions: ignored",
+                           cfg_file, tuple(cfg["img_size"]), grid[0], grid[1], n)
+    ny, nx = new_grid
+    candidates = []
+    if n % nx == 0:
+        candidates.append((n // nx, nx))  # same width (e.g. 384x128 -> 256x128)
+    if n % ny == 0:
+        candidates.append((ny, n // ny))  # same height
+    h = round(math.sqrt(n * ny / nx))
+    if h > 0 and n % h == 0 and h * nx == (n // h) * ny:
+        candidates.append((h, n // h))  # same aspect ratio
+    s = math.isqrt(n)
+    if s * s == n:
+        candidates.append((s, s))  # square (CLIP's)
+    candidates = list(dict.fromkeys(candidates))
+    if len(candidates) != 1:
+        raise ValueError(
+            f"{path}: cannot tell the image grid of its {n} positional embeddings (its img_size) to resize them to "
+            f"{ny}x{nx}: {'candidates ' + str(candidates) if candidates else 'no grid fits'}; put the configs.yaml "
+            f"of the run that wrote it (with img_size and stride_size) next to it, or train at its img_size")
+    logger.info("%s: image positional grid %dx%d assumed (no configs.yaml next to it gives its img_size)", path,
+                *candidates[0])
+    return candidates[0]
 
 
 def _cfg_from_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
@@ -685,7 +804,7 @@ def build_CLIP_from_openai_pretrained(name: str, image_size: Size2, stride_size:
     """Build a CLIP for ``image_size`` (H, W) / ``stride_size`` from OpenAI weights, a local file or a scratch arch.
 
     name: an OpenAI model name (``available_models()``; downloaded to ``download_root`` or ~/.cache/clip), a path to
-    a CLIP checkpoint file, or ``scratch:<arch>`` (``SCRATCH_ARCHS``, random init). ``text_length`` sets the text
+    a CLIP checkpoint file or an IRRA checkpoint (its ``base_model.*`` weights, see :func:`load_pretrained_file`), or ``scratch:<arch>`` (``SCRATCH_ARCHS``, random init). ``text_length`` sets the text
     context length (positional embedding cut or interpolated); None keeps the checkpoint's. ``jit`` is accepted
     for compatibility and ignored (always the eager model). ``state_dict``: CLIP weights already in memory (e.g.
     the ``base_model.*`` of a trained IRRA checkpoint); architecture and weights then come from it and ``name`` is
@@ -712,7 +831,7 @@ def build_CLIP_from_openai_pretrained(name: str, image_size: Size2, stride_size:
                 f"pretrain_choice {name!r}: not an OpenAI CLIP model name, a {SCRATCH_PREFIX}<arch> or an existing "
                 f"file; OpenAI models: {available_models()}; scratch: "
                 f"{[SCRATCH_PREFIX + a for a in SCRATCH_ARCHS]}")
-        state_dict = load_clip_state_dict(model_path)
+        state_dict, _ = load_pretrained_file(model_path, image_size, stride_size)  # IRRA: its base_model.*
         model_cfg = _cfg_from_state_dict(state_dict)
     model_cfg["image_resolution"] = _pair(image_size)
     model_cfg["stride_size"] = stride_size

@@ -10,9 +10,10 @@ import glob
 import logging
 import os
 import pickle
+import re
 import tempfile
 import zipfile
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from torch import nn
 from utils.comm import unwrap_model
 
 CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
+BACKBONE_PREFIX = "base_model."  # IRRA's CLIP backbone in the state dict (the original's name)
 
 
 class CheckpointReadError(ValueError):
@@ -40,11 +42,16 @@ def torch_load(f: str, mmap: bool = True) -> Any:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError,
             ImportError, TypeError, zipfile.BadZipFile) as e:
         text = str(e)
-        if "Weights only load failed" in text:
-            why = ("it holds Python objects other than tensors and plain containers, which the safe loader refuses; "
-                   "save its weights with torch.save({'model': model.state_dict()})")
+        if "Weights only load failed" in text and "Unsupported global" in text:
+            what = re.search(r"GLOBAL (\S+)", text)
+            why = (f"it holds Python objects other than tensors and plain containers"
+                   f"{f' ({what.group(1)})' if what else ''}, which the safe loader refuses; save its weights with "
+                   f"torch.save({{'model': model.state_dict()}})")
         else:
-            first = next((ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln), "")
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # random bytes: "Unsupported operand 219"
+            first = detail.group(1).strip() if detail else next(
+                (ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln), "")
+            first = first.split(". This is an internal miniz error")[0]  # torch's zip reader adds a long hint
             why = f"truncated, corrupt or not written by torch.save ({type(e).__name__}: {first[:200]})"
         raise CheckpointReadError(f"{f}: not a readable torch checkpoint: {why}") from None
 
@@ -234,9 +241,59 @@ def clip_state_dict_from_checkpoint(f: Union[str, Dict[str, torch.Tensor]]) -> D
     """The CLIP weights (``base_model.*``, prefix removed) of an IRRA checkpoint (a path, or its
     ``read_model_state_dict``): enough to rebuild its backbone without the pretrained CLIP file
     (``build_model(..., clip_state_dict=...)``)."""
-    prefix = "base_model."
-    full = read_model_state_dict(f) if isinstance(f, str) else f
+    prefix = BACKBONE_PREFIX
+    full = read_model_state_dict(f) if isinstance(f, str) else strip_prefix_if_present(f, "module.")
     sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
     if not sd:
         raise ValueError(f"{f if isinstance(f, str) else 'checkpoint'}: no base_model.* weights: not an IRRA checkpoint")
     return sd
+
+
+def is_irra_state_dict(state_dict: Dict[str, Any]) -> bool:
+    """True when ``state_dict`` holds IRRA weights (some key starts with ``base_model.`` once a ``module.`` prefix is
+    stripped); False for a CLIP state dict."""
+    return any(k.startswith(BACKBONE_PREFIX) for k in strip_prefix_if_present(state_dict, "module."))
+
+
+def load_matching_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
+                             ignore_prefixes: Iterable[str] = ()) -> Dict[str, List[str]]:
+    """Copy into ``model`` every tensor of ``state_dict`` whose name and shape match one of the model's (cast to the
+    model's dtype); the model's other tensors keep their values. Keys starting with one of ``ignore_prefixes`` are
+    left out on both sides (loaded by the caller).
+
+    Returns ``{"loaded": names, "mismatched": ["name: why", ...] (other shape), "unexpected": names not in the
+    model, "fresh": the model's names absent from state_dict}``.
+    """
+    ignore = tuple(ignore_prefixes)
+    own = unwrap_model(model).state_dict()
+    report: Dict[str, List[str]] = {"loaded": [], "mismatched": [], "unexpected": [], "fresh": []}
+    with torch.no_grad():
+        for k, v in state_dict.items():
+            if k.startswith(ignore):  # str.startswith(()) is False
+                continue
+            if k not in own:
+                report["unexpected"].append(k)
+            elif tuple(v.shape) != tuple(own[k].shape):
+                why = "another number of identities, " if k in CLASSIFIER_KEYS else ""
+                report["mismatched"].append(f"{k}: {why}checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+            else:
+                own[k].copy_(v)
+                report["loaded"].append(k)
+    report["fresh"] = [k for k in own if k not in state_dict and not k.startswith(ignore)]
+    return report
+
+
+def summarize_names(names: Sequence[str], limit: int = 8) -> str:
+    """Compact list for a log line: up to ``limit`` names, then ``... (+N more)``."""
+    names = list(names)
+    more = f", ... (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def count_by_module(names: Iterable[str]) -> str:
+    """``"base_model: 150, cross_attn: 4, ..."``: the number of names per first dotted component, in first-seen order."""
+    counts: Dict[str, int] = {}
+    for n in names:
+        top = n.split(".", 1)[0]
+        counts[top] = counts.get(top, 0) + 1
+    return ", ".join(f"{m}: {c}" for m, c in counts.items())

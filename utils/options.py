@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ######################## model general settings ########################
     parser.add_argument("--pretrain_choice", default="ViT-B/16",
-                        help="OpenAI CLIP name, path to a CLIP file, or scratch:<arch>")
+                        help="OpenAI CLIP name, path to a CLIP file, path to an IRRA checkpoint (best.pth) to "
+                             "fine-tune from, or scratch:<arch>")
     parser.add_argument("--clip_download_root", default=None, help="CLIP weights cache (default ~/.cache/clip)")
     parser.add_argument("--temperature", type=float, default=0.02,
                         help="temperature of the similarity logits (logit scale = 1 / temperature), > 0")
