@@ -22,6 +22,13 @@ import torch
 print("torch", torch.__version__, "| cuda available:", torch.cuda.is_available(),
       "| devices:", torch.cuda.device_count(), "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PYEOF
+if [ -z "${SKIP_FULL:-}" ]; then
+    for p in $PRECISIONS; do
+        echo "== full size, bs $FULL_BS, $p: original vs ours vs ours + grad checkpointing"
+        timeout "${FULL_TIMEOUT:-120}" "$PY" benchmarks/bench_train_variants.py --device "$DEVICE" --precision "$p" --batch_size "$FULL_BS" \
+            --warmup 2 --runs 5 --json "$RESULTS/full_$p.json" || echo "FAILED: full size $p"
+    done
+fi
 COMMON=(--config configs/demo.yaml --root_dir "$WORK/data" --output_dir "$WORK/logs" --device "$DEVICE"
         --num_epoch 2 --num_workers 4 --log_period 10)
 echo "== fp16 weights (the original's precision on CUDA), Adam eps 1e-3 as the paper recipe"
@@ -40,10 +47,3 @@ if [ "$DEVICE" != "cpu" ] && [ "$NGPU" -ge 2 ]; then
 fi
 for f in "$WORK"/logs/SynthPEDES/*/metrics.jsonl; do echo "$f: $(tail -n 1 "$f")"; done
 grep -h "Epoch 2 done" "$WORK"/logs/SynthPEDES/*/train_log.txt || true
-if [ -z "${SKIP_FULL:-}" ]; then
-    for p in $PRECISIONS; do
-        echo "== full size, bs $FULL_BS, $p: original vs ours vs ours + grad checkpointing"
-        "$PY" benchmarks/bench_train_variants.py --device "$DEVICE" --precision "$p" --batch_size "$FULL_BS" \
-            --warmup 3 --runs 10 --json "$RESULTS/full_$p.json" || echo "FAILED: full size $p"
-    done
-fi

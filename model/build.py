@@ -102,23 +102,32 @@ class IRRA(nn.Module):
 
         ``query_len``: only the first ``query_len`` output positions are needed; the last block then computes
         its queries/MLP for those positions only (keys/values still cover all L positions, so the kept outputs
-        are unchanged). Returns [B, L, D] (or [B, query_len, D]).
+        are unchanged). Returns [B, L, D] (or [B, query_len, D]). The blocks are checkpointed when
+        ``set_grad_checkpointing`` turned it on (the fast path's last block included).
         """
         x = self.cross_attn(self.ln_pre_t(q), self.ln_pre_i(k), self.ln_pre_i(v), need_weights=False)[0]
         x = x.permute(1, 0, 2)  # NLD -> LND
-        blocks = self.cross_modal_transformer.resblocks
-        if query_len is None or len(blocks) == 0:
-            x = self.cross_modal_transformer(x)
-        else:
-            for block in blocks[:-1]:
-                x = block(x)
-            last = blocks[-1]
-            y = last.ln_1(x)  # [L, B, D]
-            x = x[:query_len] + last.attn(y[:query_len], y, y, need_weights=False)[0]  # [query_len, B, D]
-            x = x + last.mlp(last.ln_2(x))
+        x = self.cross_modal_transformer(x, query_len=query_len)  # [L or query_len, B, D]
         x = x.permute(1, 0, 2)  # LND -> NLD
         x = self.ln_post(x)
         return x
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the residual blocks of the image (ViT), text and cross-modal transformers:
+        their activations are recomputed in the backward pass instead of kept (less memory, ~1 more forward of
+        compute, identical losses and gradients). A ModifiedResNet image encoder is left as it is: recomputing
+        its BatchNorm layers in training would update their running statistics twice."""
+        transformers = [self.base_model.transformer]
+        visual_transformer = getattr(self.base_model.visual, "transformer", None)  # a ViT's; a ModifiedResNet has none
+        if isinstance(visual_transformer, Transformer):
+            transformers.append(visual_transformer)
+        else:
+            logger.info("grad checkpointing: the %s image encoder is not checkpointed (BatchNorm)",
+                        type(self.base_model.visual).__name__)
+        if "mlm" in self.current_task:
+            transformers.append(self.cross_modal_transformer)
+        for transformer in transformers:
+            transformer.grad_checkpointing = bool(enable)
 
     @staticmethod
     def _cut_text(text: torch.Tensor) -> torch.Tensor:
@@ -237,7 +246,8 @@ def build_model(args: argparse.Namespace, num_classes: int = 11003,
 
     ``args.precision``: fp16 -> convert_weights (OpenAI fp16 weights); auto -> fp16 when the target device
     (``device`` or ``args.device``) is the accelerator, fp32 otherwise; fp32 / amp_bf16 / amp_fp16 -> fp32
-    weights (the trainer autocasts for amp_*). ``clip_state_dict``: see :class:`IRRA` (``pretrain_choice`` is then
+    weights (the trainer autocasts for amp_*). ``args.grad_checkpointing``: :meth:`IRRA.set_grad_checkpointing`
+    (activation checkpointing of the blocks). ``clip_state_dict``: see :class:`IRRA` (``pretrain_choice`` is then
     not read).
     """
     precision = args.precision
@@ -251,6 +261,8 @@ def build_model(args: argparse.Namespace, num_classes: int = 11003,
     model = IRRA(args, num_classes, clip_state_dict=clip_state_dict)
     if irra_state_dict is not None:
         _load_irra_pretrain(model, irra_state_dict, args.pretrain_choice)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     if precision == "fp16" or (precision == "auto" and device.type != "cpu"):
         convert_weights(model)
         logger.info("model weights converted to fp16 (precision=%s, device=%s)", precision, device)

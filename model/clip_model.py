@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from utils.checkpoint import (CheckpointReadError, clip_state_dict_from_checkpoint, is_irra_state_dict,
@@ -258,32 +259,60 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = LayerNorm(d_model)
         self.attn_mask = attn_mask
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, query_len: Optional[int] = None) -> torch.Tensor:
+        """Self-attention of x [L, B, D]; with ``query_len`` only the first ``query_len`` positions are queries
+        (keys/values are all L positions) and the result is [query_len, B, D]."""
+        q = x if query_len is None else x[:query_len]  # the same tensor when None: torch's packed q/k/v projection
         attn_mask = None
         if self.attn_mask is not None:
             n_ctx = x.shape[0]
             if n_ctx > self.attn_mask.shape[0]:
                 raise ValueError(f"sequence of length {n_ctx} is longer than the attention mask ({self.attn_mask.shape[0]})")
-            attn_mask = self.attn_mask[:n_ctx, :n_ctx].to(dtype=x.dtype, device=x.device)
-        return self.attn(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
+            attn_mask = self.attn_mask[:q.shape[0], :n_ctx].to(dtype=x.dtype, device=x.device)
+        return self.attn(q, x, x, need_weights=False, attn_mask=attn_mask)[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.ln_1(x))
+    def forward(self, x: torch.Tensor, query_len: Optional[int] = None) -> torch.Tensor:
+        """x [L, B, D] -> [L, B, D]; with ``query_len``, [query_len, B, D]: the outputs of the first ``query_len``
+        positions only, identical to ``forward(x)[:query_len]`` (each position's MLP and residual are its own)."""
+        if query_len is None:
+            x = x + self.attention(self.ln_1(x))
+        else:
+            x = x[:query_len] + self.attention(self.ln_1(x), query_len)  # [query_len, B, D]
         x = x + self.mlp(self.ln_2(x))
         return x
 
 
 class Transformer(nn.Module):
-    """Stack of ResidualAttentionBlocks; input/output LND."""
+    """Stack of ResidualAttentionBlocks; input/output LND.
+
+    ``grad_checkpointing`` (default False): in training with autograd on, each block's activations are not kept
+    for the backward pass but recomputed there (``torch.utils.checkpoint``, non-reentrant): less memory, about
+    one more forward pass of compute, identical losses and gradients (the blocks have no dropout or other
+    randomness; the RNG state is restored for the recomputation anyway). Eval / ``torch.no_grad`` run as usual.
+    """
 
     def __init__(self, width: int, layers: int, heads: int, attn_mask: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.width = width
         self.layers = layers
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, attn_mask) for _ in range(layers)])
+        self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resblocks(x)
+    def forward(self, x: torch.Tensor, query_len: Optional[int] = None) -> torch.Tensor:
+        """x [L, B, D] -> [L, B, D]. ``query_len``: only the first ``query_len`` output positions are needed; the
+        last block then computes its queries / MLP for those positions only (its keys/values still cover all L
+        positions, so the kept outputs are unchanged) and the result is [query_len, B, D]."""
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        n = len(self.resblocks)
+        if n == 0:
+            return x if query_len is None else x[:query_len]
+        for i, block in enumerate(self.resblocks):
+            block_query_len = query_len if i == n - 1 else None
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(block, x, block_query_len, use_reentrant=False)
+            else:
+                x = block(x, block_query_len)
+        return x
 
 
 def vit_grid(img_size: Size2, patch_size: int, stride_size: int) -> Tuple[int, int]:

@@ -14,7 +14,8 @@ NUM_CLASSES = 4
 def make_args(**over):
     fields = dict(pretrain_choice="scratch:ViT-Micro", img_size=(64, 32), stride_size=16, temperature=0.02,
                   loss_names="sdm+itc+cmpm+id+mlm", cmt_depth=1, vocab_size=49408, id_loss_weight=1.0,
-                  mlm_loss_weight=1.0, text_length=77, precision="fp32", device="cpu")
+                  mlm_loss_weight=1.0, text_length=77, precision="fp32", device="cpu",
+                  grad_checkpointing=False)
     fields.update(over)
     return default_args(**fields)
 

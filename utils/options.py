@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DDP: contrastive losses over each rank's own batch only (the original); by default the "
                              "features of all ranks are gathered, so every loss is over the global --batch_size")
     parser.add_argument("--grad_checkpointing", default=False, action="store_true",
-                        help="recompute the transformer blocks' activations in backward (less memory, same numbers)")
+                        help="recompute the transformer blocks' activations in backward: less memory, more compute, "
+                             "same numbers")
     return parser
 
 
