@@ -87,7 +87,8 @@ def cpu_rss() -> int:
 def accel_memory_module(device: torch.device):
     """The memory-statistics API of the accelerator: torch.accelerator's generic one when this torch has it,
     else the backend module (``getattr(torch, device.type)``)."""
-    if hasattr(torch.accelerator, "max_memory_allocated") and hasattr(torch.accelerator, "reset_peak_memory_stats"):
+    if all(hasattr(torch.accelerator, f) for f in ("memory_allocated", "max_memory_allocated",
+                                                   "reset_peak_memory_stats")):
         return torch.accelerator
     return getattr(torch, device.type)
 
@@ -169,7 +170,7 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
         synchronize(device)
         times.append(clock() - t0)
     peak = cpu_peak_rss() if mem is None else mem.max_memory_allocated()
-    # FLOPs of one more step, after the peak was read (the counter's dispatch mode changes the allocation pattern)
+    # FLOPs of one more step, after the peak was read (so that the counter's dispatch mode cannot affect it)
     counter = flop_counter()
     with counter:
         step()

@@ -67,6 +67,8 @@ def train_one_epoch(args, model, train_loader, optimizer, scaler: Optional[torch
     model.train()
     n_iter, num_samples, ret = -1, 0, {}
     for n_iter, batch in enumerate(train_loader):
+        # free the previous step's gradients before this forward (not after it): same numbers, lower peak memory
+        optimizer.zero_grad(set_to_none=True)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast_context(args.precision, device):
             ret = model(batch)
@@ -81,7 +83,6 @@ def train_one_epoch(args, model, train_loader, optimizer, scaler: Optional[torch
         for k, v in stats.items():
             meters.setdefault(k, AverageMeter()).update(v, batch_size)
 
-        optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(total_loss).backward()
             scaler.step(optimizer)
