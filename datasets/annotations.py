@@ -1,0 +1,227 @@
+"""Annotation parsing: ``BaseDataset`` reads ``<root>/<dataset_dir>/{imgs/, <annotation json>}`` into the splits.
+
+Annotation format (CUHK-PEDES ``reid_raw.json``, ICFG-PEDES ``ICFG-PEDES.json``, RSTPReid ``data_captions.json``):
+a json list of entries ``{"split": "train"|"test"|other (-> val), "id": int, <path_key>: str, "captions": [str]}``.
+An entry may also hold ``"captions_bt": [str]``, the back-translations of its captions (the key TBPS-CLIP reads),
+aligned one-to-one: ``captions_bt[j]`` is the back-translation of ``captions[j]``, ``""`` where a caption has none; a
+list of another length is a DatasetFormatError naming the entry. Only the train split uses them
+(``--txt_aug_backtrans_prob``).
+
+Parsed splits (identical to the original IRRA):
+- ``train``: list of ``(pid, image_id, img_path, caption)``, one row per caption; ``image_id`` counts train images in
+  file order; pids must be 0..N-1 without gaps.
+- ``train_captions_bt``: None when no train entry has ``captions_bt``; else a list aligned with ``train`` holding each
+  row's back-translation, or None where the row has none.
+- ``test`` / ``val``: dicts ``{"image_pids", "img_paths", "caption_pids", "captions"}`` in file order.
+
+``datasets/bases.py`` re-exports ``BaseDataset`` and ``DatasetFormatError`` (the original's home of BaseDataset).
+"""
+from __future__ import annotations
+
+import logging
+import os.path as op
+from typing import Any, Dict, List, Optional, Tuple
+
+from prettytable import PrettyTable
+
+from utils.iotools import read_json
+
+logger = logging.getLogger("IRRA.dataset")
+
+TrainRow = Tuple[int, int, str, str]
+EvalSplit = Dict[str, list]
+
+# The annotation key of the captions' back-translations (TBPS-CLIP's name).
+BACKTRANS_KEY = "captions_bt"
+
+
+class DatasetFormatError(ValueError):
+    """An annotation file holds an entry that cannot be parsed."""
+
+
+class BaseDataset:
+    """Parses ``<root>/<dataset_dir>/{imgs/, <annotation json>}`` into train / test / val.
+
+    Subclasses set the class attributes below; ``__init__`` does the work the original did per dataset.
+    """
+
+    logger = logger
+    dataset_dir: str = ""                    # folder under root
+    anno_files: Tuple[str, ...] = ()        # accepted annotation file names (first that exists wins)
+    path_key: str = "file_path"             # entry key holding the image path relative to imgs/
+    train_pid_offset: int = 0               # train pid = int(id) - train_pid_offset (CUHK-PEDES ids are 1-based)
+    source_url: str = ""                    # where to get the data
+    expected_tree: str = ""                 # the expected layout under <root>/<dataset_dir>/
+    display_name: str = ""
+
+    def __init__(self, root: str = "", verbose: bool = True) -> None:
+        self.root = root
+        self.dataset_dir = op.join(root, type(self).dataset_dir)
+        self.img_dir = op.join(self.dataset_dir, "imgs/")
+        self.anno_path = self._check_before_run()
+        annos = self._read_annos(self.anno_path)
+        self.train_annos, self.test_annos, self.val_annos = self._split_anno(annos)
+        self.train, self.train_id_container = self._process_anno(self.train_annos, training=True)
+        self.train_captions_bt = self._process_backtrans(self.train_annos)
+        self.test, self.test_id_container = self._process_anno(self.test_annos)
+        self.val, self.val_id_container = self._process_anno(self.val_annos)
+        if verbose:
+            self.logger.info("=> %s Images and Captions are loaded", self.display_name or type(self).dataset_dir)
+            self.show_dataset_info()
+
+    # ------------------------------------------------------------------ parsing
+    def _layout_help(self) -> str:
+        name = type(self).dataset_dir
+        return (f"Expected layout for {self.display_name or name}:\n"
+                f"  {op.join(self.root, name)}/\n{self.expected_tree}"
+                f"Get the data from {self.source_url} and point --root_dir at the folder that contains '{name}/'.")
+
+    def _check_before_run(self) -> str:
+        """Check the dataset folder, imgs/ and the annotation file; return the annotation path."""
+        anno_paths = [op.join(self.dataset_dir, f) for f in self.anno_files]
+        problems = []
+        if not op.isdir(self.dataset_dir):
+            problems.append(f"dataset folder '{self.dataset_dir}' is not available")
+        else:
+            if not op.isdir(self.img_dir):
+                problems.append(f"image folder '{self.img_dir}' is not available")
+            if not any(op.isfile(p) for p in anno_paths):
+                problems.append("annotation file " + " or ".join(f"'{p}'" for p in anno_paths) + " is not available")
+        if problems:
+            raise FileNotFoundError("; ".join(problems) + ".\n" + self._layout_help())
+        return next(p for p in anno_paths if op.isfile(p))
+
+    def _read_annos(self, anno_path: str) -> List[dict]:
+        """Read and validate the annotation list; drop empty / whitespace-only captions (with a warning)."""
+        annos = read_json(anno_path)
+        if not isinstance(annos, list):
+            raise DatasetFormatError(f"{anno_path}: expected a JSON list of entries, got {type(annos).__name__}")
+        required = ("split", "id", self.path_key, "captions")
+        cleaned, n_dropped, n_entries_dropped = [], 0, 0
+        for i, anno in enumerate(annos):
+            where = f"{anno_path}: entry {i}"
+            if not isinstance(anno, dict):
+                raise DatasetFormatError(f"{where}: expected an object, got {type(anno).__name__}")
+            for key in required:
+                if key not in anno:
+                    raise DatasetFormatError(f"{where}: missing key '{key}' (entries need {list(required)})")
+            pid = anno["id"]
+            if isinstance(pid, bool) or not isinstance(pid, (int, str)) or not _is_int(pid):
+                raise DatasetFormatError(f"{where}: key 'id' must be an integer, got {pid!r}")
+            if not isinstance(anno[self.path_key], str) or not anno[self.path_key]:
+                raise DatasetFormatError(f"{where}: key '{self.path_key}' must be a non-empty string, "
+                                         f"got {anno[self.path_key]!r}")
+            caps = anno["captions"]
+            if not isinstance(caps, list) or len(caps) == 0:
+                raise DatasetFormatError(f"{where}: key 'captions' must be a non-empty list of strings, got {caps!r}")
+            for j, c in enumerate(caps):
+                if not isinstance(c, str):
+                    raise DatasetFormatError(f"{where}: key 'captions'[{j}] must be a string, got {c!r}")
+            bts = self._check_backtrans(anno, where)
+            kept = [j for j, c in enumerate(caps) if c.strip()]
+            n_dropped += len(caps) - len(kept)
+            if not kept:  # an image with no usable caption would add an identity with no training text
+                n_entries_dropped += 1
+                continue
+            entry = {**anno, "id": int(pid), "captions": [caps[j] for j in kept]}
+            if bts is not None:  # stays aligned with the kept captions
+                entry[BACKTRANS_KEY] = [bts[j] for j in kept]
+            cleaned.append(entry)
+        if n_dropped:
+            self.logger.warning("%s: dropped %d empty/whitespace-only captions (%d entries left without any caption "
+                                "were dropped too)", anno_path, n_dropped, n_entries_dropped)
+        return cleaned
+
+    @staticmethod
+    def _check_backtrans(anno: dict, where: str) -> Optional[List[str]]:
+        """The entry's ``captions_bt`` (checked: a list of strings as long as ``captions``), or None without one."""
+        if BACKTRANS_KEY not in anno:
+            return None
+        bts, caps = anno[BACKTRANS_KEY], anno["captions"]
+        if not isinstance(bts, list):
+            raise DatasetFormatError(f"{where}: key '{BACKTRANS_KEY}' must be a list of strings, got {bts!r}")
+        if len(bts) != len(caps):
+            raise DatasetFormatError(
+                f"{where}: key '{BACKTRANS_KEY}' has {len(bts)} items but 'captions' has {len(caps)}; they must be "
+                f"aligned one-to-one ('{BACKTRANS_KEY}'[j] is the back-translation of 'captions'[j], \"\" for none)")
+        for j, c in enumerate(bts):
+            if not isinstance(c, str):
+                raise DatasetFormatError(f"{where}: key '{BACKTRANS_KEY}'[{j}] must be a string, got {c!r}")
+        return bts
+
+    def _split_anno(self, annos: List[dict]) -> Tuple[List[dict], List[dict], List[dict]]:
+        """split 'train' -> train, 'test' -> test, anything else -> val (as the original)."""
+        train, test, val = [], [], []
+        for anno in annos:
+            if anno["split"] == "train":
+                train.append(anno)
+            elif anno["split"] == "test":
+                test.append(anno)
+            else:
+                val.append(anno)
+        return train, test, val
+
+    def _process_anno(self, annos: List[dict], training: bool = False):
+        pid_container = set()
+        if training:
+            dataset: List[TrainRow] = []
+            for image_id, anno in enumerate(annos):
+                pid = anno["id"] - self.train_pid_offset
+                pid_container.add(pid)
+                img_path = op.join(self.img_dir, anno[self.path_key])
+                for caption in anno["captions"]:
+                    dataset.append((pid, image_id, img_path, caption))
+            self._check_contiguous_pids(pid_container)
+            return dataset, pid_container
+        img_paths, captions, image_pids, caption_pids = [], [], [], []
+        for anno in annos:
+            pid = anno["id"]
+            pid_container.add(pid)
+            img_paths.append(op.join(self.img_dir, anno[self.path_key]))
+            image_pids.append(pid)
+            for caption in anno["captions"]:
+                captions.append(caption)
+                caption_pids.append(pid)
+        split = {"image_pids": image_pids, "img_paths": img_paths, "caption_pids": caption_pids, "captions": captions}
+        return split, pid_container
+
+    @staticmethod
+    def _process_backtrans(annos: List[dict]) -> Optional[List[Optional[str]]]:
+        """Back-translations aligned with the train rows of :meth:`_process_anno` (one per caption, in the same
+        order): None when no entry has ``captions_bt``; else a list with None where a row has none (blank)."""
+        if not any(BACKTRANS_KEY in anno for anno in annos):
+            return None
+        out: List[Optional[str]] = []
+        for anno in annos:
+            bts = anno.get(BACKTRANS_KEY) or [""] * len(anno["captions"])
+            out.extend(bt if bt.strip() else None for bt in bts)
+        return out
+
+    def _check_contiguous_pids(self, pid_container: set) -> None:
+        """Train pids index the ID classifier, so they must be exactly 0..N-1."""
+        for expected, pid in enumerate(sorted(pid_container)):
+            if pid != expected:
+                raw = pid + self.train_pid_offset
+                raise DatasetFormatError(
+                    f"{self.anno_path}: train pids must be 0..{len(pid_container) - 1} without gaps "
+                    f"(pid = id - {self.train_pid_offset}); first offending id is {raw} (pid {pid}), "
+                    f"expected pid {expected} (id {expected + self.train_pid_offset})")
+
+    # ------------------------------------------------------------------ info
+    def show_dataset_info(self) -> None:
+        """Log a table of ids / images / captions per split."""
+        table = PrettyTable(["subset", "ids", "images", "captions"])
+        table.add_row(["train", len(self.train_id_container), len(self.train_annos), len(self.train)])
+        table.add_row(["test", len(self.test_id_container), len(self.test["img_paths"]), len(self.test["captions"])])
+        table.add_row(["val", len(self.val_id_container), len(self.val["img_paths"]), len(self.val["captions"])])
+        self.logger.info("%s statistics:\n%s", type(self).__name__, table)
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, int):
+        return True
+    try:
+        int(value.strip())
+        return True
+    except ValueError:
+        return False
