@@ -145,10 +145,10 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
         mem.reset_peak_memory_stats()
 
     def step() -> float:
+        optimizer.zero_grad(set_to_none=True)  # before the forward, as the trainer (train_one_epoch)
         with autocast_context(args.precision, device):
             ret = model(batch)
         loss = sum(v for k, v in ret.items() if "loss" in k)
-        optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -7,6 +7,9 @@
 #    (benchmarks/bench_train_variants.py; JSON files in $RESULTS);
 # 3. with 2+ GPUs: NCCL DDP, and the DDP equivalence tests.
 #   bash benchmarks/gpu_check.sh            # DEVICE=cpu SKIP_FULL=1 bash benchmarks/gpu_check.sh: the plumbing on a CPU
+# On a machine without internet whose python lacks ftfy / prettytable, bring them as wheels:
+#   pip download --no-deps -d .gpuwheels ftfy prettytable wcwidth   (then, there:)
+#   python3 -m pip install --no-index --no-deps .gpuwheels/*.whl && PYTHON=python3 bash benchmarks/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
