@@ -3,6 +3,7 @@ a bare state dict), positional embeddings resized, a classifier for another numb
 for unreadable files."""
 import logging
 import os
+import random
 
 import pytest
 import torch
@@ -205,7 +206,7 @@ def test_clip_file_is_not_an_irra_checkpoint(saved, tmp_path, caplog):
 def _bad_files(tmp_path, saved):
     path, _ = saved
     data = open(path, "rb").read()
-    files = {"empty": b"", "truncated": data[: len(data) // 2], "random": os.urandom(4096)}
+    files = {"empty": b"", "truncated": data[: len(data) // 2], "random": random.Random(0).randbytes(4096)}
     out = {}
     for name, content in files.items():
         out[name] = str(tmp_path / f"{name}.pth")
