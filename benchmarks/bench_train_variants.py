@@ -1,8 +1,10 @@
 """The full-size IRRA training step, measured: the original computation vs ours vs ours with --grad_checkpointing.
 
 Variants (same random weights, same batch, the original's options otherwise):
-  original   ``model.fast = False`` and the original's per-parameter Adam (torch's default implementation)
-  ours       ``model.fast = True`` (same numbers; see bench_train_step.py), same Adam (``--fused_optimizer``: fused)
+  original   ``model.fast = False``, the original's per-parameter Adam (torch's default implementation) and its step
+             order (gradients freed after the forward)
+  ours       ``model.fast = True`` (same numbers; see bench_train_step.py), same Adam (``--fused_optimizer``: fused),
+             the previous step's gradients freed before the forward, as the trainer does
   ours_ckpt  ours + ``--grad_checkpointing`` (the transformer blocks are recomputed in backward)
 
 Each variant runs in a fresh subprocess, so that memory peaks do not mix: it builds the model (a ``scratch:``
@@ -144,11 +146,16 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
     if mem is not None:
         mem.reset_peak_memory_stats()
 
+    free_grads_first = variant != "original"  # ours frees them before the forward (train_one_epoch), the original after
+
     def step() -> float:
-        optimizer.zero_grad(set_to_none=True)  # before the forward, as the trainer (train_one_epoch)
+        if free_grads_first:
+            optimizer.zero_grad(set_to_none=True)
         with autocast_context(args.precision, device):
             ret = model(batch)
         loss = sum(v for k, v in ret.items() if "loss" in k)
+        if not free_grads_first:
+            optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
