@@ -7,11 +7,9 @@ import os
 import sys
 
 from datasets import build_dataloader
-from model.build import build_model
-from model.clip_model import check_image_grid
+from model.build import build_model_from_checkpoint
 from processor.processor import do_inference
-from utils.checkpoint import (checkpoint_num_classes, clip_state_dict_from_checkpoint, load_state_dict,
-                              model_state_dict, read_checkpoint)
+from utils.checkpoint import model_state_dict, read_checkpoint
 from utils.comm import resolve_device
 from utils.logger import setup_logger
 from utils.options import config_path, load_config_args
@@ -46,14 +44,9 @@ def main(argv=None) -> dict:
     checkpoint = read_checkpoint(ckpt)  # read once: weights, classes, backbone and epoch all come from it
     weights = model_state_dict(checkpoint, ckpt)
     epoch = checkpoint.get("epoch")  # None in a checkpoint without one (the original's)
-    # the backbone is rebuilt from the checkpoint itself: the pretrained CLIP file is not needed
-    clip_weights = clip_state_dict_from_checkpoint(weights)
-    check_image_grid(clip_weights, args.img_size, args.stride_size, source=ckpt, config=config_file)
-    test_img_loader, test_txt_loader, num_classes = build_dataloader(args)
-    model = build_model(args, checkpoint_num_classes(weights, default=num_classes), device=device,
-                        clip_state_dict=clip_weights)
-    load_state_dict(model, weights, source=ckpt)
-    model.to(device)
+    # the backbone is rebuilt from the checkpoint itself (no pretrained CLIP file), its grid checked against the config
+    model = build_model_from_checkpoint(args, weights, source=ckpt, config=config_file, device=device)
+    test_img_loader, test_txt_loader, _ = build_dataloader(args)
     metrics = do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric)
     logger.info(f"results of {os.path.basename(ckpt)} (epoch {epoch}) recorded in "
                 f"{write_test_metrics(ckpt, metrics, epoch=epoch, split='test')}")

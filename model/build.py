@@ -12,11 +12,12 @@ from torch import nn
 
 from model import objectives
 from model.clip_model import (LayerNorm, QuickGELU, Transformer, build_CLIP_from_openai_pretrained, convert_weights,
-                              init_transformer_, is_pretrained_file, load_pretrained_file)
+                              check_image_grid, init_transformer_, is_pretrained_file, load_pretrained_file)
 from utils.choices import LOSSES as VALID_LOSSES
 from utils.choices import PRECISIONS as VALID_PRECISIONS
 from utils.choices import parse_loss_names
-from utils.checkpoint import BACKBONE_PREFIX, count_by_module, load_matching_state_dict, summarize_names
+from utils.checkpoint import (BACKBONE_PREFIX, checkpoint_num_classes, clip_state_dict_from_checkpoint, count_by_module,
+                              load_matching_state_dict, load_state_dict, summarize_names)
 from utils.comm import all_reduce_sum, gather_with_grad, get_world_size, resolve_device, scale_grad
 
 logger = logging.getLogger("IRRA.model.build")
@@ -301,3 +302,20 @@ def _load_irra_pretrain(model: IRRA, state_dict: Dict[str, torch.Tensor], source
         logger.info("  skipped, not in this model (per module): %s", count_by_module(unexpected))
     if fresh:
         logger.info("  not in the checkpoint (keep their initialisation): %s", summarize_names(fresh))
+
+
+def build_model_from_checkpoint(args: argparse.Namespace, weights: Dict[str, torch.Tensor], source: str = "checkpoint",
+                                config: str = "the config",
+                                device: Optional[Union[str, torch.device]] = None) -> IRRA:
+    """A trained IRRA rebuilt from its own weights (``utils.checkpoint.read_model_state_dict``): the backbone from
+    ``base_model.*`` (no pretrained CLIP file needed), the number of identities from the classifier. The config's
+    image grid is checked against the checkpoint's first (an error names ``config`` and ``source``). The model is
+    returned on ``device`` (default ``args.device``) with the weights loaded."""
+    clip_sd = clip_state_dict_from_checkpoint(weights)
+    check_image_grid(clip_sd, args.img_size, args.stride_size, source=source, config=config)
+    num_classes = checkpoint_num_classes(weights)  # None without an id head: num_classes is then unused
+    device = torch.device(device) if device is not None else resolve_device(args.device)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    model = build_model(args, device=device, clip_state_dict=clip_sd, **kwargs)
+    load_state_dict(model, weights, source=source)
+    return model.to(device)

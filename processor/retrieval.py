@@ -28,10 +28,8 @@ from tqdm import tqdm
 
 from datasets.bases import ImageFileDataset, collate_skip_unreadable
 from datasets.build import build_transforms
-from model.build import build_model
-from model.clip_model import check_image_grid
-from utils.checkpoint import (Checkpointer, checkpoint_num_classes, clip_state_dict_from_checkpoint,
-                              read_model_state_dict)
+from model.build import build_model_from_checkpoint
+from utils.checkpoint import read_model_state_dict
 from utils.comm import resolve_device
 from utils.options import load_config_args
 from utils.simple_tokenizer import SimpleTokenizer, get_tokenizer, tokenize
@@ -215,18 +213,8 @@ class Retriever:
         # utils.iotools.load_train_configs + today's defaults for options older runs lack (device, precision...)
         args = load_config_args(str(config_file), training=False)
         dev = device if isinstance(device, torch.device) else resolve_device(str(device))
-        # num_classes must match the trained classifier; it exists only when the run used the id loss.
-        weights = read_model_state_dict(str(ckpt))  # read once for the two lookups below
-        num_classes = checkpoint_num_classes(weights)
-        # the backbone comes from the checkpoint itself: no pretrained CLIP file needed
-        clip_sd = clip_state_dict_from_checkpoint(weights)
-        check_image_grid(clip_sd, args.img_size, args.stride_size, source=str(ckpt), config=str(config_file))
-        if num_classes is not None:
-            model = build_model(args, num_classes, dev, clip_state_dict=clip_sd)
-        else:
-            model = build_model(args, device=dev, clip_state_dict=clip_sd)  # no classifier: num_classes unused
-        Checkpointer(model).load(str(ckpt))
-        model.to(dev)
+        weights = read_model_state_dict(str(ckpt))  # read once: backbone, classes and weights all come from it
+        model = build_model_from_checkpoint(args, weights, source=str(ckpt), config=str(config_file), device=dev)
 
         img_size = tuple(int(s) for s in args.img_size)
         return cls(model, build_transforms(img_size=img_size, is_train=False),
