@@ -8,8 +8,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-
-from utils import iotools
 from utils.iotools import (check_isfile, load_train_configs, mkdir_if_missing, read_image, read_json,
                            save_train_configs)
 
@@ -71,7 +69,7 @@ def test_read_image_retries_then_raises(tmp_path, monkeypatch, caplog):
             raise OSError("stale NFS handle")
         return real_open(path, *a, **k)
 
-    monkeypatch.setattr(iotools.Image, "open", flaky)
+    monkeypatch.setattr(Image, "open", flaky)  # PIL.Image, which utils.iotools imports when it reads
     assert read_image(str(good), retries=3, retry_delay=0.0).size == (2, 2) and len(calls) == 2
     with pytest.raises(ValueError, match="retries must be >= 1"):
         read_image(str(good), retries=0)

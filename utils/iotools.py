@@ -13,10 +13,12 @@ import logging
 import os
 import os.path as osp
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from PIL import Image
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 logger = logging.getLogger("IRRA.iotools")
 
@@ -25,13 +27,15 @@ CONFIG_FILE_NAME = "configs.yaml"
 TUPLE_OPTIONS = ("img_size", "milestones")
 
 
-def open_image(img_path: str) -> Image.Image:
+def open_image(img_path: str) -> "Image.Image":
     """Open ``img_path`` as an RGB PIL image in one try (no retry, no logging): errors reach the caller."""
+    from PIL import Image  # here, not at the top: reading configs (utils.summarize) needs no PIL
+
     with Image.open(img_path) as img:
         return img.convert("RGB")
 
 
-def read_image(img_path: str, retries: int = 3, retry_delay: float = 0.1) -> Image.Image:
+def read_image(img_path: str, retries: int = 3, retry_delay: float = 0.1) -> "Image.Image":
     """Open ``img_path`` as an RGB PIL image.
 
     Transient ``OSError`` (e.g. network file systems under load) is retried ``retries`` times in total, sleeping

@@ -24,6 +24,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 from prettytable import PrettyTable
 
+from utils.iotools import ConfigLoader
+from utils.options import RUN_STATE_KEYS
+
 TEST_METRICS_FILE = "test_metrics.json"
 CONFIG_FILE = "configs.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -32,9 +35,8 @@ CHECKPOINTS = ("best.pth", "last.pth")
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, TEST_METRICS_FILE, *CHECKPOINTS)
 METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
 # configs.yaml keys that do not make two runs different experiments: the seed, the run's name and directory, and
-# utils.options.RUN_STATE_KEYS (repeated here, not imported: utils.options imports torch; a test keeps them equal).
-IGNORED_CONFIG_KEYS = ("seed", "name", "output_dir",
-                       "config", "distributed", "training", "resume", "resume_ckpt_file", "local_rank", "stop_epoch")
+# the run-state keys.
+IGNORED_CONFIG_KEYS = ("seed", "name", "output_dir", *RUN_STATE_KEYS)
 # The table's numeric columns: the val-best epoch and best.pth's test metrics, the last epoch and last.pth's.
 COLUMNS = ("best_epoch", *(f"best_{m}" for m in METRIC_NAMES), "last_epoch", *(f"last_{m}" for m in METRIC_NAMES))
 DECIMALS = 2  # metrics in the table
@@ -94,15 +96,6 @@ def write_test_metrics(checkpoint: str, metrics: Dict[str, float], epoch: Option
 
 
 # ------------------------------------------------------------------------------------------------------------ reading
-class _ConfigLoader(yaml.SafeLoader):
-    """SafeLoader that reads the original IRRA's ``!!python/tuple`` (as utils.iotools.ConfigLoader, which imports
-    PIL); any other python tag is a YAML error."""
-
-
-_ConfigLoader.add_constructor("tag:yaml.org,2002:python/tuple",
-                              lambda loader, node: list(loader.construct_sequence(node, deep=True)))
-
-
 def is_run_dir(path: str) -> bool:
     """True if ``path`` is a folder holding a run's files (configs.yaml, metrics.jsonl, test_metrics.json, .pth)."""
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in RUN_FILES)
@@ -141,14 +134,14 @@ def _read_config(run_dir: str, notes: List[str]) -> Optional[dict]:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            cfg = yaml.load(f, Loader=_ConfigLoader)
+            cfg = yaml.load(f, Loader=ConfigLoader)  # also reads the original's !!python/tuple
     except (OSError, yaml.YAMLError) as e:
         notes.append(f"{CONFIG_FILE} unreadable (not grouped): {str(e).splitlines()[0]}")
         return None
     if not isinstance(cfg, dict):
         notes.append(f"{CONFIG_FILE} is not a mapping (not grouped)")
         return None
-    return cfg
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}  # the original's tuples = our lists
 
 
 def _read_val_metrics(run_dir: str, notes: List[str]) -> List[dict]:
