@@ -115,6 +115,22 @@ def flop_counter():
     return fc.FlopCounterMode(display=False, custom_mapping=custom)
 
 
+def profile_step(step, device: torch.device, rows: int) -> str:
+    """One more step under torch.profiler: the ``rows`` operators with the most self time on the device (on the CPU
+    when there is no accelerator), as torch's table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    sort = "self_cpu_time_total" if device.type == "cpu" else f"self_{device.type}_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # worker: one variant in this process
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,6 +146,8 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
         argv.append("--grad_checkpointing")
     if opt.fused_optimizer and variant != "original":
         argv.append("--fused_optimizer")
+    if opt.merge_param_groups and variant != "original":
+        argv.append("--merge_param_groups")
     args = get_args(argv)
     mem = None if device.type == "cpu" else accel_memory_module(device)
 
@@ -177,6 +195,7 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
         synchronize(device)
         times.append(clock() - t0)
     peak = cpu_peak_rss() if mem is None else mem.max_memory_allocated()
+    profile = profile_step(step, device, opt.profile) if opt.profile else None
     # FLOPs of one more step, after the peak was read (so that the counter's dispatch mode cannot affect it)
     counter = flop_counter()
     with counter:
@@ -185,7 +204,7 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
     return dict(variant=variant, device=str(device), threads=torch.get_num_threads(), first_loss=first_loss,
                 flops_per_sample=flops / opt.batch_size, step_s=times, median_s=statistics.median(times),
                 mem_after_build=after_build, mem_peak=peak, mem_kind="peak RSS" if mem is None else
-                "max_memory_allocated")
+                "max_memory_allocated", profile=profile)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,10 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (the accelerator if there is one) | cpu")
     p.add_argument("--precision", default="fp32", choices=[c for c in VALID_PRECISIONS if c != "auto"])
     p.add_argument("--fused_optimizer", action="store_true", help="fused Adam for ours / ours_ckpt")
+    p.add_argument("--merge_param_groups", action="store_true",
+                   help="ours / ours_ckpt: one Adam param group per (lr, weight decay) (--merge_param_groups)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: time.perf_counter; cpu: time.process_time (CPU seconds of the worker: less sensitive to "
                         "other processes on a shared machine; use with --threads 1)")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="after timing, profile one step (torch.profiler) and print its ROWS most costly operators")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--worker", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     return p
@@ -272,6 +295,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         results[v] = spawn(argv, v)
         r = results[v]
         print(f"[{v}] done: {r['median_s'] * 1e3:.0f} ms/step, peak {r['mem_peak'] / GB:.2f} GB", flush=True)
+        if r.get("profile"):
+            print(f"[{v}] profile of one step:\n{r['profile']}", flush=True)
     report(opt, results)
     if opt.json:
         with open(opt.json, "w") as f:

@@ -7,6 +7,9 @@
 #    (benchmarks/bench_train_variants.py; JSON files in $RESULTS);
 # 3. with 2+ GPUs: NCCL DDP, and the DDP equivalence tests.
 #   bash benchmarks/gpu_check.sh            # DEVICE=cpu SKIP_FULL=1 bash benchmarks/gpu_check.sh: the plumbing on a CPU
+# Environment: FULL_BS (64), PRECISIONS, FULL_TIMEOUT (s per benchmark), PROFILE=N (profile one step of each variant
+# in PROFILE_PRECISION, fp16: the N costliest operators), OPT_PRECISIONS (fp16 amp_bf16: also ours with merged / fused
+# optimizer groups), SKIP_FULL, SKIP_DEMO, WORK, RESULTS.
 # On a machine without internet whose python lacks ftfy / prettytable, bring them as wheels:
 #   pip download --no-deps -d .gpuwheels ftfy prettytable wcwidth   (then, there:)
 #   python3 -m pip install --no-index --no-deps .gpuwheels/*.whl && PYTHON=python3 bash benchmarks/gpu_check.sh
@@ -25,13 +28,27 @@ import torch
 print("torch", torch.__version__, "| cuda available:", torch.cuda.is_available(),
       "| devices:", torch.cuda.device_count(), "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PYEOF
+# the optimizer layouts measured besides the default (ours only): merged param groups, and merged + fused
+OPT_VARIANTS=("--merge_param_groups" "--merge_param_groups --fused_optimizer")
 if [ -z "${SKIP_FULL:-}" ]; then
     for p in $PRECISIONS; do
         echo "== full size, bs $FULL_BS, $p: original vs ours vs ours + grad checkpointing"
+        PROF=()
+        if [ "$p" = "${PROFILE_PRECISION:-fp16}" ] && [ "${PROFILE:-0}" -gt 0 ]; then PROF=(--profile "$PROFILE"); fi
         timeout "${FULL_TIMEOUT:-120}" "$PY" benchmarks/bench_train_variants.py --device "$DEVICE" --precision "$p" --batch_size "$FULL_BS" \
-            --warmup 2 --runs 5 --json "$RESULTS/full_$p.json" || echo "FAILED: full size $p"
+            --warmup 2 --runs 5 --json "$RESULTS/full_$p.json" "${PROF[@]}" || echo "FAILED: full size $p"
+        case " ${OPT_PRECISIONS:-fp16 amp_bf16} " in *" $p "*)
+            for i in "${!OPT_VARIANTS[@]}"; do
+                echo "== full size, bs $FULL_BS, $p: ours ${OPT_VARIANTS[$i]}"
+                # shellcheck disable=SC2086  # the option list splits on purpose
+                timeout "${FULL_TIMEOUT:-120}" "$PY" benchmarks/bench_train_variants.py --device "$DEVICE" --precision "$p" \
+                    --batch_size "$FULL_BS" --warmup 2 --runs 5 --variants ours ${OPT_VARIANTS[$i]} \
+                    --json "$RESULTS/full_${p}_opt$i.json" || echo "FAILED: full size $p ${OPT_VARIANTS[$i]}"
+            done;;
+        esac
     done
 fi
+if [ -n "${SKIP_DEMO:-}" ]; then echo "SKIP_DEMO set: no demo epochs"; exit 0; fi
 COMMON=(--config configs/demo.yaml --root_dir "$WORK/data" --output_dir "$WORK/logs" --device "$DEVICE"
         --num_epoch 2 --num_workers 4 --log_period 10)
 echo "== fp16 weights (the original's precision on CUDA), Adam eps 1e-3 as the paper recipe"

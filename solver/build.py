@@ -45,9 +45,24 @@ def build_param_groups(args: Namespace, model: nn.Module) -> List[Dict]:
     return params
 
 
+def merge_param_groups(groups: List[Dict]) -> List[Dict]:
+    """Join groups with equal (lr, weight_decay) into one, in order of first appearance (parameters keep the model's
+    order within a group). Each parameter keeps its lr and weight decay, so every update is the same; the
+    optimizer's multi-tensor kernels then see a few large groups instead of one launch set per tensor."""
+    merged: Dict[tuple, Dict] = {}
+    for g in groups:
+        key = (g["lr"], g["weight_decay"])
+        if key not in merged:
+            merged[key] = {"params": [], "lr": g["lr"], "weight_decay": g["weight_decay"]}
+        merged[key]["params"].extend(g["params"])
+    return list(merged.values())
+
+
 def build_optimizer(args: Namespace, model: nn.Module) -> torch.optim.Optimizer:
     """SGD / Adam / AdamW over ``build_param_groups(args, model)``; other names raise ValueError."""
     params = build_param_groups(args, model)
+    if args.merge_param_groups:
+        params = merge_param_groups(params)
     # fused=None keeps torch's default implementation (the original's numbers exactly)
     fused = True if args.fused_optimizer else None
     if args.optimizer == "SGD":
@@ -62,7 +77,8 @@ def build_optimizer(args: Namespace, model: nn.Module) -> torch.optim.Optimizer:
         )
     else:
         raise ValueError(f"unknown optimizer {args.optimizer!r}; valid optimizers: {', '.join(VALID_OPTIMIZERS)}")
-    logger.info("Built %s optimizer with %d param groups%s", args.optimizer, len(params), " (fused)" if fused else "")
+    logger.info("Built %s optimizer with %d param groups%s%s", args.optimizer, len(params),
+                " (merged by lr and weight decay)" if args.merge_param_groups else "", " (fused)" if fused else "")
     return optimizer
 
 

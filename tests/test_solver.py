@@ -197,3 +197,66 @@ def test_scheduler_total_equals_warmup_no_crash():
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+class _GroupsModel(nn.Module):
+    """Parameters that fall under every lr / weight-decay rule: backbone weight and bias, cross-modal, classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Linear(6, 5)
+        self.cross_attn = nn.Linear(5, 5)
+        self.classifier = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.classifier(self.cross_attn(self.backbone(x)).relu())
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_merge_param_groups_same_updates(name):
+    """--merge_param_groups: one group per (lr, weight decay), every parameter keeps its lr and decay, and several
+    scheduled steps give bitwise the same parameters as the original's one group per parameter."""
+    torch.manual_seed(0)
+    ref, mer = _GroupsModel(), _GroupsModel()
+    mer.load_state_dict(ref.state_dict())
+    args = _args(optimizer=name, lr=1e-2, weight_decay=0.1, warmup_epochs=2, num_epoch=6)
+    o_ref = build_optimizer(args, ref)
+    args.merge_param_groups = True
+    o_mer = build_optimizer(args, mer)
+    assert len(o_ref.param_groups) == 6
+    # (lr, wd): backbone.weight (lr, wd), backbone.bias (lr*2, 0), cross_attn.weight (lr*5, wd), classifier bias (lr*5, 0)
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in o_mer.param_groups] == [
+        (1e-2, 0.1, 1), (2e-2, 0.0, 2), (5e-2, 0.1, 2), (5e-2, 0.0, 1)]
+    s_ref, s_mer = build_lr_scheduler(args, o_ref), build_lr_scheduler(args, o_mer)
+    x = torch.randn(4, 6)
+    for _ in range(4):
+        for m, o, s in ((ref, o_ref, s_ref), (mer, o_mer, s_mer)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+            s.step()
+    for (k, a), b in zip(ref.named_parameters(), mer.parameters()):
+        assert torch.equal(a, b), k
+    # every parameter is scheduled at the same lr in both layouts
+    lr_ref = {id(p): g["lr"] for g in o_ref.param_groups for p in g["params"]}
+    lr_mer = {id(p): g["lr"] for g in o_mer.param_groups for p in g["params"]}
+    assert [lr_ref[id(p)] for p in ref.parameters()] == [lr_mer[id(p)] for p in mer.parameters()]
+
+
+def test_resume_with_other_param_groups_names_the_option(tmp_path):
+    """A last.pth saved with one param group per parameter does not resume into merged groups: the error names
+    the file and --merge_param_groups (and the run can resume with the setting it was saved with)."""
+    from utils.checkpoint import Checkpointer
+
+    model = _GroupsModel()
+    args = _args()
+    opt = build_optimizer(args, model)
+    path = Checkpointer(model, opt, build_lr_scheduler(args, opt), save_dir=str(tmp_path)).save("last", epoch=1)
+    args.merge_param_groups = True
+    merged = build_optimizer(args, model)
+    with pytest.raises(ValueError, match=r"last\.pth: its optimizer state does not fit.*6 saved param groups, 4 here"
+                                         r".*--merge_param_groups"):
+        Checkpointer(model, merged, build_lr_scheduler(args, merged)).resume(path)
+    args.merge_param_groups = False
+    same = build_optimizer(args, model)
+    assert Checkpointer(model, same, build_lr_scheduler(args, same)).resume(path)["epoch"] == 1

@@ -176,7 +176,15 @@ class Checkpointer:
             if "optimizer" not in checkpoint:
                 raise ValueError(f"{f}: no optimizer state to resume from")
             self.logger.info("Loading optimizer from %s", f)
-            self.optimizer.load_state_dict(checkpoint.pop("optimizer"))
+            state = checkpoint.pop("optimizer")
+            try:
+                self.optimizer.load_state_dict(state)
+            except (ValueError, KeyError) as e:
+                saved = len(state.get("param_groups", [])) if isinstance(state, dict) else "?"
+                raise ValueError(
+                    f"{f}: its optimizer state does not fit this optimizer ({saved} saved param groups, "
+                    f"{len(self.optimizer.param_groups)} here: {e}). Resume with the options it was saved with "
+                    f"(--optimizer, --merge_param_groups, the model's trainable parameters)") from e
         if self.scheduler is not None:
             if "scheduler" not in checkpoint:
                 raise ValueError(f"{f}: no scheduler state to resume from")
