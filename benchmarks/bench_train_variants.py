@@ -3,8 +3,9 @@
 Variants (same random weights, same batch, the original's options otherwise):
   original   ``model.fast = False``, the original's per-parameter Adam (torch's default implementation) and its step
              order (gradients freed after the forward)
-  ours       ``model.fast = True`` (same numbers; see bench_train_step.py), same Adam (``--fused_optimizer``: fused),
-             the previous step's gradients freed before the forward, as the trainer does
+  ours       ``model.fast = True`` (same numbers; see bench_train_step.py), the same Adam updates with one param group
+             per (lr, weight decay) (``--param_groups per_parameter``: the original's layout; ``--fused_optimizer``:
+             fused), the previous step's gradients freed before the forward, as the trainer does
   ours_ckpt  ours + ``--grad_checkpointing`` (the transformer blocks are recomputed in backward)
 
 Each variant runs in a fresh subprocess, so that memory peaks do not mix: it builds the model (a ``scratch:``
@@ -146,8 +147,9 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
         argv.append("--grad_checkpointing")
     if opt.fused_optimizer and variant != "original":
         argv.append("--fused_optimizer")
-    if opt.merge_param_groups and variant != "original":
-        argv.append("--merge_param_groups")
+    # the original: one Adam param group per parameter; ours: the trainer's default (merged) unless --param_groups
+    if variant == "original" or opt.param_groups == "per_parameter":
+        argv.append("--no-merge_param_groups")
     args = get_args(argv)
     mem = None if device.type == "cpu" else accel_memory_module(device)
 
@@ -266,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (the accelerator if there is one) | cpu")
     p.add_argument("--precision", default="fp32", choices=[c for c in VALID_PRECISIONS if c != "auto"])
     p.add_argument("--fused_optimizer", action="store_true", help="fused Adam for ours / ours_ckpt")
-    p.add_argument("--merge_param_groups", action="store_true",
-                   help="ours / ours_ckpt: one Adam param group per (lr, weight decay) (--merge_param_groups)")
+    p.add_argument("--param_groups", choices=("merged", "per_parameter"), default="merged",
+                   help="ours / ours_ckpt: merged (one Adam group per lr and weight decay, the trainer's default) or "
+                        "per_parameter (the original's, --no-merge_param_groups)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: time.perf_counter; cpu: time.process_time (CPU seconds of the worker: less sensitive to "

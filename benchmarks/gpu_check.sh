@@ -8,8 +8,8 @@
 # 3. with 2+ GPUs: NCCL DDP, and the DDP equivalence tests.
 #   bash benchmarks/gpu_check.sh            # DEVICE=cpu SKIP_FULL=1 bash benchmarks/gpu_check.sh: the plumbing on a CPU
 # Environment: FULL_BS (64), PRECISIONS, FULL_TIMEOUT (s per benchmark), PROFILE=N (profile one step of each variant
-# in PROFILE_PRECISION, fp16: the N costliest operators), OPT_PRECISIONS (fp16 amp_bf16: also ours with merged / fused
-# optimizer groups), SKIP_FULL, SKIP_DEMO, WORK, RESULTS.
+# in PROFILE_PRECISION, fp16: the N costliest operators), OPT_PRECISIONS (fp16 amp_bf16: also ours with per-parameter
+# optimizer groups or fused Adam), SKIP_FULL, SKIP_DEMO, WORK, RESULTS.
 # On a machine without internet whose python lacks ftfy / prettytable, bring them as wheels:
 #   pip download --no-deps -d .gpuwheels ftfy prettytable wcwidth   (then, there:)
 #   python3 -m pip install --no-index --no-deps .gpuwheels/*.whl && PYTHON=python3 bash benchmarks/gpu_check.sh
@@ -28,8 +28,8 @@ import torch
 print("torch", torch.__version__, "| cuda available:", torch.cuda.is_available(),
       "| devices:", torch.cuda.device_count(), "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PYEOF
-# the optimizer layouts measured besides the default (ours only): merged param groups, and merged + fused
-OPT_VARIANTS=("--merge_param_groups" "--merge_param_groups --fused_optimizer")
+# optimizer settings measured besides the default (ours only): the original's per-parameter groups, and fused Adam
+OPT_VARIANTS=("--param_groups per_parameter" "--fused_optimizer")
 if [ -z "${SKIP_FULL:-}" ]; then
     for p in $PRECISIONS; do
         echo "== full size, bs $FULL_BS, $p: original vs ours vs ours + grad checkpointing"

@@ -220,6 +220,7 @@ def test_merge_param_groups_same_updates(name):
     ref, mer = _GroupsModel(), _GroupsModel()
     mer.load_state_dict(ref.state_dict())
     args = _args(optimizer=name, lr=1e-2, weight_decay=0.1, warmup_epochs=2, num_epoch=6)
+    args.merge_param_groups = False
     o_ref = build_optimizer(args, ref)
     args.merge_param_groups = True
     o_mer = build_optimizer(args, mer)
@@ -249,13 +250,13 @@ def test_resume_with_other_param_groups_names_the_option(tmp_path):
     from utils.checkpoint import Checkpointer
 
     model = _GroupsModel()
-    args = _args()
+    args = _args(merge_param_groups=False)
     opt = build_optimizer(args, model)
     path = Checkpointer(model, opt, build_lr_scheduler(args, opt), save_dir=str(tmp_path)).save("last", epoch=1)
     args.merge_param_groups = True
     merged = build_optimizer(args, model)
     with pytest.raises(ValueError, match=r"last\.pth: its optimizer state does not fit.*6 saved param groups, 4 here"
-                                         r".*--merge_param_groups"):
+                                         r".*--no-merge_param_groups"):
         Checkpointer(model, merged, build_lr_scheduler(args, merged)).resume(path)
     args.merge_param_groups = False
     same = build_optimizer(args, model)

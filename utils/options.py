@@ -111,10 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adamw_eps", type=float, default=1e-8, help="AdamW epsilon")
     parser.add_argument("--fused_optimizer", default=False, action="store_true",
                         help="torch's fused optimizer kernel (faster, same math up to float rounding)")
-    parser.add_argument("--merge_param_groups", default=False, action="store_true",
-                        help="one optimizer param group per (lr, weight decay) instead of the original's one per "
-                             "parameter: the same updates, fewer kernel launches (a checkpoint resumes only with "
-                             "the same setting)")
+    parser.add_argument("--merge_param_groups", default=True, action=argparse.BooleanOptionalAction,
+                        help="one optimizer param group per (lr, weight decay) (default); --no-merge_param_groups: "
+                             "the original's one group per parameter. The same updates either way (tested bitwise); "
+                             "merged groups launch far fewer kernels (1.7x the training speed on a GPU, see README). "
+                             "A checkpoint resumes only with the layout it was saved with")
 
     ######################## scheduler ########################
     parser.add_argument("--num_epoch", type=int, default=60)
@@ -160,7 +161,7 @@ _BOOL_WORDS = {"true": True, "false": False}
 def _typed_value(action: argparse.Action, value: Any, where: str) -> Any:
     """``value`` read from YAML for ``action``'s option, converted to the option's type or a ValueError naming it."""
     name = action.dest
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
             return _BOOL_WORDS[value.strip().lower()]
         if not isinstance(value, bool):
