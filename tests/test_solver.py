@@ -51,7 +51,8 @@ def spec_model():
 def test_optimizer_groups_match_fixture(spec_model):
     fx = torch.load(FIX / "model_forward.pt", weights_only=True)
     a = fx["args"]
-    args = _args(**{k: a[k] for k in ("optimizer", "lr", "lr_factor", "bias_lr_factor", "weight_decay",
+    args = _args(merge_param_groups=False,  # the original's layout: one group per parameter
+                 **{k: a[k] for k in ("optimizer", "lr", "lr_factor", "bias_lr_factor", "weight_decay",
                                       "weight_decay_bias", "alpha", "beta", "momentum")})
     opt = build_optimizer(args, spec_model)
     expected = fx["optimizer_groups"]  # [[name, lr, weight_decay], ...] in named_parameters order
@@ -66,6 +67,14 @@ def test_optimizer_groups_match_fixture(spec_model):
     # the fixture exercises every rule
     lrs = {(lr, wd) for _, lr, wd in expected}
     assert lrs == {(1e-5, 4e-5), (2e-5, 0.0), (5e-5, 4e-5), (5e-5, 0.0)}
+    # the default (merged) layout gives every parameter the fixture's lr and weight decay, in 4 groups
+    args.merge_param_groups = True
+    merged = build_optimizer(args, spec_model)
+    assert len(merged.param_groups) == 4
+    got = {by_param[id(p)]: (g["lr"], g["weight_decay"]) for g in merged.param_groups for p in g["params"]}
+    assert len(got) == len(expected)
+    for name, lr, wd in expected:
+        assert got[name][0] == pytest.approx(lr, rel=1e-12) and got[name][1] == pytest.approx(wd, abs=1e-15), name
 
 
 def test_frozen_params_skipped():
@@ -261,3 +270,26 @@ def test_resume_with_other_param_groups_names_the_option(tmp_path):
     args.merge_param_groups = False
     same = build_optimizer(args, model)
     assert Checkpointer(model, same, build_lr_scheduler(args, same)).resume(path)["epoch"] == 1
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_merge_param_groups_same_updates_foreach(cls):
+    """On a GPU torch's default optimizer implementation is the multi-tensor (foreach) one: merged groups hand it
+    many tensors at once, and the updates stay bitwise those of one group per parameter."""
+    from solver.build import build_param_groups, merge_param_groups
+
+    torch.manual_seed(0)
+    ref, mer = _GroupsModel(), _GroupsModel()
+    mer.load_state_dict(ref.state_dict())
+    args = _args(lr=1e-2, weight_decay=0.1)
+    o_ref = cls(build_param_groups(args, ref), lr=args.lr, eps=1e-3, foreach=True)
+    o_mer = cls(merge_param_groups(build_param_groups(args, mer)), lr=args.lr, eps=1e-3, foreach=True)
+    assert len(o_mer.param_groups) == 4 < len(o_ref.param_groups)
+    x = torch.randn(4, 6)
+    for _ in range(4):
+        for m, o in ((ref, o_ref), (mer, o_mer)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for (k, a), b in zip(ref.named_parameters(), mer.parameters()):
+        assert torch.equal(a, b), k
