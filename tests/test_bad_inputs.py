@@ -128,6 +128,20 @@ def test_yaml_strings_become_booleans_and_numbers(tmp_path):
     assert args.MLM is True and args.img_aug is True and args.loss_names == "sdm+id+mlm"
 
 
+def test_option_on_by_default_turns_off_from_yaml_and_command_line(tmp_path):
+    """merge_param_groups defaults to true: YAML false / "false" and --no-merge_param_groups turn it off; the command
+    line wins over the YAML."""
+    assert get_args([]).merge_param_groups is True
+    for text in ("merge_param_groups: false\n", 'merge_param_groups: "false"\n'):
+        cfg = write_yaml(tmp_path / "m.yaml", text)
+        assert get_args(["--config", cfg]).merge_param_groups is False
+        assert get_args(["--config", cfg, "--merge_param_groups"]).merge_param_groups is True
+    assert get_args(["--no-merge_param_groups"]).merge_param_groups is False
+    cfg = write_yaml(tmp_path / "b.yaml", "merge_param_groups: sometimes\n")
+    with pytest.raises(ValueError, match=r"option 'merge_param_groups' expects true or false, got 'sometimes'"):
+        get_args(["--config", cfg])
+
+
 @pytest.mark.parametrize("line, pattern", [
     ("img_size: 384", r"option 'img_size' expects a list \[H, W\], got 384"),
     ("num_epoch: 2.5", r"option 'num_epoch' expects int, got 2\.5"),
