@@ -5,11 +5,12 @@
 # 2. the full-size model (ViT-B/16 shapes, 384x128, sdm+mlm+id, cmt_depth 4) at FULL_BS (64) per precision: the
 #    original computation vs ours vs ours + --grad_checkpointing, samples/s and max memory allocated
 #    (benchmarks/bench_train_variants.py; JSON files in $RESULTS);
-# 3. with 2+ GPUs: NCCL DDP, and the DDP equivalence tests.
+# 3. with 2+ GPUs: NCCL DDP against one process (benchmarks/compare_runs.py: the same last.pth and metrics).
 #   bash benchmarks/gpu_check.sh            # DEVICE=cpu SKIP_FULL=1 bash benchmarks/gpu_check.sh: the plumbing on a CPU
 # Environment: FULL_BS (64), PRECISIONS, FULL_TIMEOUT (s per benchmark), PROFILE=N (profile one step of each variant
 # in PROFILE_PRECISION, fp16: the N costliest operators), OPT_PRECISIONS (fp16 amp_bf16: also ours with per-parameter
-# optimizer groups or fused Adam), SKIP_FULL, SKIP_DEMO, WORK, RESULTS.
+# optimizer groups or fused Adam), SKIP_FULL, SKIP_DEMO, WORK, RESULTS,
+# FORCE_DDP=1 NPROC=2 (the DDP comparison without 2 GPUs, e.g. gloo on the CPU).
 # On a machine without internet whose python lacks ftfy / prettytable, bring them as wheels:
 #   pip download --no-deps -d .gpuwheels ftfy prettytable wcwidth   (then, there:)
 #   python3 -m pip install --no-index --no-deps .gpuwheels/*.whl && PYTHON=python3 bash benchmarks/gpu_check.sh
@@ -48,9 +49,9 @@ if [ -z "${SKIP_FULL:-}" ]; then
         esac
     done
 fi
-if [ -n "${SKIP_DEMO:-}" ]; then echo "SKIP_DEMO set: no demo epochs"; exit 0; fi
 COMMON=(--config configs/demo.yaml --root_dir "$WORK/data" --output_dir "$WORK/logs" --device "$DEVICE"
         --num_epoch 2 --num_workers 4 --log_period 10)
+if [ -n "${SKIP_DEMO:-}" ]; then echo "SKIP_DEMO set: no demo epochs per precision"; else
 echo "== fp16 weights (the original's precision on CUDA), Adam eps 1e-3 as the paper recipe"
 "$PY" train.py "${COMMON[@]}" --name fp16 --precision auto --optimizer Adam --lr 1e-4 --lr_factor 5
 echo "== AMP bf16"
@@ -59,11 +60,19 @@ echo "== AMP fp16 (GradScaler)"
 "$PY" train.py "${COMMON[@]}" --name amp_fp16 --precision amp_fp16
 echo "== fp32, fused AdamW (the demo's settings): epoch time"
 "$PY" train.py "${COMMON[@]}" --name fp32 --precision fp32
-NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
-if [ "$DEVICE" != "cpu" ] && [ "$NGPU" -ge 2 ]; then
-    echo "== DDP over $NGPU GPUs (NCCL), identity sampler"
-    "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" train.py "${COMMON[@]}" --name ddp \
-        --sampler identity --num_instance 4
 fi
-for f in "$WORK"/logs/SynthPEDES/*/metrics.jsonl; do echo "$f: $(tail -n 1 "$f")"; done
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$DEVICE" != "cpu" ] && [ "$NGPU" -ge 2 ] || [ -n "${FORCE_DDP:-}" ]; then
+    # the same fp32 run (identity sampler: the global batches are the same) with torchrun on every GPU and in one
+    # process; benchmarks/compare_runs.py compares last.pth and metrics.jsonl (TF32 convolutions and another
+    # reduction order over ranks make float noise, hence --atol 1e-3)
+    NPROC="${NPROC:-$NGPU}"
+    DDP=(--sampler identity --num_instance 4 --precision fp32)
+    echo "== DDP over $NPROC processes vs one process, identity sampler, fp32"
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" train.py "${COMMON[@]}" --name ddp "${DDP[@]}"
+    "$PY" train.py "${COMMON[@]}" --name one_process "${DDP[@]}"
+    "$PY" benchmarks/compare_runs.py "$WORK"/logs/SynthPEDES/*_ddp "$WORK"/logs/SynthPEDES/*_one_process \
+        --atol "${DDP_ATOL:-1e-3}" --metric_atol "${DDP_METRIC_ATOL:-0.5}" || echo "FAILED: DDP differs from one process"
+fi
+for f in "$WORK"/logs/SynthPEDES/*/metrics.jsonl; do [ -e "$f" ] && echo "$f: $(tail -n 1 "$f")"; done
 grep -h "Epoch 2 done" "$WORK"/logs/SynthPEDES/*/train_log.txt || true

@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train
+from benchmarks.compare_runs import split_key_biases
 from tests import ddp_step_worker as W
 from tests.conftest import tiny_train_argv
 
@@ -147,22 +148,6 @@ def read_metrics(run_dir):
 def last_params(run_dir):
     ckpt = torch.load(os.path.join(run_dir, "last.pth"), map_location="cpu", weights_only=True)
     return ckpt["model"]
-
-
-def split_key_biases(tensors: dict):
-    """(``tensors`` without the attention key biases, the key biases). An attention's ``in_proj_bias`` is the
-    [query | key | value] biases; the key bias adds one constant to all logits of a query, which the softmax ignores,
-    so its gradient is zero up to float noise (~1e-7), which Adam's ``m / (sqrt(v) + eps)`` with eps 1e-8 turns into
-    steps of up to lr: these elements drift apart between any two float orders, without effect on any output."""
-    rest, key_biases = {}, {}
-    for name, t in tensors.items():
-        if name.endswith("in_proj_bias"):
-            d = t.numel() // 3
-            rest[name] = torch.cat([t[:d], t[2 * d:]])
-            key_biases[name] = t[d:2 * d]
-        else:
-            rest[name] = t
-    return rest, key_biases
 
 
 def test_torchrun_two_epochs_equal_one_process(tiny_cuhk_root, tmp_path):
