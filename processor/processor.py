@@ -59,6 +59,15 @@ def nonfinite_parameters(model: torch.nn.Module) -> list:
     return [n for n, p in unwrap_model(model).named_parameters() if not bool(torch.isfinite(p).all())]
 
 
+def optimizer_step_count(optimizer: torch.optim.Optimizer) -> Optional[int]:
+    """How many steps the optimizer has taken (the largest per-parameter ``step`` of Adam/AdamW; None for an optimizer
+    without a step count, such as SGD). A step that a GradScaler skips does not count."""
+    if not all("betas" in g for g in optimizer.param_groups):  # SGD: keeps no step count
+        return None
+    steps = [st["step"] for st in optimizer.state.values() if "step" in st]
+    return int(max(float(t) for t in steps)) if steps else 0
+
+
 def train_one_epoch(args, model, train_loader, optimizer, scaler: Optional[torch.amp.GradScaler],
                     epoch: int) -> Tuple[Dict[str, AverageMeter], Dict[str, torch.Tensor], int]:
     """One pass over ``train_loader``; returns (meters of every loss/accuracy, the last step's outputs, samples)."""
@@ -66,6 +75,7 @@ def train_one_epoch(args, model, train_loader, optimizer, scaler: Optional[torch
     meters: Dict[str, AverageMeter] = {"loss": AverageMeter()}  # then each loss / accuracy, as they come
     model.train()
     n_iter, num_samples, ret = -1, 0, {}
+    steps_before = optimizer_step_count(optimizer) if scaler is not None else None
     for n_iter, batch in enumerate(train_loader):
         # free the previous step's gradients before this forward (not after it): same numbers, lower peak memory
         optimizer.zero_grad(set_to_none=True)
@@ -98,6 +108,11 @@ def train_one_epoch(args, model, train_loader, optimizer, scaler: Optional[torch
     if n_iter < 0:
         raise RuntimeError(f"the train loader yielded no batch in epoch {epoch} "
                            f"(--batch_size {args.batch_size} larger than the training set?)")
+    if scaler is not None:  # amp_fp16: say how many steps the GradScaler skipped (inf/NaN in the scaled gradients)
+        steps_after = optimizer_step_count(optimizer)
+        skipped = (f"{n_iter + 1 - (steps_after - steps_before)} of {n_iter + 1} steps skipped (inf/NaN gradients), "
+                   if steps_before is not None and steps_after is not None else "")
+        logger.info(f"Epoch[{epoch}] GradScaler: {skipped}scale now {scaler.get_scale():g}")
     return meters, ret, num_samples
 
 

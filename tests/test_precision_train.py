@@ -90,6 +90,7 @@ def train_on_one_batch(monkeypatch, root: str, logs: str, precision: str, steps:
     res = train.main(tiny_train_argv(root, logs, "--num_epoch", "1", "--warmup_epochs", "0",
                                      "--precision", precision, *extra))
     rec.last = torch.load(os.path.join(res["run_dir"], "last.pth"), weights_only=True)
+    rec.run_dir = res["run_dir"]
     rec.scalers = list(RecordingGradScaler.instances)
     return rec
 
@@ -190,3 +191,26 @@ def test_amp_fp16_grad_scaler_skips_inf_steps(tiny_cuhk_root, tmp_path, monkeypa
     n_updates = sum(s["updated"] for s in log)
     assert 0 < n_updates < steps
     assert {int(st["step"]) for st in rec.last["optimizer"]["state"].values()} == {n_updates}
+    # the log says how many steps were skipped, and the scale they left
+    log_text = open(os.path.join(rec.run_dir, "train_log.txt")).read()
+    assert (f"Epoch[1] GradScaler: {steps - n_updates} of {steps} steps skipped (inf/NaN gradients), "
+            f"scale now {log[-1]['scale_after']:g}") in log_text
+
+
+def test_optimizer_step_count():
+    """The GradScaler's skipped-step count reads the optimizer's own step count: Adam/AdamW count, SGD does not."""
+    from processor.processor import optimizer_step_count
+
+    w = nn.Parameter(torch.ones(3))
+    for cls in (torch.optim.Adam, torch.optim.AdamW):
+        opt = cls([w], lr=0.1)
+        assert optimizer_step_count(opt) == 0
+        for n in (1, 2):
+            w.grad = torch.ones(3)
+            opt.step()
+            assert optimizer_step_count(opt) == n
+    for momentum in (0.0, 0.9):
+        opt = torch.optim.SGD([w], lr=0.1, momentum=momentum)
+        w.grad = torch.ones(3)
+        opt.step()
+        assert optimizer_step_count(opt) is None
