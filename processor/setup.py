@@ -10,7 +10,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -36,6 +36,18 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_CREATED_PARENTS: Dict[str, List[str]] = {}  # run dir -> the parents make_run_dir created for it (deepest first)
+
+
+def _missing_parents(path: str) -> List[str]:
+    """The ancestors of ``path`` that do not exist yet, deepest first."""
+    out, parent = [], os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        out.append(parent)
+        parent = os.path.dirname(parent)
+    return out
+
+
 def make_run_dir(args) -> str:
     """``<output_dir>/<dataset_name>/<YYYYmmdd_HHMMSS>_<name>``, created fresh (never an existing one) on rank 0 and
     shared with the other ranks. With ``--resume`` the run continues in the checkpoint's directory."""
@@ -49,12 +61,14 @@ def make_run_dir(args) -> str:
         stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
         base = os.path.join(args.output_dir, args.dataset_name, f"{stamp}_{args.name}")
         path, i = base, 1
+        created = _missing_parents(base)
         while True:
             try:
                 os.makedirs(path, exist_ok=False)
                 break
             except FileExistsError:
                 path, i = f"{base}_{i}", i + 1
+        _CREATED_PARENTS[os.path.abspath(path)] = created
     return broadcast_object(path)
 
 
@@ -68,6 +82,11 @@ def remove_failed_run_dir(run_dir: str, logger: logging.Logger) -> None:
                 logger.removeHandler(h)
                 h.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in _CREATED_PARENTS.pop(os.path.abspath(run_dir), []):  # e.g. logs/<dataset>/, if still empty
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break
         logger.error("setup failed: removed the new run directory %s", run_dir)
 
 

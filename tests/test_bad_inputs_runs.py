@@ -224,9 +224,18 @@ def test_setup_failure_leaves_no_run_directory(tiny_cuhk_root, tmp_path, capsys,
     argv = tiny_train_argv(tiny_cuhk_root, logs, *(e.format(tmp=tmp_path) for e in extra))
     with pytest.raises(error, match=pattern):
         train.main(argv)
-    assert os.path.isdir(os.path.join(logs, "CUHK-PEDES")) and run_dirs(logs) == []
+    assert not os.path.exists(logs)  # the run directory and the parents made for it (logs/CUHK-PEDES/, logs/)
     out = capsys.readouterr().out
     assert "setup failed: removed the new run directory" in out and "Using 1 process(es)" in out
+    # folders that were there before are kept, with what they hold
+    os.makedirs(os.path.join(logs, "CUHK-PEDES", "20200101_000000_old"))
+    with pytest.raises(error, match=pattern):
+        train.main(argv)
+    assert run_dirs(logs) == ["20200101_000000_old"]
+    os.rmdir(os.path.join(logs, "CUHK-PEDES", "20200101_000000_old"))
+    with pytest.raises(error, match=pattern):
+        train.main(argv)
+    assert os.listdir(logs) == ["CUHK-PEDES"] and run_dirs(logs) == []  # it existed before this run: kept
 
 
 def test_stop_epoch_zero_makes_no_run_directory(tiny_cuhk_root, tmp_path):
