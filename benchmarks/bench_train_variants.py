@@ -11,7 +11,9 @@ Variants (same random weights, same batch, the original's options otherwise):
 Each variant runs in a fresh subprocess, so that memory peaks do not mix: it builds the model (a ``scratch:``
 architecture: OpenAI shapes, random weights, nothing to download) and the optimizer, runs ``--warmup`` untimed and
 ``--runs`` timed steps (median), reads the peak memory, then counts the FLOPs of one more step with
-``torch.utils.flop_counter.FlopCounterMode`` (matmul / conv / attention, forward + backward, recomputation included).
+``torch.utils.flop_counter.FlopCounterMode`` (matmul / conv / attention, forward + backward, recomputation included)
+and its memory traffic with ``TrafficCounter`` (bytes read and written by every non-view operator, the eager model:
+what a memory-bound step costs).
 Peak memory: on CPU the process's peak RSS (VmHWM: model, optimizer state, batch, activations, and what the C
 allocator keeps of freed memory); on an accelerator the device's max_memory_allocated.
 
@@ -132,6 +134,52 @@ def profile_step(step, device: torch.device, rows: int) -> str:
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
+class TrafficCounter:
+    """Bytes read and written by the operators of a step: for every aten operator that is not a view (nor a view in
+    all but name, such as ``_unsafe_view``), the sizes of its tensor inputs plus its tensor outputs (forward and backward, as ``FlopCounterMode``). It models eager execution
+    without caches: each operator reads its inputs from memory and writes its outputs there. Use as a context
+    manager; ``total`` holds the count."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if not func.is_view and not _aliases_inputs(func, (args, kwargs or {}), out):
+                    counter.total += _tensor_bytes((args, kwargs or {})) + _tensor_bytes(out)
+                return out
+
+        self.total = 0
+        self._mode = _Mode()
+
+    def __enter__(self) -> "TrafficCounter":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+def _aliases_inputs(func, inputs, out) -> bool:
+    """True when a non-mutating ``func`` returned only tensors that share an input's storage (no data moved)."""
+    from torch.utils._pytree import tree_leaves
+
+    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if not outs or func._schema.is_mutable:
+        return False
+    ptrs = {t.untyped_storage().data_ptr() for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)}
+    return all(t.untyped_storage().data_ptr() in ptrs for t in outs)
+
+
+def _tensor_bytes(tree) -> int:
+    from torch.utils._pytree import tree_leaves
+
+    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # worker: one variant in this process
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,13 +246,14 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
         times.append(clock() - t0)
     peak = cpu_peak_rss() if mem is None else mem.max_memory_allocated()
     profile = profile_step(step, device, opt.profile) if opt.profile else None
-    # FLOPs of one more step, after the peak was read (so that the counter's dispatch mode cannot affect it)
-    counter = flop_counter()
-    with counter:
+    # FLOPs and bytes moved of one more step, after the peak was read (so that the counters cannot affect it)
+    counter, traffic = flop_counter(), TrafficCounter()
+    with counter, traffic:
         step()
     flops = counter.get_total_flops()
     return dict(variant=variant, device=str(device), threads=torch.get_num_threads(), first_loss=first_loss,
-                flops_per_sample=flops / opt.batch_size, step_s=times, median_s=statistics.median(times),
+                flops_per_sample=flops / opt.batch_size, bytes_per_sample=traffic.total / opt.batch_size,
+                step_s=times, median_s=statistics.median(times),
                 mem_after_build=after_build, mem_peak=peak, mem_kind="peak RSS" if mem is None else
                 "max_memory_allocated", profile=profile)
 
@@ -229,11 +278,13 @@ def report(opt: argparse.Namespace, results: Dict[str, Dict[str, object]]) -> No
           f"{first['threads']}, {opt.warmup} warm-up + {opt.runs} timed steps per variant ({opt.clock} clock), each in "
           f"a fresh process" + (f", MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
                                 if "MALLOC_MMAP_THRESHOLD_" in os.environ else ""))
-    print(f"{'variant':10} {'ms/step':>9} {'samples/s':>10} {'GFLOP/sample':>13} {'mem after build':>16} "
+    print(f"{'variant':10} {'ms/step':>9} {'samples/s':>10} {'GFLOP/sample':>13} {'GB moved/sample':>16} "
+          f"{'mem after build':>16} "
           f"{first['mem_kind'] + ' (GB)':>24}  first-step loss   steps (ms)")
     for v, r in results.items():
         print(f"{v:10} {r['median_s'] * 1e3:9.0f} {opt.batch_size / r['median_s']:10.2f} "
-              f"{r['flops_per_sample'] / 1e9:13.1f} {r['mem_after_build'] / GB:16.2f} {r['mem_peak'] / GB:24.2f}  "
+              f"{r['flops_per_sample'] / 1e9:13.1f} {r['bytes_per_sample'] / GB:16.2f} "
+              f"{r['mem_after_build'] / GB:16.2f} {r['mem_peak'] / GB:24.2f}  "
               f"{r['first_loss']:.6f}  " + ", ".join(f"{t * 1e3:.0f}" for t in r["step_s"]))
 
     def ratio(a: str, b: str, key: str) -> Optional[float]:
@@ -242,7 +293,7 @@ def report(opt: argparse.Namespace, results: Dict[str, Dict[str, object]]) -> No
     speed = ratio("original", "ours", "median_s")
     if speed is not None:
         print(f"ours vs original: {speed:.2f}x samples/s measured, {ratio('original', 'ours', 'flops_per_sample'):.2f}x"
-              f" fewer FLOPs per sample")
+              f" fewer FLOPs and {ratio('original', 'ours', 'bytes_per_sample'):.2f}x fewer bytes moved per sample")
     mem = ratio("ours_ckpt", "ours", "mem_peak")
     if mem is not None:
         print(f"grad checkpointing vs ours: peak memory {results['ours']['mem_peak'] / GB:.2f} -> "

@@ -44,5 +44,35 @@ def test_bench_train_variants_small(tmp_path):
     # the fast path skips the MLM head at unmasked positions; checkpointing recomputes the blocks' forward
     assert res["original"]["flops_per_sample"] > res["ours"]["flops_per_sample"]
     assert res["ours_ckpt"]["flops_per_sample"] > res["ours"]["flops_per_sample"]
+    # ... and so moves fewer bytes; the recomputation moves more
+    assert res["original"]["bytes_per_sample"] > res["ours"]["bytes_per_sample"]
+    assert res["ours_ckpt"]["bytes_per_sample"] > res["ours"]["bytes_per_sample"]
     for r in res.values():
         assert r["device"] == "cpu" and r["mem_peak"] >= r["mem_after_build"] > 0 and len(r["step_s"]) == 1
+
+
+def test_traffic_counter_counts_operator_inputs_and_outputs():
+    """TrafficCounter: every non-view operator reads its tensor inputs and writes its outputs; views move nothing;
+    the backward's operators count too."""
+    import torch
+
+    sys.path.insert(0, REPO)
+    from benchmarks.bench_train_variants import TrafficCounter
+
+    a, b = torch.randn(4, 5), torch.randn(5, 3, dtype=torch.float64)
+    with TrafficCounter() as t:
+        a.view(20).view(5, 4).t()
+    assert t.total == 0  # views move nothing
+    with TrafficCounter() as t:
+        a.t().reshape(20)  # the transposed view is not contiguous: reshape copies it (80 bytes read, 80 written)
+    assert t.total == 80 + 80
+    with TrafficCounter() as t:
+        a.add_(1.0)  # in place: read and written
+    assert t.total == 80 + 80
+    with TrafficCounter() as t:
+        torch.mm(a.double(), b)  # _to_copy: 80 read + 160 written; mm: 160 + 120 read, 96 written
+    assert t.total == (80 + 160) + (160 + 120 + 96)
+    w = torch.randn(3, requires_grad=True)
+    with TrafficCounter() as t:
+        (w * 2).sum().backward()
+    assert t.total > 0 and w.grad is not None
