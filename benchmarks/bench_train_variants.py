@@ -124,13 +124,14 @@ def profile_step(step, device: torch.device, rows: int) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
+    accel = getattr(ProfilerActivity, device.type.upper(), None)  # the accelerator's activity (CUDA, XPU, ...)
+    if device.type != "cpu" and accel is not None:
+        activities.append(accel)
     synchronize(device)
     with profile(activities=activities) as prof:
         step()
         synchronize(device)
-    sort = "self_cpu_time_total" if device.type == "cpu" else f"self_{device.type}_time_total"
+    sort = f"self_{device.type}_time_total" if len(activities) > 1 else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
