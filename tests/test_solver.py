@@ -118,6 +118,17 @@ def test_default_eps_is_the_originals(name, eps):
     torch.testing.assert_close(w.detach(), -lr * g / (g.abs() + eps), rtol=1e-9, atol=0)
 
 
+def _train_side_by_side(runs, x: torch.Tensor, steps: int) -> None:
+    """``steps`` steps of every (model, optimizer[, scheduler]) in ``runs`` on the same input, in turn."""
+    for _ in range(steps):
+        for m, o, *sched in runs:
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+            for sc in sched:
+                sc.step()
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
 def test_fused_optimizer_option_same_steps(name):
     """--fused_optimizer selects torch's fused kernel; a few steps agree with the default implementation."""
@@ -129,12 +140,7 @@ def test_fused_optimizer_option_same_steps(name):
     args.fused_optimizer = True
     o_fus = build_optimizer(args, fus)
     assert not o_ref.defaults.get("fused") and o_fus.defaults["fused"] is True
-    x = torch.randn(4, 5)
-    for _ in range(3):
-        for m, o in ((ref, o_ref), (fus, o_fus)):
-            o.zero_grad()
-            m(x).square().sum().backward()
-            o.step()
+    _train_side_by_side(((ref, o_ref), (fus, o_fus)), torch.randn(4, 5), 3)
     for a, b in zip(ref.parameters(), fus.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -238,13 +244,7 @@ def test_merge_param_groups_same_updates(name):
     assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in o_mer.param_groups] == [
         (1e-2, 0.1, 1), (2e-2, 0.0, 2), (5e-2, 0.1, 2), (5e-2, 0.0, 1)]
     s_ref, s_mer = build_lr_scheduler(args, o_ref), build_lr_scheduler(args, o_mer)
-    x = torch.randn(4, 6)
-    for _ in range(4):
-        for m, o, s in ((ref, o_ref, s_ref), (mer, o_mer, s_mer)):
-            o.zero_grad()
-            m(x).square().sum().backward()
-            o.step()
-            s.step()
+    _train_side_by_side(((ref, o_ref, s_ref), (mer, o_mer, s_mer)), torch.randn(4, 6), 4)
     for (k, a), b in zip(ref.named_parameters(), mer.parameters()):
         assert torch.equal(a, b), k
     # every parameter is scheduled at the same lr in both layouts
@@ -285,11 +285,6 @@ def test_merge_param_groups_same_updates_foreach(cls):
     o_ref = cls(build_param_groups(args, ref), lr=args.lr, eps=1e-3, foreach=True)
     o_mer = cls(merge_param_groups(build_param_groups(args, mer)), lr=args.lr, eps=1e-3, foreach=True)
     assert len(o_mer.param_groups) == 4 < len(o_ref.param_groups)
-    x = torch.randn(4, 6)
-    for _ in range(4):
-        for m, o in ((ref, o_ref), (mer, o_mer)):
-            o.zero_grad()
-            m(x).square().sum().backward()
-            o.step()
+    _train_side_by_side(((ref, o_ref), (mer, o_mer)), torch.randn(4, 6), 4)
     for (k, a), b in zip(ref.named_parameters(), mer.parameters()):
         assert torch.equal(a, b), k
