@@ -184,8 +184,8 @@ class Checkpointer:
                 raise ValueError(
                     f"{f}: its optimizer state does not fit this optimizer ({saved} saved param groups, "
                     f"{len(self.optimizer.param_groups)} here: {e}). Resume with the options it was saved with "
-                    f"(--optimizer, --merge_param_groups or --no-merge_param_groups (the original's one group per parameter), "
-                    f"the model's trainable parameters)") from e
+                    f"(--optimizer, --merge_param_groups or --no-merge_param_groups (the original's one group per "
+                    f"parameter), the model's trainable parameters)") from e
         if self.scheduler is not None:
             if "scheduler" not in checkpoint:
                 raise ValueError(f"{f}: no scheduler state to resume from")
