@@ -137,9 +137,9 @@ def profile_step(step, device: torch.device, rows: int) -> str:
 
 class TrafficCounter:
     """Bytes read and written by the operators of a step: for every aten operator that is not a view (nor a view in
-    all but name, such as ``_unsafe_view``), the sizes of its tensor inputs plus its tensor outputs (forward and backward, as ``FlopCounterMode``). It models eager execution
-    without caches: each operator reads its inputs from memory and writes its outputs there. Use as a context
-    manager; ``total`` holds the count."""
+    all but name, such as ``_unsafe_view``), the sizes of its tensor inputs plus its tensor outputs (forward and
+    backward, as ``FlopCounterMode``). It models eager execution without caches: each operator reads its inputs from
+    memory and writes its outputs there. Use as a context manager; ``total`` holds the count."""
 
     def __init__(self) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode

@@ -240,7 +240,8 @@ def test_merge_param_groups_same_updates(name):
     args.merge_param_groups = True
     o_mer = build_optimizer(args, mer)
     assert len(o_ref.param_groups) == 6
-    # (lr, wd): backbone.weight (lr, wd), backbone.bias (lr*2, 0), cross_attn.weight (lr*5, wd), classifier bias (lr*5, 0)
+    # (lr, wd): backbone.weight (lr, wd), the biases but classifier's (lr*2, 0), cross_attn.weight and
+    # classifier.weight (lr*5, wd), classifier.bias (lr*5, 0)
     assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in o_mer.param_groups] == [
         (1e-2, 0.1, 1), (2e-2, 0.0, 2), (5e-2, 0.1, 2), (5e-2, 0.0, 1)]
     s_ref, s_mer = build_lr_scheduler(args, o_ref), build_lr_scheduler(args, o_mer)
