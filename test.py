@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     # the checkpoint first: an unreadable file or one that does not fit the config fails before the data is read
     checkpoint = read_checkpoint(ckpt)  # read once: weights, classes, backbone and epoch all come from it
-    weights = model_state_dict(checkpoint, ckpt)
+    weights = model_state_dict(checkpoint)
     epoch = checkpoint.get("epoch")  # None in a checkpoint without one (the original's)
     # the backbone is rebuilt from the checkpoint itself (no pretrained CLIP file), its grid checked against the config
     model = build_model_from_checkpoint(args, weights, source=ckpt, config=config_file, device=device)

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.metrics import DEFAULT_CHUNK_SIZE, _rank_chunk, _RankAccumulator, rank, rank_naive  # noqa: E402
+from benchmarks.reference import rank_naive  # noqa: E402
+from utils.metrics import DEFAULT_CHUNK_SIZE, _rank_chunk, _RankAccumulator, rank  # noqa: E402
 
 FULL = dict(nq=19848, ng=14993, npid=4102)
 SMALL = dict(nq=3000, ng=2000, npid=600)

@@ -78,8 +78,8 @@ def largest_difference(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -
 def compare(run_a: str, run_b: str) -> dict:
     """The differences between two runs: weights (key biases apart), key biases, metrics per epoch."""
     (ckpt_a, met_a), (ckpt_b, met_b) = run_files(run_a), run_files(run_b)
-    wa, kba = split_key_biases(model_state_dict(read_checkpoint(ckpt_a, mmap=False), ckpt_a))
-    wb, kbb = split_key_biases(model_state_dict(read_checkpoint(ckpt_b, mmap=False), ckpt_b))
+    wa, kba = split_key_biases(model_state_dict(read_checkpoint(ckpt_a, mmap=False)))
+    wb, kbb = split_key_biases(model_state_dict(read_checkpoint(ckpt_b, mmap=False)))
     weights, where = largest_difference(wa, wb)
     key_biases, kb_where = largest_difference(kba, kbb) if kba or kbb else (0.0, "")
     ma, mb = read_metrics(met_a), read_metrics(met_b)

@@ -1,8 +1,14 @@
-"""IRRA: CLIP backbone + SDM/ITC/CMPM/ID losses + implicit relation reasoning (cross-modal MLM)."""
+"""IRRA: CLIP backbone + SDM/ITC/CMPM/ID losses + implicit relation reasoning (cross-modal MLM).
+
+Also how it is built from options and weights: ``build_model`` (``--pretrain_choice``, incl. fine-tuning from an IRRA
+checkpoint, whose run directory's configs.yaml gives its image grid) and ``build_model_from_checkpoint``. Weight files
+are read by model/pretrained.py.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections import OrderedDict
 from typing import Dict, Optional, Tuple, Union
 
@@ -12,17 +18,21 @@ from torch import nn
 
 from model import objectives
 from model.clip_model import (LayerNorm, QuickGELU, Transformer, build_CLIP_from_openai_pretrained, convert_weights,
-                              check_image_grid, init_transformer_, is_pretrained_file, load_pretrained_file)
+                              init_transformer_)
+from model.pretrained import (BACKBONE_PREFIX, ImagePositions, check_image_grid, checkpoint_num_classes,
+                              clip_state_dict_from_checkpoint, image_grid, image_positions, is_pretrained_file,
+                              load_pretrained_file, resize_image_pos_embed)
 from utils.choices import LOSSES as VALID_LOSSES
 from utils.choices import PRECISIONS as VALID_PRECISIONS
 from utils.choices import parse_loss_names
-from utils.checkpoint import (BACKBONE_PREFIX, checkpoint_num_classes, clip_state_dict_from_checkpoint, count_by_module,
-                              load_matching_state_dict, load_state_dict, summarize_names)
+from utils.checkpoint import count_by_module, load_matching_state_dict, load_state_dict, summarize_names
 from utils.comm import all_reduce_sum, gather_with_grad, get_world_size, resolve_device, scale_grad
+from utils.iotools import CONFIG_FILE_NAME, load_train_configs
 
 logger = logging.getLogger("IRRA.model.build")
 
 HEAD_DIM = 64  # attention head width of the cross-modal modules (heads = embed_dim // 64), as the original
+DEFAULT_STRIDE_SIZE = 16  # --stride_size default, for a configs.yaml without it
 
 
 class IRRA(nn.Module):
@@ -257,8 +267,7 @@ def build_model(args: argparse.Namespace, num_classes: int = 11003,
     device = torch.device(device) if device is not None else resolve_device(args.device)
     irra_state_dict = None
     if clip_state_dict is None and is_pretrained_file(args.pretrain_choice):
-        # the file is read once; an IRRA checkpoint's image positional grid is resized there (it may be non-square)
-        clip_state_dict, irra_state_dict = load_pretrained_file(args.pretrain_choice, args.img_size, args.stride_size)
+        clip_state_dict, irra_state_dict = _read_pretrain_file(args)  # the file is read once
     model = IRRA(args, num_classes, clip_state_dict=clip_state_dict)
     if irra_state_dict is not None:
         _load_irra_pretrain(model, irra_state_dict, args.pretrain_choice)
@@ -268,6 +277,46 @@ def build_model(args: argparse.Namespace, num_classes: int = 11003,
         convert_weights(model)
         logger.info("model weights converted to fp16 (precision=%s, device=%s)", precision, device)
     return model
+
+
+def _read_pretrain_file(args: argparse.Namespace
+                        ) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, torch.Tensor]]]:
+    """``(clip_state_dict, irra_state_dict)`` of the ``--pretrain_choice`` file (see
+    :func:`model.pretrained.load_pretrained_file`). An IRRA checkpoint's image positional embedding is resized to
+    ``img_size`` / ``stride_size`` from the grid it was trained on (it may be non-square): the one given by the
+    configs.yaml next to it (:func:`trained_image_grid`), else inferred."""
+    path = args.pretrain_choice
+    clip_sd, irra_sd = load_pretrained_file(path)
+    pos = image_positions(clip_sd)
+    if irra_sd is not None and pos is not None:
+        ny, nx = image_grid(args.img_size, pos.patch_size, args.stride_size)
+        if pos.count != ny * nx:
+            old_grid = trained_image_grid(path, pos)
+            clip_sd = resize_image_pos_embed(clip_sd, args.img_size, args.stride_size, old_grid=old_grid, source=path)
+    return clip_sd, irra_sd
+
+
+def trained_image_grid(path: str, pos: ImagePositions) -> Optional[Tuple[int, int]]:
+    """The (rows, cols) image grid that checkpoint ``path`` was trained on, from the img_size / stride_size of the
+    configs.yaml next to it (written by our runs and the original's) when that grid has the checkpoint's
+    ``pos.count`` positions; None (with a warning when the file is there but does not fit) otherwise."""
+    cfg_file = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE_NAME)
+    if not os.path.isfile(cfg_file):
+        return None
+    try:
+        cfg = vars(load_train_configs(cfg_file))
+        grid = image_grid(cfg["img_size"], pos.patch_size, int(cfg.get("stride_size", DEFAULT_STRIDE_SIZE)))
+    except (ValueError, KeyError, TypeError) as e:
+        logger.warning("%s: cannot read img_size / stride_size (%s): the image grid of %s is inferred",
+                       cfg_file, e, path)
+        return None
+    if grid[0] * grid[1] == pos.count:
+        logger.info("%s: image positional grid %dx%d (img_size %s in %s)", path, grid[0], grid[1],
+                    tuple(cfg["img_size"]), cfg_file)
+        return grid
+    logger.warning("%s: img_size %s gives a %dx%d grid but the checkpoint has %d image positions: ignored",
+                   cfg_file, tuple(cfg["img_size"]), grid[0], grid[1], pos.count)
+    return None
 
 
 def _load_irra_pretrain(model: IRRA, state_dict: Dict[str, torch.Tensor], source: str) -> None:

@@ -18,7 +18,7 @@ import torch
 from datasets import build_dataloader
 from model.build import build_model
 from solver import build_lr_scheduler, build_optimizer
-from utils.checkpoint import Checkpointer
+from utils.checkpoint import Checkpointer, OptimizerStateError
 from utils.comm import broadcast_object, get_rank, get_world_size, init_distributed, is_main_process
 from utils.iotools import save_train_configs
 from utils.logger import setup_logger
@@ -147,9 +147,21 @@ def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
     evaluator = Evaluator(val_img_loader, val_txt_loader, split=args.val_dataset)
     parts = TrainingParts(args, device, model, train_loader, evaluator, optimizer, scheduler, checkpointer)
     if args.resume:
-        ckpt = checkpointer.resume(args.resume_ckpt_file)
+        ckpt = resume_checkpoint(checkpointer, args.resume_ckpt_file)
         parts.start_epoch = int(ckpt["epoch"]) + 1  # the original restarted the saved epoch
         parts.best_top1, parts.best_epoch = float(ckpt.get("best_top1", 0.0)), ckpt.get("best_epoch")
         parts.scaler_state = ckpt.get("scaler")
         logger.info(f"Resumed from {args.resume_ckpt_file}: continuing at epoch {parts.start_epoch}")
     return parts
+
+
+def resume_checkpoint(checkpointer: Checkpointer, f: str) -> Dict[str, Any]:
+    """``checkpointer.resume(f)`` (model, optimizer, scheduler; returns the extra entries). A saved optimizer state
+    that does not fit names the options that decide the optimizer's layout (solver/build.py)."""
+    try:
+        return checkpointer.resume(f)
+    except OptimizerStateError as e:
+        raise OptimizerStateError(
+            f"{e}. Resume with the options it was saved with (--optimizer, --merge_param_groups or "
+            f"--no-merge_param_groups (the original's one group per parameter), the model's trainable parameters)"
+        ) from e

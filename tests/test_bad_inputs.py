@@ -369,7 +369,8 @@ def test_synthpedes_annotation_with_a_bom_is_read(tiny_copy):
     ("scratch:RN-Tiny", (64, 32), [(64, 32), (95, 63)], (384, 128), "12x4 grid of 48"),  # ResNet: H//32 x W//32
 ])
 def test_check_image_grid(arch, trained, ok, bad, implied):
-    from model.clip_model import build_CLIP_from_openai_pretrained, check_image_grid
+    from model.clip_model import build_CLIP_from_openai_pretrained
+    from model.pretrained import check_image_grid
     clip, _ = build_CLIP_from_openai_pretrained(arch, trained, 16)
     sd = clip.state_dict()
     for img_size in ok:  # the same grid: fine

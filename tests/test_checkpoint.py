@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from utils.checkpoint import Checkpointer, checkpoint_num_classes, strip_prefix_if_present
+from model.pretrained import checkpoint_num_classes
+from utils.checkpoint import Checkpointer, strip_prefix_if_present
 
 
 class Tiny(nn.Module):

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import clip_model
+from model import pretrained
 from model.clip_model import (CLIP, ModifiedResNet, VisionTransformer, available_models,
-                              build_CLIP_from_openai_pretrained, load_clip_state_dict, resize_pos_embed,
-                              resize_text_pos_embed)
+                              build_CLIP_from_openai_pretrained, resize_pos_embed, resize_text_pos_embed)
+from model.pretrained import load_clip_state_dict
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -220,7 +220,7 @@ def test_every_named_model_is_a_checked_download(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("network is unreachable")
 
-    monkeypatch.setattr(clip_model.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(pretrained.urllib.request, "urlopen", offline)
     cache = tmp_path / "cache"
     names = available_models()
     assert {"RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16", "ViT-L/14",
@@ -243,17 +243,17 @@ def test_download_sha_mismatch_is_error(tmp_path):
     url = "https://example.invalid/clip/models/" + "0" * 64 + "/Tiny.pt"
     (tmp_path / "Tiny.pt").write_bytes(b"not the weights")
     with pytest.raises(RuntimeError, match="SHA256"):
-        clip_model._download(url, str(tmp_path))
+        pretrained._download(url, str(tmp_path))
 
 
 def test_download_offline_names_path_and_url(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("network is unreachable")
 
-    monkeypatch.setattr(clip_model.urllib.request, "urlopen", offline)
-    url = clip_model._MODELS["ViT-B/16"]
+    monkeypatch.setattr(pretrained.urllib.request, "urlopen", offline)
+    url = pretrained._MODELS["ViT-B/16"]
     with pytest.raises(FileNotFoundError) as err:
-        clip_model._download(url, str(tmp_path / "cache"))
+        pretrained._download(url, str(tmp_path / "cache"))
     msg = str(err.value)
     assert str(tmp_path / "cache" / "ViT-B-16.pt") in msg and url in msg
     assert not list((tmp_path / "cache").glob("*"))  # no partial file left
@@ -269,13 +269,13 @@ class _FakeResponse(io.BytesIO):
 def test_download_success_and_corrupt_download(tmp_path, monkeypatch):
     payload = b"clip weights" * 1000
     sha = hashlib.sha256(payload).hexdigest()
-    monkeypatch.setattr(clip_model.urllib.request, "urlopen", lambda url, timeout=None: _FakeResponse(payload))
-    path = clip_model._download(f"https://example.invalid/m/{sha}/W.pt", str(tmp_path))
+    monkeypatch.setattr(pretrained.urllib.request, "urlopen", lambda url, timeout=None: _FakeResponse(payload))
+    path = pretrained._download(f"https://example.invalid/m/{sha}/W.pt", str(tmp_path))
     assert path == str(tmp_path / "W.pt") and open(path, "rb").read() == payload
     # cached: no second fetch
-    monkeypatch.setattr(clip_model.urllib.request, "urlopen", lambda *a, **k: pytest.fail("re-downloaded"))
-    assert clip_model._download(f"https://example.invalid/m/{sha}/W.pt", str(tmp_path)) == path
-    monkeypatch.setattr(clip_model.urllib.request, "urlopen", lambda url, timeout=None: _FakeResponse(b"corrupt"))
+    monkeypatch.setattr(pretrained.urllib.request, "urlopen", lambda *a, **k: pytest.fail("re-downloaded"))
+    assert pretrained._download(f"https://example.invalid/m/{sha}/W.pt", str(tmp_path)) == path
+    monkeypatch.setattr(pretrained.urllib.request, "urlopen", lambda url, timeout=None: _FakeResponse(b"corrupt"))
     with pytest.raises(RuntimeError, match="does not match"):
-        clip_model._download(f"https://example.invalid/m/{sha}/X.pt", str(tmp_path))
+        pretrained._download(f"https://example.invalid/m/{sha}/X.pt", str(tmp_path))
     assert not (tmp_path / "X.pt").exists()

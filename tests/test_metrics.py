@@ -10,8 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import utils.metrics
+from benchmarks.reference import rank_naive
 from utils.meter import AverageMeter
-from utils.metrics import Evaluator, _rank_chunk, _RankAccumulator, rank, rank_from_features, rank_naive
+from utils.metrics import Evaluator, _rank_chunk, _RankAccumulator, rank, rank_from_features
 
 FIX = Path(__file__).parent / "fixtures"
 RANK_CASES = json.loads((FIX / "functions.json").read_text())["rank"]

@@ -257,7 +257,8 @@ def test_merge_param_groups_same_updates(name):
 def test_resume_with_other_param_groups_names_the_option(tmp_path):
     """A last.pth saved with one param group per parameter does not resume into merged groups: the error names
     the file and --merge_param_groups (and the run can resume with the setting it was saved with)."""
-    from utils.checkpoint import Checkpointer
+    from processor.setup import resume_checkpoint
+    from utils.checkpoint import Checkpointer, OptimizerStateError
 
     model = _GroupsModel()
     args = _args(merge_param_groups=False)
@@ -265,9 +266,12 @@ def test_resume_with_other_param_groups_names_the_option(tmp_path):
     path = Checkpointer(model, opt, build_lr_scheduler(args, opt), save_dir=str(tmp_path)).save("last", epoch=1)
     args.merge_param_groups = True
     merged = build_optimizer(args, model)
-    with pytest.raises(ValueError, match=r"last\.pth: its optimizer state does not fit.*6 saved param groups, 4 here"
-                                         r".*--no-merge_param_groups"):
+    with pytest.raises(OptimizerStateError, match=r"last\.pth: its optimizer state does not fit.*6 saved param "
+                                                  r"groups, 4 here.*--no-merge_param_groups"):
+        resume_checkpoint(Checkpointer(model, merged, build_lr_scheduler(args, merged)), path)
+    with pytest.raises(OptimizerStateError, match=r"6 saved param groups, 4 here") as generic:
         Checkpointer(model, merged, build_lr_scheduler(args, merged)).resume(path)
+    assert "merge_param_groups" not in str(generic.value)  # the generic checkpointer knows no solver option
     args.merge_param_groups = False
     same = build_optimizer(args, model)
     assert Checkpointer(model, same, build_lr_scheduler(args, same)).resume(path)["epoch"] == 1

@@ -35,8 +35,9 @@ def naive_metrics(run_dir, checkpoint):
     from datasets.bases import ImageDataset, TextDataset
     from datasets.build import build_dataset, build_transforms
     from model.build import build_model
-    from utils.checkpoint import clip_state_dict_from_checkpoint, load_state_dict, read_model_state_dict
-    from utils.metrics import rank_naive
+    from model.pretrained import clip_state_dict_from_checkpoint
+    from utils.checkpoint import load_state_dict, read_model_state_dict
+    from benchmarks.reference import rank_naive
     from utils.options import load_config_args
 
     args = load_config_args(run_dir, device="cpu")

@@ -1,7 +1,21 @@
-"""Save / load / resume training checkpoints ({"model": state_dict, "optimizer": ..., "scheduler": ..., **extra}).
+"""Generic checkpoint files: reading them safely, loading a state dict into a module, and ``Checkpointer``.
 
-Compatible with the original IRRA checkpoints (same layout and parameter names). Saves are atomic
-(temporary file in the same directory + os.replace); loads use ``torch.load(weights_only=True)``.
+Training checkpoints are ``{"model": state_dict, "optimizer": ..., "scheduler": ..., **extra}``, the original IRRA's
+layout. Saves are atomic (temporary file in the same directory + os.replace); loads use
+``torch.load(weights_only=True)`` (:func:`torch_load`) and name the file when it cannot be read. What the weights
+*mean* (an IRRA checkpoint's ``base_model.*`` backbone, its number of identities, CLIP files) is in
+:mod:`model.pretrained`.
+
+Loading policies (each with one use, so each is its own function rather than a flag):
+
+- strict (:func:`load_state_dict`, ``strict=True``): every tensor of the model must come from the checkpoint with
+  its shape, save the ``except_keys``. For a model's own checkpoint: resume, test, retrieval (``Checkpointer``,
+  ``model.build.build_model_from_checkpoint``); anything else means another configuration and is an error.
+- matching (:func:`load_matching_state_dict`): copy what matches by name and shape, report the rest. For
+  fine-tuning from another run's IRRA checkpoint (``--pretrain_choice best.pth``, ``model.build``), where another
+  number of identities or other losses are expected, not errors.
+- resize, then strict (:meth:`model.clip_model.CLIP.load_param`): pretrained CLIP weights into a CLIP built for
+  another image / text size; its positional embeddings are resized, every other weight must fit.
 """
 from __future__ import annotations
 
@@ -12,7 +26,7 @@ import os
 import re
 import tempfile
 import zipfile
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,11 +34,15 @@ from torch import nn
 from utils.comm import unwrap_model
 
 CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
-BACKBONE_PREFIX = "base_model."  # IRRA's CLIP backbone in the state dict (the original's name)
 
 
 class CheckpointReadError(ValueError):
     """A file that is not a readable torch checkpoint (empty, truncated, random bytes, unsafe objects)."""
+
+
+class OptimizerStateError(ValueError):
+    """A checkpoint's optimizer state that does not fit the optimizer it is resumed into (other parameters or
+    param groups); the caller that built the optimizer adds which options decide its layout."""
 
 
 def torch_load(f: str, mmap: bool = True) -> Any:
@@ -70,7 +88,8 @@ def check_key(key: str, except_keys: Optional[Iterable[str]]) -> bool:
 def load_state_dict(model: nn.Module, loaded_state_dict: Dict[str, torch.Tensor],
                     except_keys: Optional[Iterable[str]] = None, strict: bool = True,
                     source: str = "checkpoint") -> None:
-    """Load ``loaded_state_dict`` into ``model`` (strips "module.", checks shapes, names the ``source``).
+    """Load ``loaded_state_dict`` into ``model`` (strips "module.", checks shapes, names the ``source``): the strict
+    policy (see the module docstring).
 
     - ``except_keys``: keys containing any of these strings are skipped on purpose (the original's rule, e.g.
       ``["classifier"]``), also on the model's side (they are not reported missing);
@@ -181,11 +200,9 @@ class Checkpointer:
                 self.optimizer.load_state_dict(state)
             except (ValueError, KeyError) as e:
                 saved = len(state.get("param_groups", [])) if isinstance(state, dict) else "?"
-                raise ValueError(
+                raise OptimizerStateError(
                     f"{f}: its optimizer state does not fit this optimizer ({saved} saved param groups, "
-                    f"{len(self.optimizer.param_groups)} here: {e}). Resume with the options it was saved with "
-                    f"(--optimizer, --merge_param_groups or --no-merge_param_groups (the original's one group per "
-                    f"parameter), the model's trainable parameters)") from e
+                    f"{len(self.optimizer.param_groups)} here: {e})") from e
         if self.scheduler is not None:
             if "scheduler" not in checkpoint:
                 raise ValueError(f"{f}: no scheduler state to resume from")
@@ -227,45 +244,20 @@ def read_checkpoint(f: str, mmap: bool = True) -> Dict[str, Any]:
     return ckpt
 
 
-def model_state_dict(checkpoint: Dict[str, Any], source: str = "checkpoint") -> Dict[str, torch.Tensor]:
+def model_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The model weights of a :func:`read_checkpoint` dict, a ``module.`` prefix stripped."""
     return strip_prefix_if_present(checkpoint["model"], "module.")
 
 
 def read_model_state_dict(f: str) -> Dict[str, torch.Tensor]:
     """The model weights of checkpoint ``f`` (ours or the original's; a ``module.`` prefix stripped)."""
-    return model_state_dict(read_checkpoint(f), f)
-
-
-def checkpoint_num_classes(f: Union[str, Dict[str, torch.Tensor]], default: Optional[int] = None) -> Optional[int]:
-    """Number of identities of the ID classifier in checkpoint ``f`` (a path, or its ``read_model_state_dict``);
-    ``default`` when it has none."""
-    w = (read_model_state_dict(f) if isinstance(f, str) else f).get("classifier.weight")
-    return int(w.shape[0]) if w is not None else default
-
-
-def clip_state_dict_from_checkpoint(f: Union[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """The CLIP weights (``base_model.*``, prefix removed) of an IRRA checkpoint (a path, or its
-    ``read_model_state_dict``): enough to rebuild its backbone without the pretrained CLIP file
-    (``build_model(..., clip_state_dict=...)``)."""
-    prefix = BACKBONE_PREFIX
-    full = read_model_state_dict(f) if isinstance(f, str) else strip_prefix_if_present(f, "module.")
-    sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-    if not sd:
-        raise ValueError(f"{f if isinstance(f, str) else 'checkpoint'}: no base_model.* weights: not an IRRA checkpoint")
-    return sd
-
-
-def is_irra_state_dict(state_dict: Dict[str, Any]) -> bool:
-    """True when ``state_dict`` holds IRRA weights (some key starts with ``base_model.`` once a ``module.`` prefix is
-    stripped); False for a CLIP state dict."""
-    return any(k.startswith(BACKBONE_PREFIX) for k in strip_prefix_if_present(state_dict, "module."))
+    return model_state_dict(read_checkpoint(f))
 
 
 def load_matching_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
                              ignore_prefixes: Iterable[str] = ()) -> Dict[str, List[str]]:
     """Copy into ``model`` every tensor of ``state_dict`` whose name and shape match one of the model's (cast to the
-    model's dtype); the model's other tensors keep their values. Keys starting with one of ``ignore_prefixes`` are
+    model's dtype); the model's other tensors keep their values: the matching policy (see the module docstring). Keys starting with one of ``ignore_prefixes`` are
     left out on both sides (loaded by the caller).
 
     Returns ``{"loaded": names, "mismatched": ["name: why", ...] (other shape), "unexpected": names not in the
