@@ -401,7 +401,9 @@ class CLIP(nn.Module):
         """Copy an OpenAI-format CLIP state dict into this model (resizing positional embeddings).
 
         Keys absent from this model (``logit_scale``, ``input_resolution``...) are ignored; a parameter of this
-        model missing from ``state_dict`` or a shape that cannot be reconciled raises a ValueError.
+        model missing from ``state_dict`` or a shape that cannot be reconciled raises a ValueError (the
+        resize-then-strict loading policy, see utils/checkpoint.py). A non-square image grid of trained weights is
+        resized before (``model.pretrained.resize_image_pos_embed``); here an old image grid is taken as square.
         """
         param_dict = _unwrap_state_dict(state_dict)
         own = self.state_dict()
