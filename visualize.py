@@ -16,6 +16,7 @@ from pathlib import Path
 from processor import test_queries as T
 from processor.retrieval import Retriever
 from utils.grid import draw_search_grid, save_new_png, slug, tile_size_for
+from utils.run_dir import VIS_DIR
 
 
 def main(argv=None) -> list[Path]:
@@ -44,7 +45,7 @@ def main(argv=None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers)
-    out = Path(a.out) if a.out else r.run_dir / "vis"
+    out = Path(a.out) if a.out else r.run_dir / VIS_DIR
     tile, saved = tile_size_for(r.args), []
     if a.query:
         gallery = r.encode_folder(a.gallery) if a.gallery else T.encode_test_gallery(r, T.load_test_split(r.args))

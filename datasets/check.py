@@ -28,7 +28,6 @@ import os
 import os.path as op
 import stat
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
@@ -36,6 +35,8 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from utils.run_dir import atomic_write, read_json
 
 logger = logging.getLogger("IRRA.dataset.check")
 
@@ -178,8 +179,7 @@ def _cache_key(path: str) -> str:
 def _read_cache(cache_file: str) -> Dict[str, list]:
     """``{abspath: [size, mtime_ns, level]}`` from ``cache_file``; anything unreadable is an empty cache."""
     try:
-        with open(cache_file, "r", encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(cache_file, "image check cache")
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:
@@ -193,23 +193,11 @@ def _read_cache(cache_file: str) -> Dict[str, list]:
 
 def _write_cache(cache_file: str, files: Dict[str, list]) -> None:
     """Write the cache atomically (temp file + rename); a folder that is not writable only logs at debug level."""
-    cache_dir = op.dirname(cache_file)
-    tmp = None
     try:
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=IMAGE_CHECK_FILE + ".", suffix=".tmp", dir=cache_dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": CACHE_VERSION, "files": files}, f, separators=(",", ":"))
-        os.replace(tmp, cache_file)
-        tmp = None
+        os.makedirs(op.dirname(cache_file), exist_ok=True)
+        atomic_write(cache_file, json.dumps({"version": CACHE_VERSION, "files": files}, separators=(",", ":")))
     except OSError as err:
         logger.debug("image check cache not written to '%s': %s", cache_file, err)
-    finally:
-        if tmp is not None:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
 
 
 def _cache_hit(entry: Optional[list], st: os.stat_result, level: str) -> bool:

@@ -32,12 +32,13 @@ from model.build import build_model_from_checkpoint
 from utils.checkpoint import read_model_state_dict
 from utils.comm import resolve_device
 from utils.options import load_config_args
+from utils.run_dir import BEST_CHECKPOINT, GALLERY_CACHE_DIR, atomic_write, resolve_run
 from utils.simple_tokenizer import SimpleTokenizer, get_tokenizer, tokenize
 
 logger = logging.getLogger("IRRA.retrieval")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-CACHE_DIRNAME = "gallery_cache"
+CACHE_DIRNAME = GALLERY_CACHE_DIR
 CACHE_VERSION = 1
 # How many characters of a cut sentence the truncation warning quotes.
 QUOTE_CHARS = 80
@@ -194,20 +195,13 @@ class Retriever:
             batch_size: sentences / images per forward pass.
             num_workers: image loading processes.
         """
-        run = Path(run)
-        if run.is_dir():
-            run_dir, config_file = run, run / "configs.yaml"
-        else:
-            run_dir, config_file = run.parent, run
-        if not config_file.is_file():
-            raise FileNotFoundError(f"no run configuration at {str(config_file)!r}: expected a run directory "
-                                    f"(logs/<dataset>/<time>_<name>/) containing configs.yaml, or that file")
-        ckpt = Path(checkpoint) if checkpoint is not None else run_dir / "best.pth"
+        run_dir, config_file = (Path(p) for p in resolve_run(run))
+        ckpt = Path(checkpoint) if checkpoint is not None else run_dir / BEST_CHECKPOINT
         if checkpoint is not None and not ckpt.is_file():
             raise FileNotFoundError(f"checkpoint {str(ckpt)!r} (given with --checkpoint) not found")
         if not ckpt.is_file():
             raise FileNotFoundError(f"checkpoint {str(ckpt)!r} not found: the run in {str(run_dir)!r} has no "
-                                    f"best.pth (was it trained to the first evaluation?); pass a checkpoint "
+                                    f"{BEST_CHECKPOINT} (was it trained to the first evaluation?); pass a checkpoint "
                                     f"explicitly (e.g. last.pth) otherwise")
 
         # utils.iotools.load_train_configs + today's defaults for options older runs lack (device, precision...)
@@ -317,10 +311,9 @@ class Retriever:
                 return Gallery(list(c["paths"]), c["embeddings"], list(c["indices"]), list(c["skipped"]))
         gallery = self.encode_images(paths, progress=progress)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"key": key, "paths": gallery.paths, "embeddings": gallery.embeddings,
-                    "indices": gallery.indices, "skipped": gallery.skipped}, tmp)
-        os.replace(tmp, cache_file)  # atomic: a concurrent reader sees the old or the new file
+        data = {"key": key, "paths": gallery.paths, "embeddings": gallery.embeddings, "indices": gallery.indices,
+                "skipped": gallery.skipped}
+        atomic_write(cache_file, lambda f: torch.save(data, f))  # a concurrent reader sees the old or the new file
         logger.info("cached gallery embeddings in %s", cache_file)
         return gallery
 

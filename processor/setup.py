@@ -24,9 +24,8 @@ from utils.iotools import save_train_configs
 from utils.logger import setup_logger
 from utils.metrics import Evaluator
 from utils.options import warn_config_changes
+from utils.run_dir import CONFIG_FILE, SETUP_FILES
 
-# Files a run directory holds right after it was made; a setup failure with nothing else written removes it.
-SETUP_FILES = ("configs.yaml", "train_log.txt")
 
 
 def set_seed(seed: int) -> None:
@@ -130,7 +129,7 @@ def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
     logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     if is_main_process():
         if args.resume:
-            warn_config_changes(args, os.path.join(args.output_dir, "configs.yaml"), logger)
+            warn_config_changes(args, os.path.join(args.output_dir, CONFIG_FILE), logger)
         else:
             save_train_configs(args.output_dir, args)
 
