@@ -1,4 +1,4 @@
-r"""Draw text-to-image retrieval results of a trained run (processor/retrieval.py, processor/test_queries.py).
+r"""Draw text-to-image retrieval results of a trained run (search/retrieval.py, search/split_queries.py).
 
 Test queries of the run's dataset (green frame = right identity, red = wrong, blue = ground truth):
     python visualize.py --config_file logs/<dataset>/<run>/configs.yaml [--query_index 0 7 ...] [--num_queries 5]
@@ -13,9 +13,9 @@ import logging
 import os
 from pathlib import Path
 
-from processor import test_queries as T
-from processor.retrieval import Retriever
-from utils.grid import draw_search_grid, save_new_png, slug, tile_size_for
+from search import split_queries as T
+from search.grid import draw_search_grid, save_new_png, slug, tile_size_for
+from search.retrieval import Retriever
 from utils.run_dir import VIS_DIR
 
 

@@ -245,11 +245,16 @@ def test_a_corrupt_image_stops_build_dataloader_unless_skipped(tiny_copy, tmp_pa
     args.training = True
     train_loader, img_loader, _, _ = dbuild.build_dataloader(args)
     assert opened == [] and bad in img_loader.dataset.img_paths  # not checked: the loaders are built as before
+    # the exists level of the same check still runs under --skip_image_check, with its own error type
+    os.remove(bad)
+    with pytest.raises(dcheck.ImageFilesMissingError, match=rf"{re.escape(bad)}: missing") as err:
+        dbuild.build_dataloader(args)
+    assert isinstance(err.value, FileNotFoundError) and opened == []
 
 
 def test_progress_bar_on_rank_0_only(tiny_copy, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(dcheck, "check_dataset_images", lambda dataset, **kw: calls.append(kw))
+    monkeypatch.setattr(dbuild, "check_dataset_images", lambda dataset, **kw: calls.append(kw))
     args = get_args(tiny_train_argv(tiny_copy, str(tmp_path / "logs")))
     dbuild.build_dataloader(args)
     monkeypatch.setattr(dbuild, "is_main_process", lambda: False)

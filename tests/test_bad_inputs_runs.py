@@ -4,7 +4,6 @@ an error naming the input, and nothing already written (checkpoints, metrics.jso
 One run stopped after epoch 1 (``--stop_epoch 1``) is shared; tests that resume it work on a copy.
 """
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -20,14 +19,9 @@ from datasets import check as dcheck
 from datasets.build import build_dataset
 from model.build import IRRA
 from processor import processor as proc
-from processor.retrieval import Retriever
-from tests.conftest import tiny_train_argv
+from search.retrieval import Retriever
+from tests.conftest import test_script, tiny_train_argv
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# test.py is loaded by path: "test" is also the name of a package of the standard library.
-_spec = importlib.util.spec_from_file_location("irra_test_script", os.path.join(REPO, "test.py"))
-test_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(test_script)
 
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 

@@ -1,4 +1,4 @@
-"""processor/retrieval.py, processor/test_queries.py and utils/grid.py with a transparent stand-in model: image
+"""search/retrieval.py, search/split_queries.py and search/grid.py with a transparent stand-in model: image
 embedding = mean RGB, text embedding = colour-word counts, so every score has a naive closed form. The real-model
 end-to-end path is in tests/test_visualize.py."""
 import logging
@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from processor import retrieval as R
-from processor import test_queries as TQ
+from search import retrieval as R
+from search import split_queries as TQ
 from tests.conftest import retrieval_warnings
-from utils import grid as G
+from search import grid as G
 from utils.simple_tokenizer import get_tokenizer, tokenize
 
 COLOURS = {"red": (230, 20, 20), "green": (20, 210, 30), "blue": (25, 30, 220), "yellow": (220, 220, 30),

@@ -1,5 +1,4 @@
 """Reporting over seeds: test.py's test_metrics.json, tools/summarize.py's table, run_irra.sh's SEEDS loop."""
-import importlib.util
 import json
 import os
 import shutil
@@ -12,16 +11,12 @@ import torch
 import yaml
 
 import train
-from tests.conftest import tiny_train_argv
+from tests.conftest import test_script, tiny_train_argv
 from tools import summarize
 from tools.summarize import main
 from utils.run_dir import TEST_METRICS_FILE, write_test_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# test.py is loaded by path: "test" is also the name of a package of the standard library.
-_spec = importlib.util.spec_from_file_location("irra_test_script_summarize", os.path.join(REPO, "test.py"))
-test_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(test_script)
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 BASE_CONFIG = {"dataset_name": "CUHK-PEDES", "val_dataset": "val", "lr": 1e-5, "batch_size": 64,

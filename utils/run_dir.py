@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import tempfile
-from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Callable, Dict, List, Optional, Tuple, Union
 
 logger = logging.getLogger("IRRA.run_dir")
 
