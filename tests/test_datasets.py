@@ -3,6 +3,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import os.path as op
 
 import pytest
@@ -111,6 +112,19 @@ def test_missing_folder_prints_tree_and_source(tmp_path, name, url):
     msg = str(e.value)
     assert f"dataset folder '{op.join(tmp_path, name)}' is not available" in msg
     assert url in msg and "imgs/" in msg and FIX["annotations"][name]["file"] in msg
+
+
+@pytest.mark.parametrize("encoding, found", [("utf-16", "UTF-16 LE (byte order mark FF FE)"),
+                                             ("latin-1", "Latin-1 / Windows-1252")])
+def test_annotation_in_another_encoding_names_the_file_and_the_encoding(tmp_path, encoding, found):
+    d = write_dataset(tmp_path, "RSTPReid")
+    anno = op.join(d, FIX["annotations"]["RSTPReid"]["file"])
+    data = json.loads(json.dumps(FIX["annotations"]["RSTPReid"]["data"]))  # a copy
+    data[0]["captions"][0] = "A woman in a café-coloured coat."
+    with open(anno, "w", encoding=encoding) as f:
+        json.dump(data, f, ensure_ascii=False)
+    with pytest.raises(ValueError, match=rf"{re.escape(anno)}: the annotation file is .*{re.escape(found)}"):
+        RSTPReid(root=str(tmp_path), verbose=False)
 
 
 def test_missing_annotation_and_imgs(tmp_path):

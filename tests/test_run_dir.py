@@ -159,6 +159,15 @@ def test_yaml_deep_nesting_and_latin1_are_named(tmp_path):
         load_train_configs(str(tmp_path))
 
 
+def test_config_option_file_in_latin1_names_the_file(tmp_path):
+    from utils.options import get_args
+    cfg = tmp_path / "my.yaml"
+    cfg.write_bytes(b"lr: 0.0001  # 10\xb5s\n")
+    with pytest.raises(ValueError, match=r"^--config .*my\.yaml: the config file is not UTF-8: byte 0xb5 at line 1, "
+                                         r"column 17; it looks like Latin-1"):
+        get_args(["--config", str(cfg)])
+
+
 # ------------------------------------------------------------------------------------------------- metrics.jsonl
 def test_metrics_jsonl_truncated_last_record_is_skipped_and_trimmed(tmp_path, caplog):
     for e in (1, 2, 3):

@@ -175,6 +175,34 @@ def test_missing_and_bad_files_are_notes(tmp_path, capsys):
     assert big["mean"]["last_R1"] is None
 
 
+def test_one_bad_run_does_not_stop_the_summary(tmp_path, caplog):
+    """A bad byte in one run's metrics.jsonl is a note in its row; a run that cannot be read at all is skipped with
+    a warning; the other runs are summarised."""
+    good = make_run(tmp_path, "good", seed=1, val_r1=[10.0, 20.0], tested={"best.pth": (2, 30.0)})
+    bad = make_run(tmp_path, "bad", seed=2, val_r1=[10.0, 20.0])
+    with open(os.path.join(bad, "metrics.jsonl"), "ab") as f:
+        f.write(b'{"epoch": 3, "R1": 4\xff}\n{"epoch": 4, "R1": 50.0}\n')
+    worse = make_run(tmp_path, "worse", seed=3, val_r1=[1.0])
+    real = summarize.read_run
+    monkey = {"worse": RuntimeError("disk gone")}
+
+    def read_run(run_dir):
+        if os.path.basename(run_dir) in monkey:
+            raise monkey[os.path.basename(run_dir)]
+        return real(run_dir)
+
+    summarize.read_run = read_run
+    try:
+        with caplog.at_level("WARNING", logger="IRRA.summarize"):
+            rows = {r["run"]: r for r in summarize.summarize_runs([str(tmp_path)])["runs"]}
+    finally:
+        summarize.read_run = real
+    assert set(rows) == {"good", "bad"} and rows["good"]["best_R1"] == 30.0
+    assert "metrics.jsonl line(s) 3 skipped" in "; ".join(rows["bad"]["notes"]) and rows["bad"]["best_epoch"] == 4
+    assert f"{worse}: skipped, cannot be read (RuntimeError: disk gone)" in caplog.text
+    assert good
+
+
 def test_bad_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such directory"):
         main([str(tmp_path / "nope")])

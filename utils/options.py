@@ -24,7 +24,7 @@ from utils.choices import (DATASETS, IMG_AUG_POOL, LOSSES, LR_SCHEDULERS, OPTIMI
                            WARMUP_METHODS, check_choice, parse_loss_names)
 from utils.iotools import load_train_configs
 from utils import run_dir
-from utils.run_dir import RUN_STATE_KEYS
+from utils.run_dir import RUN_STATE_KEYS, FileReadError
 
 
 # Defaults of the options of the successors' augmentations that only matter when another option turns them on.
@@ -229,6 +229,8 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         raise FileNotFoundError(f"--config {path}: no such file")
     try:
         cfg = vars(load_train_configs(path))
+    except FileReadError as e:  # not UTF-8, malformed YAML, nested too deeply: the reader's message names the file
+        raise ValueError(f"--config {e}") from e
     except (TypeError, ValueError) as e:
         raise ValueError(f"--config {path}: expected a mapping of option: value ({e})") from e
     cfg = typed_config(parser, cfg, f"--config {path}")
