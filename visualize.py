@@ -16,7 +16,7 @@ from pathlib import Path
 from search import split_queries as T
 from search.grid import draw_search_grid, save_new_png, slug, tile_size_for
 from search.retrieval import Retriever
-from utils.run_dir import VIS_DIR
+from utils.run_dir import VIS_DIR, check_writable
 
 
 def main(argv=None) -> list[Path]:
@@ -46,6 +46,11 @@ def main(argv=None) -> list[Path]:
 
     r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers)
     out = Path(a.out) if a.out else r.run_dir / VIS_DIR
+    try:  # checked before the (long) encoding: the grids must have somewhere to go
+        out.mkdir(parents=True, exist_ok=True)
+        check_writable(str(out), "grids")
+    except OSError as e:
+        p.error(f"--out {out}: cannot write the grids there ({e})")
     tile, saved = tile_size_for(r.args), []
     if a.query:
         gallery = r.encode_folder(a.gallery) if a.gallery else T.encode_test_gallery(r, T.load_test_split(r.args))

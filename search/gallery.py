@@ -2,6 +2,7 @@
 the readable ones (unreadable files are skipped and reported, never fatal)."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -12,18 +13,52 @@ from torch.utils.data import Dataset
 
 from utils.iotools import open_image
 
+logger = logging.getLogger("IRRA.retrieval")
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 def list_images(folder: str | os.PathLike) -> list[str]:
     """All .jpg/.jpeg/.png files under ``folder`` (recursively, case-insensitive), sorted.
 
+    Symlinks rule (the same for visualize.py --gallery and the search page): symbolic links are followed, to files
+    and to folders, wherever they point (putting a link in the gallery is the owner's choice); each real folder is
+    walked once (a link loop ends there), each real file is listed once (under its first path in sorted order), and
+    a broken link is skipped. How many links were followed, and how many point outside the folder, is logged.
+
     Raises FileNotFoundError when the folder does not exist and ValueError when it holds no image.
     """
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"gallery folder {str(root)!r} does not exist or is not a directory")
-    paths = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    real_root = os.path.realpath(root)
+    seen_dirs: set[str] = set()
+    found, links, outside = [], 0, 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real_dir = os.path.realpath(dirpath)
+        if real_dir in seen_dirs:  # reached again through a link: a loop, or a second way in
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real_dir)
+        dirnames.sort()
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(p):  # broken links: skipped
+                found.append(p)
+    seen_files: set[str] = set()
+    paths = []
+    for p in sorted(found):
+        real = os.path.realpath(p)
+        if real in seen_files:
+            continue
+        seen_files.add(real)
+        paths.append(p)
+        if real != os.path.join(real_root, os.path.relpath(p, root)):
+            links += 1
+            outside += os.path.commonpath([real_root, real]) != real_root
+    if links:
+        logger.info("gallery %s: %d image(s) reached through symbolic links (%d outside the folder), followed",
+                    root, links, outside)
     if not paths:
         raise ValueError(f"gallery folder {str(root)!r} contains no images (expected files ending in "
                          f"{', '.join(IMAGE_EXTENSIONS)}, searched recursively)")

@@ -32,7 +32,7 @@ from model.build import build_model_from_checkpoint
 from utils.checkpoint import read_model_state_dict
 from utils.comm import resolve_device
 from utils.options import load_config_args
-from utils.run_dir import BEST_CHECKPOINT, GALLERY_CACHE_DIR, atomic_write, resolve_run
+from utils.run_dir import BEST_CHECKPOINT, GALLERY_CACHE_DIR, atomic_write, check_writable, resolve_run
 from search.gallery import IMAGE_EXTENSIONS, ImageFileDataset, collate_skip_unreadable, list_images  # noqa: F401
 from utils.simple_tokenizer import SimpleTokenizer, get_tokenizer, tokenize
 
@@ -129,6 +129,49 @@ def _file_stamp(path: str | os.PathLike) -> list:
     """[absolute path, mtime_ns, size] of a file; what the cache key is made of."""
     st = os.stat(path)
     return [os.path.abspath(path), st.st_mtime_ns, st.st_size]
+
+
+STALE = "stale"  # cache_problem: a well-formed cache of other files, weights or image size (re-encoded quietly)
+CACHE_KEYS = ("key", "paths", "embeddings", "indices", "skipped")
+
+
+def cache_problem(c, key: str, paths: Sequence[str]) -> str | None:
+    """Why the loaded gallery cache ``c`` cannot stand for encoding ``paths`` now: None when it can, :data:`STALE`
+    when it is well-formed but its key differs, else what is wrong (type, keys, shapes, non-finite values, rows that
+    do not match the paths). Any doubt means re-encoding."""
+    if not isinstance(c, dict):
+        return f"expected a dict, got {type(c).__name__}"
+    missing = [k for k in CACHE_KEYS if k not in c]
+    if missing:
+        return f"missing keys {missing}"
+    if c["key"] != key:
+        return STALE
+    emb, kept, indices, skipped = c["embeddings"], c["paths"], c["indices"], c["skipped"]
+    if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or not emb.is_floating_point():
+        return f"embeddings must be a float [N, D] tensor, got {type(emb).__name__} {getattr(emb, 'shape', '')}"
+    if not all(isinstance(v, list) for v in (kept, indices, skipped)):
+        return "paths, indices and skipped must be lists"
+    if not (emb.shape[0] == len(kept) == len(indices)) or emb.shape[0] == 0:
+        return f"{emb.shape[0]} embedding rows for {len(kept)} paths and {len(indices)} indices"
+    if not all(isinstance(i, int) and 0 <= i < len(paths) and paths[i] == p for i, p in zip(indices, kept)):
+        return "its paths are not the gallery's files at their indices"
+    if len(kept) + len(skipped) != len(paths) or not set(skipped) <= set(paths):
+        return f"{len(kept)} kept + {len(skipped)} skipped images for a gallery of {len(paths)}"
+    if not bool(torch.isfinite(emb).all()):
+        return "embeddings hold NaN or infinite values"
+    return None
+
+
+def _usable_cache_dir(cache_dir: Path) -> bool:
+    """Create ``cache_dir`` and check that a file can be written there; False (with a warning: the search runs
+    without the cache) when it cannot, e.g. a file sits at its path."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(str(cache_dir), "gallery cache")
+    except OSError as e:
+        logger.warning("gallery cache folder %s cannot be used (%s): searching without the cache", cache_dir, e)
+        return False
+    return True
 
 
 def _warn_skipped(skipped: Sequence[str]) -> None:
@@ -273,8 +316,11 @@ class Retriever:
         """Like :meth:`encode_images`, reusing ``<cache_dir>/<cache_name>.pt`` while its key still matches.
 
         The key covers every file's path, mtime and size and the checkpoint's, so adding/changing a file or
-        loading other weights re-encodes (and overwrites the cache). ``cache_dir`` defaults to
-        :meth:`default_cache_dir`; with neither, nothing is cached.
+        loading other weights re-encodes (and overwrites the cache). A cache is never trusted blindly: one of the
+        wrong type, keys or shapes, with non-finite embeddings or rows that do not match the paths is re-encoded
+        with a warning (:func:`cache_problem`). ``cache_dir`` defaults to :meth:`default_cache_dir`; with neither,
+        nothing is cached. A cache folder that cannot be created or written (a file at its path) is found before
+        encoding: the search runs without the cache, with a warning.
         """
         paths = [str(p) for p in paths]
         if not paths:
@@ -290,16 +336,25 @@ class Retriever:
             except Exception as e:  # a corrupt cache is re-made, never fatal
                 logger.warning("ignoring unreadable gallery cache %s (%s)", cache_file, e)
                 c = None
-            if c is not None and c.get("key") == key:
-                logger.info("using cached gallery embeddings %s (%d images)", cache_file, len(c["paths"]))
-                _warn_skipped(c["skipped"])
-                return Gallery(list(c["paths"]), c["embeddings"], list(c["indices"]), list(c["skipped"]))
+            if c is not None:
+                problem = cache_problem(c, key, paths)
+                if problem is None:
+                    logger.info("using cached gallery embeddings %s (%d images)", cache_file, len(c["paths"]))
+                    _warn_skipped(c["skipped"])
+                    return Gallery(list(c["paths"]), c["embeddings"], list(c["indices"]), list(c["skipped"]))
+                if problem != STALE:
+                    logger.warning("ignoring gallery cache %s: %s; encoding the gallery again", cache_file, problem)
+        # the cache folder is checked before the (long) encoding: a folder that cannot be written only loses the cache
+        writable = _usable_cache_dir(cache_dir)
         gallery = self.encode_images(paths, progress=progress)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        data = {"key": key, "paths": gallery.paths, "embeddings": gallery.embeddings, "indices": gallery.indices,
-                "skipped": gallery.skipped}
-        atomic_write(cache_file, lambda f: torch.save(data, f))  # a concurrent reader sees the old or the new file
-        logger.info("cached gallery embeddings in %s", cache_file)
+        if writable:
+            data = {"key": key, "paths": gallery.paths, "embeddings": gallery.embeddings, "indices": gallery.indices,
+                    "skipped": gallery.skipped}
+            try:  # a concurrent reader sees the old or the new file
+                atomic_write(cache_file, lambda f: torch.save(data, f))
+                logger.info("cached gallery embeddings in %s", cache_file)
+            except OSError as e:
+                logger.warning("gallery embeddings not cached in %s (%s)", cache_file, e)
         return gallery
 
     def encode_folder(self, folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None,

@@ -211,6 +211,12 @@ def test_bad_inputs_give_clear_messages(run_dir, tmp_path, capsys):
         with pytest.raises(SystemExit):
             visualize.main(base + extra)
         assert msg in capsys.readouterr().err
+    # an --out that is a file: named before any image is encoded
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit):
+        visualize.main(base[:4] + ["--out", str(tmp_path / "a_file"), "--gallery", str(tmp_path / "empty"),
+                                   "--device", "cpu"])
+    assert f"--out {tmp_path / 'a_file'}: cannot write the grids there" in capsys.readouterr().err
     # an unreadable image: skipped with one warning naming it, the others still ranked
     gal = tmp_path / "gal"
     gal.mkdir()
