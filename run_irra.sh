@@ -5,7 +5,7 @@
 # The dataset may also come from the DATASET_NAME environment variable, as in the original script.
 # Multi-GPU:  NPROC=4 bash run_irra.sh CUHK-PEDES   (uses torchrun; the batch is split over the processes)
 # Seeds:      SEEDS="1 2 3" bash run_irra.sh RSTPReid   (one training per seed, each followed by test.py on best.pth
-#             and last.pth, then the table of utils/summarize.py over these runs: per run and mean ± std)
+#             and last.pth, then the table of tools/summarize.py over these runs: per run and mean ± std)
 set -euo pipefail
 cd "$(dirname "$0")"
 DATASET_NAME="${1:-${DATASET_NAME:-CUHK-PEDES}}"
@@ -49,7 +49,7 @@ if [ "$DATASET_NAME" = "demo" ]; then
         echo "Run directory: $out"
     done
     echo "Next: python visualize.py --config_file ${RUNS[0]}/configs.yaml"
-    "$PY" -m utils.summarize "${RUNS[@]}"
+    "$PY" -m tools.summarize "${RUNS[@]}"
     exit 0
 fi
 
@@ -82,4 +82,4 @@ fi
 for seed in "${SEED_LIST[@]}"; do
     train_and_test "${RECIPE[@]}" --seed "$seed"
 done
-"$PY" -m utils.summarize "${RUNS[@]}"
+"$PY" -m tools.summarize "${RUNS[@]}"

@@ -1,6 +1,7 @@
 """Evaluate a trained run:  python test.py --config_file logs/<dataset>/<run>/configs.yaml
 Works with our configs.yaml and the original IRRA's; loads best.pth from the config's directory by default.
-The results are also recorded, under the checkpoint's file name, in test_metrics.json next to the checkpoint.
+The results are also recorded, under the checkpoint's file name, in test_metrics.json next to the checkpoint,
+with the dataset and root they were measured on (checked writable before the evaluation starts).
 """
 import argparse
 import os
@@ -12,8 +13,8 @@ from processor.processor import do_inference
 from utils.checkpoint import model_state_dict, read_checkpoint
 from utils.comm import resolve_device
 from utils.logger import setup_logger
-from utils.options import config_path, load_config_args
-from utils.summarize import write_test_metrics
+from utils.options import load_config_args
+from utils.run_dir import BEST_CHECKPOINT, check_test_metrics_writable, resolve_run, write_test_metrics
 
 
 def main(argv=None) -> dict:
@@ -28,14 +29,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip_image_check", action="store_true",
                         help="do not open every test image before evaluating (default: the run's setting)")
     cli = parser.parse_args(argv)
-    config_file = config_path(cli.config_file)
-    run_dir = os.path.dirname(os.path.abspath(config_file))
+    run_dir, config_file = resolve_run(cli.config_file)
     args = load_config_args(config_file, device=cli.device, root_dir=cli.root_dir, num_workers=cli.num_workers,
                             test_batch_size=cli.test_batch_size, skip_image_check=cli.skip_image_check or None)
     args.training, args.output_dir = False, run_dir
-    ckpt = cli.checkpoint or os.path.join(run_dir, "best.pth")
+    ckpt = cli.checkpoint or os.path.join(run_dir, BEST_CHECKPOINT)
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"checkpoint {ckpt} not found (pass --checkpoint PATH)")
+    check_test_metrics_writable(ckpt)  # the result can be recorded: checked before minutes of evaluation
     logger = setup_logger("IRRA", save_dir=run_dir, if_train=False)
     logger.info(f"config {config_file}, checkpoint {ckpt}")
 
@@ -48,8 +49,9 @@ def main(argv=None) -> dict:
     model = build_model_from_checkpoint(args, weights, source=ckpt, config=config_file, device=device)
     test_img_loader, test_txt_loader, _ = build_dataloader(args)
     metrics = do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric)
-    logger.info(f"results of {os.path.basename(ckpt)} (epoch {epoch}) recorded in "
-                f"{write_test_metrics(ckpt, metrics, epoch=epoch, split='test')}")
+    recorded = write_test_metrics(ckpt, metrics, epoch=epoch, split="test", dataset_name=args.dataset_name,
+                                  root_dir=os.path.abspath(args.root_dir))
+    logger.info(f"results of {os.path.basename(ckpt)} (epoch {epoch}) recorded in {recorded}")
     return metrics
 
 

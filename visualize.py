@@ -1,4 +1,4 @@
-r"""Draw text-to-image retrieval results of a trained run (processor/retrieval.py, processor/test_queries.py).
+r"""Draw text-to-image retrieval results of a trained run (search/retrieval.py, search/split_queries.py).
 
 Test queries of the run's dataset (green frame = right identity, red = wrong, blue = ground truth):
     python visualize.py --config_file logs/<dataset>/<run>/configs.yaml [--query_index 0 7 ...] [--num_queries 5]
@@ -13,9 +13,10 @@ import logging
 import os
 from pathlib import Path
 
-from processor import test_queries as T
-from processor.retrieval import Retriever
-from utils.grid import draw_search_grid, save_new_png, slug, tile_size_for
+from search import split_queries as T
+from search.grid import draw_search_grid, save_new_png, slug, tile_size_for
+from search.retrieval import Retriever
+from utils.run_dir import VIS_DIR, check_writable
 
 
 def main(argv=None) -> list[Path]:
@@ -44,7 +45,12 @@ def main(argv=None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers)
-    out = Path(a.out) if a.out else r.run_dir / "vis"
+    out = Path(a.out) if a.out else r.run_dir / VIS_DIR
+    try:  # checked before the (long) encoding: the grids must have somewhere to go
+        out.mkdir(parents=True, exist_ok=True)
+        check_writable(str(out), "grids")
+    except OSError as e:
+        p.error(f"--out {out}: cannot write the grids there ({e})")
     tile, saved = tile_size_for(r.args), []
     if a.query:
         gallery = r.encode_folder(a.gallery) if a.gallery else T.encode_test_gallery(r, T.load_test_split(r.args))

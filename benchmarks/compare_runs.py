@@ -14,7 +14,6 @@ tensors, other epochs).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Dict, List, Optional, Tuple
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.checkpoint import model_state_dict, read_checkpoint  # noqa: E402
+from utils.run_dir import LAST_CHECKPOINT, METRICS_FILE, read_jsonl, resolve_run  # noqa: E402
 
 
 def split_key_biases(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
@@ -44,18 +44,18 @@ def split_key_biases(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.
 
 def run_files(path: str) -> Tuple[str, Optional[str]]:
     """A run directory or its last.pth -> (the checkpoint, metrics.jsonl beside it or None)."""
-    ckpt = os.path.join(path, "last.pth") if os.path.isdir(path) else path
-    if not os.path.isfile(ckpt):
-        raise FileNotFoundError(f"{path}: no such checkpoint (expected a run directory with last.pth, or a .pth file)")
-    metrics = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "metrics.jsonl")
+    run_dir, ckpt = resolve_run(path, LAST_CHECKPOINT, "checkpoint")
+    metrics = os.path.join(run_dir, METRICS_FILE)
     return ckpt, metrics if os.path.isfile(metrics) else None
 
 
 def read_metrics(path: Optional[str]) -> List[dict]:
     if path is None:
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records, bad = read_jsonl(path, METRICS_FILE)
+    if bad:
+        raise ValueError(f"{path}: line(s) {bad[:5]} are not JSON records")
+    return [rec for _, rec in records]
 
 
 def largest_difference(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> Tuple[float, str]:

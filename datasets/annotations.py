@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from prettytable import PrettyTable
 
-from utils.iotools import read_json
+from utils.run_dir import read_json
 
 logger = logging.getLogger("IRRA.dataset")
 
@@ -93,7 +93,7 @@ class BaseDataset:
 
     def _read_annos(self, anno_path: str) -> List[dict]:
         """Read and validate the annotation list; drop empty / whitespace-only captions (with a warning)."""
-        annos = read_json(anno_path)
+        annos = read_json(anno_path, "annotation file")  # errors name the file (and the encoding found)
         if not isinstance(annos, list):
             raise DatasetFormatError(f"{anno_path}: expected a JSON list of entries, got {type(annos).__name__}")
         required = ("split", "id", self.path_key, "captions")

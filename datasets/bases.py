@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os.path as op
 import random
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from datasets.augment import CaptionAugment
-from utils.iotools import open_image, read_image
+from datasets.check import check_image_files  # the exists level of the image check (was defined here)
+from utils.iotools import read_image
 
 logger = logging.getLogger("IRRA.dataset")
 
@@ -33,21 +32,8 @@ from utils.simple_tokenizer import SimpleTokenizer, get_tokenizer, tokenize  # n
 from datasets.annotations import (BACKTRANS_KEY, BaseDataset, DatasetFormatError, EvalSplit,  # noqa: E402,F401
                                   TrainRow)
 
-# How many missing image paths are quoted in the error message.
-MAX_MISSING_SHOWN = 5
 # Caption counts from which tokenize_all logs that it is working (CUHK-PEDES: ~20 s for 68k captions on one core).
 LOG_TOKENIZE_ABOVE = 10000
-
-
-def check_image_files(img_paths: Sequence[str], what: str = "dataset") -> None:
-    """Raise one FileNotFoundError if any image path is missing (count + the first few)."""
-    unique = list(dict.fromkeys(img_paths))
-    missing = [p for p in unique if not op.isfile(p)]
-    if missing:
-        shown = "\n  ".join(missing[:MAX_MISSING_SHOWN])
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(unique)} image files of the {what} are missing; first "
-            f"{min(len(missing), MAX_MISSING_SHOWN)}:\n  {shown}\nCheck --root_dir and the dataset's imgs/ folder.")
 
 
 def tokenize_all(captions: Sequence[str], tokenizer: SimpleTokenizer, text_length: int = 77,
@@ -176,42 +162,6 @@ class ImageDataset(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return self.image_pids[index], img
-
-
-# What opening an arbitrary image file can raise (PIL.UnidentifiedImageError is an OSError).
-UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
-
-
-class ImageFileDataset(Dataset):
-    """Image files by path -> ``(index, img)``; a file that cannot be read gives ``(index, None)`` instead of raising.
-
-    For galleries of arbitrary photos (visualize.py --gallery): the caller skips and reports the unreadable ones
-    (batch with :func:`collate_skip_unreadable`). One read attempt per file, through ``utils.iotools.open_image``.
-    """
-
-    def __init__(self, img_paths: Sequence[str], transform: Optional[Callable] = None) -> None:
-        self.img_paths = list(img_paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.img_paths)
-
-    def __getitem__(self, index: int) -> Tuple[int, Any]:
-        try:
-            img = open_image(self.img_paths[index])
-        except UNREADABLE_IMAGE_ERRORS:
-            return index, None
-        return index, self.transform(img) if self.transform is not None else img
-
-
-def collate_skip_unreadable(batch: List[Tuple[int, Optional[torch.Tensor]]]
-                            ) -> Tuple[List[int], Optional[torch.Tensor], List[int]]:
-    """Collate :class:`ImageFileDataset` items: (read indices, their images stacked [B, 3, H, W] or None, failed)."""
-    ok = [(i, x) for i, x in batch if x is not None]
-    failed = [i for i, x in batch if x is None]
-    if not ok:
-        return [], None, failed
-    return [i for i, _ in ok], torch.stack([x for _, x in ok]), failed
 
 
 class TextDataset(Dataset):

@@ -26,6 +26,7 @@ from torch.utils.data import BatchSampler, DataLoader
 
 from datasets.augment import CaptionAugment, RandomOpsPool, image_pool_ops
 from datasets.bases import BACKTRANS_KEY, ImageDataset, ImageTextDataset, ImageTextMLMDataset, TextDataset
+from datasets.check import check_dataset_images
 from datasets.cuhkpedes import CUHKPEDES
 from datasets.icfgpedes import ICFGPEDES
 from datasets.rstpreid import RSTPReid
@@ -245,7 +246,8 @@ def build_dataloader(args: argparse.Namespace, tranforms: Optional[Callable] = N
     Before any loader is built, every image of the splits used (training: train and ``args.val_dataset``; test mode:
     test) is opened once (``datasets.check.check_dataset_images``, cached by size and mtime in
     ``<dataset_dir>/.irra_image_check``): a missing, empty or unreadable file raises ``ImageCheckError`` naming
-    every such file, unless ``args.skip_image_check``.
+    every such file, unless ``args.skip_image_check``; the datasets still check that every file exists and is not
+    empty (``datasets.check.check_image_files``, ``ImageFilesMissingError``).
     """
     if dataset is None:
         dataset = build_dataset(args.dataset_name, root=args.root_dir)
@@ -253,8 +255,6 @@ def build_dataloader(args: argparse.Namespace, tranforms: Optional[Callable] = N
     if args.training:
         check_choice("val_dataset", args.val_dataset, VAL_DATASETS)
     if not args.skip_image_check:
-        from datasets.check import check_dataset_images  # here: datasets.check imports this module in its main
-
         # every image of the splits used, opened once before any loader (cached by size and mtime)
         check_dataset_images(dataset, splits=("train", args.val_dataset) if args.training else ("test",),
                              show_progress=is_main_process())

@@ -1,4 +1,10 @@
-"""Image-file checks: the pre-training check (``check_dataset_images``) and ``python -m datasets.check``.
+"""Image-file checks (a library: no command line, no import of ``datasets.build``; the report is
+``python -m tools.check_dataset``).
+
+One check, at three levels: ``exists`` (stat only: missing / not a file / zero bytes; raises
+:class:`ImageFilesMissingError`, also a ``FileNotFoundError``), ``verify`` (+ header and structure) and ``load``
+(+ every pixel); both of the latter raise :class:`ImageCheckError`. The ``exists`` level runs whenever a dataset is
+built, even under ``--skip_image_check`` (:func:`check_image_files`, also ``datasets.bases.check_image_files``).
 
 Pre-training check (called before the loaders are built)::
 
@@ -11,31 +17,22 @@ error naming every bad file (missing / zero bytes / unreadable: reason). Files t
 structure, not the pixel data: a JPEG cut short after its headers passes it; ``level="load"`` decodes every image
 (about 10x slower on the first run, the cache makes later runs free).
 
-Dataset report::
-
-    python -m datasets.check --dataset_name CUHK-PEDES --root_dir data [--text_length 77]
-
-parses the annotation, fully decodes every image, names missing / zero-byte / unreadable images (exit code 1) and
-warns about tiny images, duplicate image paths, identities in two splits; prints per-split counts, the caption
-length distribution in BPE tokens and how many captions ``--text_length`` cuts.
+Dataset report: ``python -m tools.check_dataset --dataset_name CUHK-PEDES --root_dir data`` (tools/check_dataset.py).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import os.path as op
 import stat
-import sys
-import tempfile
-from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from utils.run_dir import atomic_write, read_json
 
 logger = logging.getLogger("IRRA.dataset.check")
 
@@ -45,20 +42,17 @@ IMAGE_CHECK_FILE = "verified.json"
 CACHE_VERSION = 1
 # How many bad files an error / the report names (the rest are counted).
 MAX_BAD_SHOWN = 20
-# Images smaller than this on a side are reported as tiny (a warning).
-TINY_IMAGE_SIDE = 16
-# Caption-length histogram: number of bins and the width of the longest bar in characters.
-HIST_BINS = 10
-HIST_BAR_WIDTH = 40
 # The splits a parsed dataset has (BaseDataset.train / .test / .val).
 SPLITS = ("train", "test", "val")
 
 MISSING, ZERO_BYTES, UNREADABLE = "missing", "zero bytes", "unreadable"
-# Check levels: VERIFY reads the header and checks the file's structure, LOAD decodes every pixel.
-VERIFY, LOAD = "verify", "load"
-LEVELS = (VERIFY, LOAD)
+# Check levels: EXISTS only stats the file, VERIFY also reads the header and checks the file's structure, LOAD
+# decodes every pixel.
+EXISTS, VERIFY, LOAD = "exists", "verify", "load"
+LEVELS = (EXISTS, VERIFY, LOAD)
 
 SKIP_HINT = "pass --skip_image_check to turn this check off"
+EXISTS_HINT = "check --root_dir and the dataset's imgs/ folder (this check runs even with --skip_image_check)"
 
 
 @dataclass(frozen=True)
@@ -100,6 +94,13 @@ class ImageCheckError(ValueError):
                          f"Fix or remove these files (or their annotation entries), or {hint}.")
 
 
+class ImageFilesMissingError(ImageCheckError, FileNotFoundError):
+    """The ``exists`` level found image files that are missing, not files, or empty (no file was opened)."""
+
+    def __init__(self, problems: Sequence[ImageProblem], total: int, what: str = "dataset") -> None:
+        super().__init__(problems, total, what, EXISTS_HINT)
+
+
 def format_problems(problems: Sequence[ImageProblem], max_shown: int = MAX_BAD_SHOWN, indent: str = "  ") -> str:
     """One line per problem, at most ``max_shown`` (0: all), then ``... and N more``."""
     shown = problems if max_shown <= 0 else problems[:max_shown]
@@ -126,7 +127,7 @@ def _stat(path: str) -> Tuple[Optional[os.stat_result], Optional[ImageProblem]]:
 
 
 def _open(path: str, level: str) -> Tuple[Optional[Tuple[int, int]], Optional[ImageProblem]]:
-    """Open ``path`` with PIL at ``level``; returns ``(width, height)`` or the problem."""
+    """Open ``path`` with PIL at ``level`` (``verify`` or ``load``); returns ``(width, height)`` or the problem."""
     try:
         with Image.open(path) as img:
             size = img.size
@@ -156,6 +157,8 @@ def scan_images(paths: Iterable[str], level: str = LOAD, show_progress: bool = T
         desc: the progress bar's label.
     """
     _check_level(level)
+    if level == EXISTS:
+        raise ValueError("scan_images opens the files: level 'verify' or 'load'")
     unique = list(dict.fromkeys(paths))
     problems: List[ImageProblem] = []
     sizes: Dict[str, Tuple[int, int]] = {}
@@ -178,8 +181,7 @@ def _cache_key(path: str) -> str:
 def _read_cache(cache_file: str) -> Dict[str, list]:
     """``{abspath: [size, mtime_ns, level]}`` from ``cache_file``; anything unreadable is an empty cache."""
     try:
-        with open(cache_file, "r", encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(cache_file, "image check cache")
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:
@@ -193,23 +195,11 @@ def _read_cache(cache_file: str) -> Dict[str, list]:
 
 def _write_cache(cache_file: str, files: Dict[str, list]) -> None:
     """Write the cache atomically (temp file + rename); a folder that is not writable only logs at debug level."""
-    cache_dir = op.dirname(cache_file)
-    tmp = None
     try:
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=IMAGE_CHECK_FILE + ".", suffix=".tmp", dir=cache_dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": CACHE_VERSION, "files": files}, f, separators=(",", ":"))
-        os.replace(tmp, cache_file)
-        tmp = None
+        os.makedirs(op.dirname(cache_file), exist_ok=True)
+        atomic_write(cache_file, json.dumps({"version": CACHE_VERSION, "files": files}, separators=(",", ":")))
     except OSError as err:
         logger.debug("image check cache not written to '%s': %s", cache_file, err)
-    finally:
-        if tmp is not None:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
 
 
 def _cache_hit(entry: Optional[list], st: os.stat_result, level: str) -> bool:
@@ -230,18 +220,25 @@ def verify_images(paths: Iterable[str], cache_dir: Optional[str] = None, show_pr
             the same size and mtime as recorded is not opened again. ``None``: no cache. A folder that cannot be
             created or written is skipped (debug log).
         show_progress: show a tqdm progress bar over the files that are opened.
-        level: ``"verify"`` (header + ``Image.verify()``; misses JPEGs cut short after their headers) or ``"load"``
-            (decode every pixel). A file cached at ``"load"`` counts for ``"verify"``, not the reverse.
+        level: ``"exists"`` (stat only, no file opened, no cache), ``"verify"`` (header + ``Image.verify()``; misses
+            JPEGs cut short after their headers) or ``"load"`` (decode every pixel). A file cached at ``"load"``
+            counts for ``"verify"``, not the reverse.
         what: names the file set in the error ("train set", "CUHK-PEDES train/test/val", ...).
 
     Returns:
         ``ImageCheckSummary(total, opened, cached)``.
 
     Raises:
-        ImageCheckError: naming every bad file (the first ``MAX_BAD_SHOWN``, then a count) with what is wrong.
+        ImageCheckError: naming every bad file (the first ``MAX_BAD_SHOWN``, then a count) with what is wrong;
+            :class:`ImageFilesMissingError` at the ``exists`` level.
     """
     _check_level(level)
     unique = list(dict.fromkeys(paths))
+    if level == EXISTS:
+        problems_found = [p for p in (_stat(path)[1] for path in unique) if p is not None]
+        if problems_found:
+            raise ImageFilesMissingError(problems_found, len(unique), what)
+        return ImageCheckSummary(len(unique), 0, 0)
     cache_file = op.join(cache_dir, IMAGE_CHECK_FILE) if cache_dir else None
     cache = _read_cache(cache_file) if cache_file else {}
     problems: Dict[str, ImageProblem] = {}
@@ -271,6 +268,13 @@ def verify_images(paths: Iterable[str], cache_dir: Optional[str] = None, show_pr
     logger.info("image check (%s): %d files, %d opened, %d unchanged since their last check", what, len(unique),
                 len(to_open), n_cached)
     return ImageCheckSummary(len(unique), len(to_open), n_cached)
+
+
+def check_image_files(img_paths: Sequence[str], what: str = "dataset") -> None:
+    """The ``exists`` level of the image check (stat only, every file named): raise one
+    :class:`ImageFilesMissingError` (a ``FileNotFoundError``) if an image file is missing, not a file or empty.
+    Runs whenever a dataset is built, even under ``--skip_image_check``."""
+    verify_images(img_paths, show_progress=False, level=EXISTS, what=what)
 
 
 def split_image_paths(dataset, split: str) -> List[str]:
@@ -310,146 +314,3 @@ def check_dataset_images(dataset, splits: Sequence[str] = SPLITS, cache_dir: Opt
     name = dataset.display_name or type(dataset).__name__
     return verify_images(paths, cache_dir=cache_dir if cache_dir is not None else dataset_cache_dir(dataset),
                          show_progress=show_progress, level=level, what=f"{name} {'/'.join(splits)}")
-
-
-# ---------------------------------------------------------------------------------------------------- report
-EXIT_OK, EXIT_BAD_IMAGES, EXIT_BAD_DATASET = 0, 1, 2
-
-
-def caption_token_lengths(captions: Sequence[str], show_progress: bool = True) -> List[int]:
-    """Length in BPE tokens of each caption, SOT and EOT included (what ``tokenize`` fills before cutting)."""
-    from utils.simple_tokenizer import get_tokenizer
-
-    tokenizer = get_tokenizer()
-    lengths: Dict[str, int] = {}
-    for c in tqdm(list(dict.fromkeys(captions)), desc="Tokenizing captions", disable=not show_progress, leave=False):
-        lengths[c] = len(tokenizer.encode(c)) + 2  # + SOT + EOT
-    return [lengths[c] for c in captions]
-
-
-def length_histogram(lengths: Sequence[int], bins: int = HIST_BINS, bar_width: int = HIST_BAR_WIDTH) -> List[str]:
-    """Text histogram of integer lengths: at most ``bins`` equal integer ranges, ``lo-hi | ### count``."""
-    lo, hi = min(lengths), max(lengths)
-    step = -(-(hi - lo + 1) // bins)  # ceil: every bin covers the same number of integer lengths
-    counts = Counter((n - lo) // step for n in lengths)
-    n_bins = (hi - lo) // step + 1
-    top = max(counts.values())
-    label_w = len(f"{lo + (n_bins - 1) * step}-{lo + n_bins * step - 1}")
-    lines = []
-    for b in range(n_bins):
-        start, end = lo + b * step, lo + (b + 1) * step - 1
-        label = str(start) if step == 1 else f"{start}-{end}"
-        bar = "#" * int(round(bar_width * counts.get(b, 0) / top))
-        lines.append(f"{label:>{label_w}} | {bar} {counts.get(b, 0)}")
-    return lines
-
-
-def _entries(dataset, split: str) -> Tuple[List[int], List[str], List[str]]:
-    """Raw annotation ids (one per image), image paths and captions of a split."""
-    if split == "train":
-        offset = dataset.train_pid_offset
-        by_image = {image_id: (pid + offset, path) for pid, image_id, path, _ in dataset.train}
-        return ([pid for pid, _ in by_image.values()], [path for _, path in by_image.values()],
-                [row[3] for row in dataset.train])
-    d = getattr(dataset, split)
-    return list(d["image_pids"]), list(d["img_paths"]), list(d["captions"])
-
-
-def _print_list(items: Sequence[str], max_shown: int, indent: str = "    ") -> None:
-    shown = items if max_shown <= 0 else items[:max_shown]
-    for item in shown:
-        print(indent + item)
-    if len(items) > len(shown):
-        print(f"{indent}... and {len(items) - len(shown)} more")
-
-
-def report(dataset, text_length: int = 77, max_shown: int = MAX_BAD_SHOWN, show_progress: bool = True) -> int:
-    """Print the dataset report (see the module docstring) for a parsed dataset; returns the exit code."""
-    splits = {s: _entries(dataset, s) for s in SPLITS}
-
-    print("Splits:")
-    for s, (ids, paths, captions) in splits.items():
-        print(f"  {s}: {len(set(ids))} ids, {len(paths)} images, {len(captions)} captions")
-
-    all_paths = [p for _, paths, _ in splits.values() for p in paths]
-    scan = scan_images(all_paths, level=LOAD, show_progress=show_progress)
-    n_unique = len(dict.fromkeys(all_paths))
-    print(f"Images: {n_unique} files")
-    if scan.problems:
-        print(f"  ERROR: {len(scan.problems)} image files are missing, empty or unreadable:")
-        _print_list([p.describe() for p in scan.problems], max_shown)
-    tiny = [f"{p}: {w}x{h}" for p, (w, h) in scan.sizes.items() if w < TINY_IMAGE_SIDE or h < TINY_IMAGE_SIDE]
-    if tiny:
-        print(f"  WARNING: {len(tiny)} images are tiny (under {TINY_IMAGE_SIDE} px on a side, width x height):")
-        _print_list(tiny, max_shown)
-
-    for s, (_, paths, _) in splits.items():
-        dup = [f"{p} ({n} times)" for p, n in Counter(paths).items() if n > 1]
-        if dup:
-            print(f"  WARNING: {len(dup)} image paths are listed more than once in {s}:")
-            _print_list(dup, max_shown)
-    where_path: Dict[str, List[str]] = {}
-    where_id: Dict[int, List[str]] = {}
-    for s, (ids, paths, _) in splits.items():
-        for p in dict.fromkeys(paths):
-            where_path.setdefault(p, []).append(s)
-        for i in dict.fromkeys(ids):
-            where_id.setdefault(i, []).append(s)
-    cross_paths = [f"{p} ({', '.join(ss)})" for p, ss in where_path.items() if len(ss) > 1]
-    if cross_paths:
-        print(f"  WARNING: {len(cross_paths)} image paths are in more than one split:")
-        _print_list(cross_paths, max_shown)
-    cross_ids = [f"id {i} ({', '.join(ss)})" for i, ss in where_id.items() if len(ss) > 1]
-    if cross_ids:
-        print(f"  WARNING: {len(cross_ids)} identities (annotation ids) are in more than one split:")
-        _print_list(cross_ids, max_shown)
-
-    all_captions = [c for _, _, captions in splits.values() for c in captions]
-    if all_captions:
-        lengths = caption_token_lengths(all_captions, show_progress=show_progress)
-        arr = np.asarray(lengths)
-        print(f"Caption lengths in BPE tokens (with SOT/EOT), {len(lengths)} captions:")
-        print(f"  min {arr.min()}  median {np.median(arr):g}  p95 {np.percentile(arr, 95):g}  max {arr.max()}")
-        for line in length_histogram(lengths):
-            print("  " + line)
-        per_split, start = [], 0
-        for s, (_, _, captions) in splits.items():
-            per_split.append(f"{s} {int((arr[start:start + len(captions)] > text_length).sum())}")
-            start += len(captions)
-        print(f"  --text_length {text_length} cuts {int((arr > text_length).sum())} of {len(lengths)} captions "
-              f"({', '.join(per_split)})")
-
-    if scan.problems:
-        print(f"FAILED: {len(scan.problems)} of {n_unique} image files cannot be read.")
-        return EXIT_BAD_IMAGES
-    print("OK")
-    return EXIT_OK
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m datasets.check``: parse a dataset and print the report; returns the exit code
-    (0 fine or warnings only, 1 missing / empty / unreadable images, 2 the dataset cannot be parsed)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m datasets.check",
-        description="Check a text-to-person dataset: annotation, every image file, duplicates, caption lengths.")
-    parser.add_argument("--dataset_name", default="CUHK-PEDES", help="[CUHK-PEDES, ICFG-PEDES, RSTPReid, SynthPEDES]")
-    parser.add_argument("--root_dir", default="./data", help="folder that holds the dataset folder")
-    parser.add_argument("--text_length", type=int, default=77, help="report how many captions this length cuts")
-    parser.add_argument("--max_shown", type=int, default=MAX_BAD_SHOWN, help="files listed per finding (0: all)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-
-    from datasets.build import build_dataset  # here: datasets.build may import this module
-
-    try:
-        dataset = build_dataset(args.dataset_name, root=args.root_dir, verbose=False)
-    except (OSError, ValueError) as err:  # FileNotFoundError, DatasetFormatError, malformed json, unknown name
-        print(f"error: cannot parse {args.dataset_name} under '{args.root_dir}':\n{err}", file=sys.stderr)
-        return EXIT_BAD_DATASET
-    print(f"{args.dataset_name}: {dataset.anno_path}")
-    return report(dataset, text_length=args.text_length, max_shown=args.max_shown,
-                  show_progress=not args.no_progress)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from datasets.cuhkpedes import CUHKPEDES
+from utils.run_dir import read_json
 
 logger = logging.getLogger("IRRA.dataset")
 
@@ -348,9 +349,8 @@ def _write_dataset(out_dir: str, params: dict, show_progress: bool = True) -> No
 
 def _read_meta(dataset_dir: str) -> Optional[dict]:
     try:
-        with open(op.join(dataset_dir, META_FILE), "r", encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+        return read_json(op.join(dataset_dir, META_FILE), META_FILE)
+    except (OSError, ValueError):
         return None
 
 

@@ -27,7 +27,8 @@ from utils.choices import PRECISIONS as VALID_PRECISIONS
 from utils.choices import parse_loss_names
 from utils.checkpoint import count_by_module, load_matching_state_dict, load_state_dict, summarize_names
 from utils.comm import all_reduce_sum, gather_with_grad, get_world_size, resolve_device, scale_grad
-from utils.iotools import CONFIG_FILE_NAME, load_train_configs
+from utils.iotools import load_train_configs
+from utils.run_dir import CONFIG_FILE
 
 logger = logging.getLogger("IRRA.model.build")
 
@@ -300,7 +301,7 @@ def trained_image_grid(path: str, pos: ImagePositions) -> Optional[Tuple[int, in
     """The (rows, cols) image grid that checkpoint ``path`` was trained on, from the img_size / stride_size of the
     configs.yaml next to it (written by our runs and the original's) when that grid has the checkpoint's
     ``pos.count`` positions; None (with a warning when the file is there but does not fit) otherwise."""
-    cfg_file = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE_NAME)
+    cfg_file = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE)
     if not os.path.isfile(cfg_file):
         return None
     try:

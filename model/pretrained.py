@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.checkpoint import CheckpointReadError, read_model_state_dict, strip_prefix_if_present, torch_load
+from utils.run_dir import atomic_write
 
 logger = logging.getLogger("IRRA.model.pretrained")
 
@@ -145,10 +146,9 @@ def _download(url: str, root: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> str:
 
     from tqdm import tqdm
 
-    tmp = download_target + ".part"
-    try:
-        os.makedirs(root, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=timeout) as source, open(tmp, "wb") as output:
+    def fetch(output) -> None:  # streamed into atomic_write's temporary file, hashed on the way
+        h = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=timeout) as source:
             total = source.info().get("Content-Length")
             with tqdm(total=int(total) if total else None, ncols=80, unit="iB", unit_scale=True,
                       desc=filename) as loop:
@@ -157,20 +157,27 @@ def _download(url: str, root: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> str:
                     if not buffer:
                         break
                     output.write(buffer)
+                    h.update(buffer)
                     loop.update(len(buffer))
+        if h.hexdigest() != expected_sha256:
+            raise _ChecksumError(
+                f"downloaded {url} but its SHA256 {h.hexdigest()} does not match the expected {expected_sha256}")
+
+    try:
+        os.makedirs(root, exist_ok=True)
+        atomic_write(download_target, fetch, binary=True)  # nothing is left behind on any failure
+    except _ChecksumError as e:
+        raise RuntimeError(str(e)) from None
     except (urllib.error.URLError, OSError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise FileNotFoundError(
             f"CLIP weights not found at {download_target} and the download failed ({e}). Without network access, "
             f"fetch {url} by hand and place it at {download_target} (or pass the file path as --pretrain_choice)."
         ) from None
-    got = _sha256(tmp)
-    if got != expected_sha256:
-        os.remove(tmp)
-        raise RuntimeError(f"downloaded {url} but its SHA256 {got} does not match the expected {expected_sha256}")
-    os.replace(tmp, download_target)
     return download_target
+
+
+class _ChecksumError(Exception):
+    """A downloaded file whose SHA256 is not the one in its URL (raised inside the write, so none is kept)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,10 +13,8 @@ What changed from the original, behaviour otherwise identical:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 import time
 from typing import Dict, Optional, Tuple
 
@@ -27,6 +25,7 @@ from processor.setup import set_seed
 from utils.comm import get_rank, get_world_size, is_main_process, reduce_dict, unwrap_model
 from utils.meter import AverageMeter
 from utils.metrics import Evaluator
+from utils.run_dir import append_metrics, drop_metrics_from
 
 # Offsets that separate the per-epoch seeds of different epochs and ranks.
 EPOCH_SEED_STRIDE = 1000
@@ -123,8 +122,7 @@ def evaluate_and_checkpoint(args, model, evaluator: Evaluator, checkpointer, epo
     metrics = evaluator.eval(unwrap_model(model).eval(), i2t_metric=args.i2t_metric)
     model.train()
     if is_main_process():
-        _append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"),
-                      {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
+        append_metrics(args.output_dir, {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
         if tb_writer is not None:
             for k, v in metrics.items():
                 tb_writer.add_scalar(f"val/{k}", float(v), epoch)
@@ -155,7 +153,7 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
     last_epoch = min(args.num_epoch, args.stop_epoch or args.num_epoch)
     logger.info("start training")
     if is_main_process():
-        _drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), start_epoch)  # epochs redone on resume
+        drop_metrics_from(args.output_dir, start_epoch)  # epochs redone on resume
         if tb_writer is None:
             from torch.utils.tensorboard import SummaryWriter
             tb_writer = SummaryWriter(log_dir=args.output_dir)
@@ -199,25 +197,6 @@ def _log_epoch(epoch: int, meters: Dict[str, AverageMeter], ret: Dict[str, torch
     logger.info(f"Epoch {epoch} done. Time per batch: {elapsed / num_batches:.3f}[s] "
                 f"Speed: {num_samples * get_world_size() / elapsed:.1f}[samples/s] Lr: {lr:.2e} "
                 + ", ".join(f"{k}: {m.avg:.4f}" for k, m in meters.items()))
-
-
-def _append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _drop_metrics_from(path: str, epoch: int) -> None:
-    """Remove the records of ``epoch`` and later from ``metrics.jsonl`` (a resumed run evaluates them again)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) < epoch]
-    if len(kept) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
 
 
 __all__ = ["do_train", "do_inference", "train_one_epoch", "evaluate_and_checkpoint", "autocast_context"]

@@ -24,9 +24,8 @@ from utils.iotools import save_train_configs
 from utils.logger import setup_logger
 from utils.metrics import Evaluator
 from utils.options import warn_config_changes
+from utils.run_dir import CONFIG_FILE, SETUP_FILES, RunLock
 
-# Files a run directory holds right after it was made; a setup failure with nothing else written removes it.
-SETUP_FILES = ("configs.yaml", "train_log.txt")
 
 
 def set_seed(seed: int) -> None:
@@ -102,6 +101,7 @@ class TrainingParts:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     checkpointer: Checkpointer
+    run_lock: RunLock = RunLock(None)  # held by rank 0 while it trains in the run directory (release when done)
     start_epoch: int = 1
     best_top1: float = 0.0
     best_epoch: Optional[int] = None
@@ -111,18 +111,30 @@ class TrainingParts:
 def build_training(args) -> TrainingParts:
     """Join the process group, make the run directory, log and save the options, build data, model, optimizer,
     scheduler, checkpointer and evaluator, and resume when asked. A failure before training starts removes the new
-    run directory (the error stays on the console)."""
+    run directory (the error stays on the console).
+
+    Rank 0 takes the run directory's lock (``utils.run_dir.RunLock``) before it writes anything there: a second
+    process training or resuming in the same run stops at once (``RunLockedError``). The returned parts hold it in
+    ``run_lock``; release it when training ends (``with parts.run_lock:``), or the process's end does."""
     device = init_distributed(args.device)
     args.distributed = get_world_size() > 1
     set_seed(args.seed + get_rank())
     args.output_dir = make_run_dir(args)
-    logger = setup_logger("IRRA", save_dir=args.output_dir, if_train=True, distributed_rank=get_rank())
+    lock = RunLock(args.output_dir if is_main_process() else None).acquire()
     try:
-        return _build(args, device, logger)
+        logger = setup_logger("IRRA", save_dir=args.output_dir, if_train=True, distributed_rank=get_rank())
     except BaseException:
+        lock.release()
+        raise
+    try:
+        parts = _build(args, device, logger)
+    except BaseException:
+        lock.release()
         if not args.resume:
             remove_failed_run_dir(args.output_dir, logger)
         raise
+    parts.run_lock = lock
+    return parts
 
 
 def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
@@ -130,7 +142,7 @@ def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
     logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     if is_main_process():
         if args.resume:
-            warn_config_changes(args, os.path.join(args.output_dir, "configs.yaml"), logger)
+            warn_config_changes(args, os.path.join(args.output_dir, CONFIG_FILE), logger)
         else:
             save_train_configs(args.output_dir, args)
 

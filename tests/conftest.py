@@ -1,11 +1,20 @@
-"""Shared fixtures: a tiny generated dataset in the CUHK-PEDES layout and tiny training options."""
+"""Shared fixtures and helpers: a tiny generated dataset in the CUHK-PEDES layout, tiny training options, a batch
+of made-up inputs, and test.py loaded as a module."""
 import contextlib
+import importlib.util
 import logging
 import os
 
 import pytest
+import torch
 
 from datasets.synthpedes import _write_dataset, synth_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# test.py is loaded by path: "test" is also the name of a package of the standard library.
+_spec = importlib.util.spec_from_file_location("irra_test_script", os.path.join(REPO, "test.py"))
+test_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(test_script)
 
 TINY_SYNTH = dict(num_train_ids=8, num_val_ids=2, num_test_ids=4, images_per_id=2, img_height=64, img_width=32, seed=3)
 
@@ -55,3 +64,24 @@ def _reset_irra_logger():
         h.close()
     lg.propagate = True
     lg.setLevel(logging.NOTSET)
+
+
+def make_batch(bs=4, length=77, img=(64, 32), seed=0, varied=False):
+    """A training batch of random images and made-up captions (SOT, random BPE ids, EOT) for IRRA.forward.
+
+    ``varied=False``: captions of 5 + 3i tokens, word 2 masked. ``varied=True``: captions of 6 + 4i tokens (so a fast
+    path cuts them), 1-2 masked words each at different positions (so the last cross-modal block computes a prefix of
+    the queries)."""
+    g = torch.Generator().manual_seed(seed)
+    caps = torch.zeros(bs, length, dtype=torch.long)
+    labels = torch.zeros_like(caps)
+    for i in range(bs):
+        n = 6 + 4 * i if varied else 5 + 3 * i
+        caps[i, 0] = 49406
+        caps[i, 1:n] = torch.randint(1, 49000, (n - 1,), generator=g)
+        caps[i, n] = 49407
+        for p in ({2, 1 + 3 * i} if varied else {2}):
+            labels[i, p] = caps[i, p]
+    mlm_ids = torch.where(labels != 0, torch.full_like(caps, 49405), caps)
+    return dict(images=torch.randn(bs, 3, *img, generator=g), caption_ids=caps, pids=torch.tensor([0, 0, 1, 3])[:bs],
+                image_ids=torch.arange(bs), mlm_ids=mlm_ids, mlm_labels=labels)

@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -243,11 +245,16 @@ def test_a_corrupt_image_stops_build_dataloader_unless_skipped(tiny_copy, tmp_pa
     args.training = True
     train_loader, img_loader, _, _ = dbuild.build_dataloader(args)
     assert opened == [] and bad in img_loader.dataset.img_paths  # not checked: the loaders are built as before
+    # the exists level of the same check still runs under --skip_image_check, with its own error type
+    os.remove(bad)
+    with pytest.raises(dcheck.ImageFilesMissingError, match=rf"{re.escape(bad)}: missing") as err:
+        dbuild.build_dataloader(args)
+    assert isinstance(err.value, FileNotFoundError) and opened == []
 
 
 def test_progress_bar_on_rank_0_only(tiny_copy, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(dcheck, "check_dataset_images", lambda dataset, **kw: calls.append(kw))
+    monkeypatch.setattr(dbuild, "check_dataset_images", lambda dataset, **kw: calls.append(kw))
     args = get_args(tiny_train_argv(tiny_copy, str(tmp_path / "logs")))
     dbuild.build_dataloader(args)
     monkeypatch.setattr(dbuild, "is_main_process", lambda: False)
@@ -312,14 +319,26 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ 8./9. leftovers
 def test_a_stale_tmp_of_a_killed_save_is_removed(tmp_path):
+    """Temporary files are named .<file>.<pid>.<random>.tmp: those of a writer that is gone are removed by the next
+    save of the same file; a live writer's are never touched."""
     model = tiny_ckpt_model()
     ck = Checkpointer(model, save_dir=str(tmp_path))
-    for stale in (".last.k1ll3d.tmp", ".best.other.tmp"):
-        (tmp_path / stale).write_bytes(b"half a checkpoint")
-    ck.save("last", epoch=1)
-    assert sorted(os.listdir(tmp_path)) == [".best.other.tmp", "last.pth"]  # only last's leftovers are its own
-    ck.save("best", epoch=1)
-    assert sorted(os.listdir(tmp_path)) == ["best.pth", "last.pth"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is no live process now
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for stale in (f".last.pth.{dead.pid}.k1ll3d.tmp", f".best.pth.{dead.pid}.other.tmp",
+                      f".last.pth.{live.pid}.writing.tmp"):
+            (tmp_path / stale).write_bytes(b"half a checkpoint")
+        ck.save("last", epoch=1)
+        # only last's leftovers are its own, and the live writer's file stays
+        assert sorted(os.listdir(tmp_path)) == [f".best.pth.{dead.pid}.other.tmp",
+                                                f".last.pth.{live.pid}.writing.tmp", "last.pth"]
+        ck.save("best", epoch=1)
+        assert sorted(os.listdir(tmp_path)) == [f".last.pth.{live.pid}.writing.tmp", "best.pth", "last.pth"]
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_checkpoints_get_the_mode_of_the_other_run_files(tmp_path):

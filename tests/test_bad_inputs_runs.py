@@ -4,10 +4,12 @@ an error naming the input, and nothing already written (checkpoints, metrics.jso
 One run stopped after epoch 1 (``--stop_epoch 1``) is shared; tests that resume it work on a copy.
 """
 import hashlib
-import importlib.util
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -20,14 +22,10 @@ from datasets import check as dcheck
 from datasets.build import build_dataset
 from model.build import IRRA
 from processor import processor as proc
-from processor.retrieval import Retriever
-from tests.conftest import tiny_train_argv
+from search.retrieval import Retriever
+from tests.conftest import REPO, test_script, tiny_train_argv
+from utils.run_dir import RunLock, RunLockedError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# test.py is loaded by path: "test" is also the name of a package of the standard library.
-_spec = importlib.util.spec_from_file_location("irra_test_script", os.path.join(REPO, "test.py"))
-test_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(test_script)
 
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 
@@ -87,14 +85,26 @@ def test_nan_features_stop_the_run_and_keep_the_checkpoints(base_run, tiny_cuhk_
     assert all(torch.equal(best_after["model"][k], v) for k, v in best_before.items())
 
 
+def test_test_script_checks_it_can_record_before_evaluating(base_run, tmp_path, monkeypatch):
+    """A test_metrics.json that cannot be kept stops test.py before any data is read or evaluated."""
+    run = copy_run(base_run, tmp_path / "run")
+    with open(os.path.join(run, "test_metrics.json"), "w") as f:
+        f.write("{broken")
+    monkeypatch.setattr(test_script, "build_dataloader", lambda *a, **k: pytest.fail("evaluated before the check"))
+    with pytest.raises(ValueError, match=r"test_metrics\.json: cannot read it .*left unchanged"):
+        test_script.main(["--config_file", run, "--device", "cpu"])
+    assert open(os.path.join(run, "test_metrics.json")).read() == "{broken"
+
+
 # ------------------------------------------------------------------------------------------------ 8. resume metrics
 def test_resume_does_not_list_an_epoch_twice(base_run, tiny_cuhk_root, tmp_path):
-    """Killed after epoch 2's evaluation but before its last.pth: the resumed run evaluates epoch 2 again and
-    metrics.jsonl lists it once (the new record)."""
+    """Killed after epoch 2's evaluation but before its last.pth, and during a second append (a cut last line): the
+    resumed run evaluates epoch 2 again and metrics.jsonl lists it once (the new record); the cut line is dropped."""
     run = copy_run(base_run, tmp_path / "logs" / "CUHK-PEDES" / "run")
     first_line = open(os.path.join(run, "metrics.jsonl")).readline()
     with open(os.path.join(run, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"epoch": 2, **{k: -1.0 for k in METRIC_KEYS}}) + "\n")
+        f.write('{"epoch": 2, "R1": 1')
     train.main(resume_argv(tiny_cuhk_root, run))
     lines = open(os.path.join(run, "metrics.jsonl")).readlines()
     assert lines[0] == first_line
@@ -250,3 +260,34 @@ def test_checkpoints_have_the_mode_of_the_run_files(base_run):
     want = os.stat(os.path.join(base_run, "configs.yaml")).st_mode & 0o777
     for name in ("best.pth", "last.pth", "metrics.jsonl"):
         assert os.stat(os.path.join(base_run, name)).st_mode & 0o777 == want, name
+
+
+# ------------------------------------------------------------------------------------------- one writer per run
+LOCK_HOLDER = """
+import sys, time
+from utils.run_dir import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_writer_stops_at_once_and_a_killed_one_does_not_block(base_run, tiny_cuhk_root, tmp_path):
+    """Two real processes: while one holds the run's lock, a resume in the same run stops before writing anything,
+    naming the run and the holder's pid; once the holder is killed with SIGKILL, the resume runs."""
+    run = copy_run(base_run, tmp_path / "logs" / "CUHK-PEDES" / "run")
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, run], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = {f: open(os.path.join(run, f), "rb").read() for f in ("metrics.jsonl", "train_log.txt", "last.pth")}
+        with pytest.raises(RunLockedError, match=rf"{re.escape(run)} is in use: another process \(pid {holder.pid} "
+                                                 rf"on .*\) trains in it"):
+            train.main(resume_argv(tiny_cuhk_root, run))
+        assert {f: open(os.path.join(run, f), "rb").read() for f in before} == before  # nothing written
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock
+        holder.wait()
+    res = train.main(resume_argv(tiny_cuhk_root, run))
+    assert res["run_dir"] == run and [m["epoch"] for m in read_metrics(run)] == [1, 2]
+    with RunLock(run):  # released when training ended: the same process can take it again
+        pass

@@ -7,6 +7,7 @@ from utils.options import default_args
 import torch
 
 from model.build import VALID_LOSSES, build_model, parse_loss_names
+from tests.conftest import make_batch
 
 NUM_CLASSES = 4
 
@@ -18,22 +19,6 @@ def make_args(**over):
                   grad_checkpointing=False)
     fields.update(over)
     return default_args(**fields)
-
-
-def make_batch(bs=4, length=77, img=(64, 32), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    caps = torch.zeros(bs, length, dtype=torch.long)
-    for i in range(bs):
-        n = 5 + 3 * i
-        caps[i, 0] = 49406
-        caps[i, 1:n] = torch.randint(1, 49000, (n - 1,), generator=g)
-        caps[i, n] = 49407
-    labels = torch.zeros_like(caps)
-    labels[:, 2] = caps[:, 2]
-    mlm_ids = caps.clone()
-    mlm_ids[:, 2] = 49405
-    return dict(images=torch.randn(bs, 3, *img, generator=g), caption_ids=caps,
-                pids=torch.tensor([0, 0, 1, 3])[:bs], image_ids=torch.arange(bs), mlm_ids=mlm_ids, mlm_labels=labels)
 
 
 def _train_step_grads(model, batch):

@@ -1,4 +1,4 @@
-"""datasets/check.py: the pre-training image check (errors, cache) and the ``python -m datasets.check`` report."""
+"""datasets/check.py: the pre-training image check (errors, cache); tools/check_dataset.py: the dataset report."""
 import json
 import os
 import os.path as op
@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from datasets import check as dcheck
+from tools import check_dataset as tcheck
 from datasets.build import build_dataset
 from datasets.check import ImageCheckError, check_dataset_images, verify_images
 
@@ -168,13 +169,13 @@ def test_a_verify_level_cache_does_not_stand_for_a_full_load(tmp_path):
     assert verify_images([cut], level="verify", show_progress=False).opened == 1
     with pytest.raises(ImageCheckError, match="truncated"):
         verify_images([cut], level="load", show_progress=False)
-    with pytest.raises(ValueError, match=r"'decode'.*\['verify', 'load'\]"):
+    with pytest.raises(ValueError, match=r"'decode'.*\['exists', 'verify', 'load'\]"):
         verify_images([good], level="decode")
 
 
 # ---------------------------------------------------------------------------------------------------- the report
 def run(root, capsys, *extra):
-    code = dcheck.main(["--dataset_name", "CUHK-PEDES", "--root_dir", root, "--no_progress", *extra])
+    code = tcheck.main(["--dataset_name", "CUHK-PEDES", "--root_dir", root, "--no_progress", *extra])
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -200,7 +201,7 @@ def test_report_names_missing_zero_byte_and_corrupt_files(root, capsys):
     with open(corrupt, "r+b") as f:
         f.truncate(os.path.getsize(corrupt) // 2)
     code, out, _ = run(root, capsys)
-    assert code == dcheck.EXIT_BAD_IMAGES
+    assert code == tcheck.EXIT_BAD_IMAGES
     lines = out.splitlines()
     assert f"    {missing}: missing" in lines
     assert f"    {empty}: zero bytes" in lines
@@ -267,8 +268,8 @@ def test_report_shows_parser_errors_cleanly(root, capsys):
     del data[2]["captions"]
     write_annos(root, data)
     code, out, err = run(root, capsys)
-    assert code == dcheck.EXIT_BAD_DATASET
+    assert code == tcheck.EXIT_BAD_DATASET
     assert "entry 2: missing key 'captions'" in err
     assert "Traceback" not in err and "Splits:" not in out
     code, _, err = run(str(op.join(root, "nowhere")), capsys)
-    assert code == dcheck.EXIT_BAD_DATASET and "is not available" in err
+    assert code == tcheck.EXIT_BAD_DATASET and "is not available" in err

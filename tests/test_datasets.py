@@ -3,6 +3,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import os.path as op
 
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 from datasets import build as dbuild
 from datasets.bases import DatasetFormatError, ImageDataset, ImageTextDataset, ImageTextMLMDataset, TextDataset, tokenize
 from datasets.build import build_dataloader, build_dataset, build_transforms, collate
+from datasets.check import ImageFilesMissingError
 from datasets.cuhkpedes import CUHKPEDES
 from datasets.icfgpedes import ICFGPEDES
 from datasets.rstpreid import RSTPReid
@@ -110,6 +112,19 @@ def test_missing_folder_prints_tree_and_source(tmp_path, name, url):
     msg = str(e.value)
     assert f"dataset folder '{op.join(tmp_path, name)}' is not available" in msg
     assert url in msg and "imgs/" in msg and FIX["annotations"][name]["file"] in msg
+
+
+@pytest.mark.parametrize("encoding, found", [("utf-16", "UTF-16 LE (byte order mark FF FE)"),
+                                             ("latin-1", "Latin-1 / Windows-1252")])
+def test_annotation_in_another_encoding_names_the_file_and_the_encoding(tmp_path, encoding, found):
+    d = write_dataset(tmp_path, "RSTPReid")
+    anno = op.join(d, FIX["annotations"]["RSTPReid"]["file"])
+    data = json.loads(json.dumps(FIX["annotations"]["RSTPReid"]["data"]))  # a copy
+    data[0]["captions"][0] = "A woman in a café-coloured coat."
+    with open(anno, "w", encoding=encoding) as f:
+        json.dump(data, f, ensure_ascii=False)
+    with pytest.raises(ValueError, match=rf"{re.escape(anno)}: the annotation file is .*{re.escape(found)}"):
+        RSTPReid(root=str(tmp_path), verbose=False)
 
 
 def test_missing_annotation_and_imgs(tmp_path):
@@ -260,10 +275,11 @@ def test_missing_images_reported_when_dataset_built(tmp_path):
     write_dataset(tmp_path, "CUHK-PEDES")  # empty imgs/
     ds = CUHKPEDES(root=str(tmp_path), verbose=False)
     n_imgs = len({r[2] for r in ds.train})
-    with pytest.raises(FileNotFoundError, match=rf"{n_imgs} of {n_imgs} image files of the train set are missing; "
-                                                r"first 5:\n  .*0004001.png"):
+    with pytest.raises(FileNotFoundError, match=rf"{n_imgs} of {n_imgs} image files of the train set cannot be read:"
+                                                r"\n  .*0004001.png: missing\n") as err:
         ImageTextDataset(ds.train)
-    with pytest.raises(FileNotFoundError, match=r"of the evaluation set are missing"):
+    assert isinstance(err.value, ImageFilesMissingError) and "runs even with --skip_image_check" in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"of the evaluation set cannot be read"):
         ImageDataset(ds.test["image_pids"], ds.test["img_paths"])
 
 

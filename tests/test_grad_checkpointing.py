@@ -9,6 +9,7 @@ import torch
 from model.build import build_model
 from model.clip_model import ResidualAttentionBlock, Transformer
 from utils.options import get_args
+from tests.conftest import make_batch
 
 NUM_CLASSES = 4
 LOSS_KEYS = ("sdm_loss", "id_loss", "mlm_loss")
@@ -17,24 +18,6 @@ LOSS_KEYS = ("sdm_loss", "id_loss", "mlm_loss")
 def tiny_args(*extra: str):
     return get_args(["--pretrain_choice", "scratch:ViT-Micro", "--img_size", "64", "32", "--loss_names", "sdm+mlm+id",
                      "--cmt_depth", "2", "--precision", "fp32", "--device", "cpu", *extra])
-
-
-def make_batch(bs=4, length=77, img=(64, 32), seed=0):
-    """Captions of different lengths (so the fast path cuts them), 1-2 masked words each at different positions
-    (so the fast path's last cross-modal block computes a prefix of the queries)."""
-    g = torch.Generator().manual_seed(seed)
-    caps = torch.zeros(bs, length, dtype=torch.long)
-    labels = torch.zeros_like(caps)
-    for i in range(bs):
-        n = 6 + 4 * i
-        caps[i, 0] = 49406
-        caps[i, 1:n] = torch.randint(1, 49000, (n - 1,), generator=g)
-        caps[i, n] = 49407
-        for p in {2, 1 + 3 * i}:
-            labels[i, p] = caps[i, p]
-    mlm_ids = torch.where(labels != 0, torch.full_like(caps, 49405), caps)
-    return dict(images=torch.randn(bs, 3, *img, generator=g), caption_ids=caps, pids=torch.tensor([0, 0, 1, 3])[:bs],
-                image_ids=torch.arange(bs), mlm_ids=mlm_ids, mlm_labels=labels)
 
 
 def block_names(model):
@@ -84,7 +67,7 @@ def test_option_and_flags():
 @pytest.mark.parametrize("fast", [True, False])
 def test_same_losses_and_grads(models, fast):
     plain, ckpt = models
-    batch = make_batch()
+    batch = make_batch(varied=True)
     plain.fast = ckpt.fast = fast
     loss_p, grad_p, calls_p = train_step(plain, batch)
     loss_c, grad_c, calls_c = train_step(ckpt, batch)
@@ -112,7 +95,7 @@ def test_checkpointing_keeps_fewer_activations():
     # 33 image tokens: the ViT blocks' activations dominate, as at full size
     plain = build_model(tiny_args("--img_size", "128", "64"), NUM_CLASSES)
     ckpt = build_model(tiny_args("--img_size", "128", "64", "--grad_checkpointing"), NUM_CLASSES)
-    batch = make_batch(img=(128, 64))
+    batch = make_batch(varied=True, img=(128, 64))
 
     def saved_activation_bytes(model):
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -134,7 +117,7 @@ def test_checkpointing_keeps_fewer_activations():
 
 def test_no_recompute_in_eval_or_no_grad(models):
     _, ckpt = models
-    batch = make_batch()
+    batch = make_batch(varied=True)
     names = block_names(ckpt)
     calls = Counter()
     hooks = [b.register_forward_pre_hook(lambda m, i: calls.update([names[m]])) for b in names]
@@ -161,7 +144,7 @@ def test_resnet_backbone_not_checkpointed():
     ckpt = copy.deepcopy(plain)
     ckpt.set_grad_checkpointing(True)
     assert ckpt.base_model.transformer.grad_checkpointing and ckpt.cross_modal_transformer.grad_checkpointing
-    batch = make_batch()
+    batch = make_batch(varied=True)
     loss_p, grad_p, calls_p = train_step(plain, batch)
     loss_c, grad_c, calls_c = train_step(ckpt, batch)
     assert calls_c["base_model.transformer.resblocks.0"] == 2 * calls_p["base_model.transformer.resblocks.0"]

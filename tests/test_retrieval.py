@@ -1,4 +1,4 @@
-"""processor/retrieval.py, processor/test_queries.py and utils/grid.py with a transparent stand-in model: image
+"""search/retrieval.py, search/split_queries.py and search/grid.py with a transparent stand-in model: image
 embedding = mean RGB, text embedding = colour-word counts, so every score has a naive closed form. The real-model
 end-to-end path is in tests/test_visualize.py."""
 import logging
@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from processor import retrieval as R
-from processor import test_queries as TQ
+from search import retrieval as R
+from search import split_queries as TQ
 from tests.conftest import retrieval_warnings
-from utils import grid as G
+from search import grid as G
 from utils.simple_tokenizer import get_tokenizer, tokenize
 
 COLOURS = {"red": (230, 20, 20), "green": (20, 210, 30), "blue": (25, 30, 220), "yellow": (220, 220, 30),
@@ -86,6 +86,27 @@ def test_list_images_recursive_and_errors(tmp_path):
         R.list_images(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         R.list_images(tmp_path / "nope")
+
+
+def test_list_images_follows_symlinks_once_each(tmp_path, caplog):
+    """The gallery's symlink rule: links to files and folders are followed wherever they point; a loop ends, each
+    real file is listed once, a broken link is skipped."""
+    paths = write_gallery(tmp_path / "g")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "more").mkdir(parents=True)
+    Image.new("RGB", (4, 8), (1, 2, 3)).save(elsewhere / "out.png")
+    Image.new("RGB", (4, 8), (1, 2, 3)).save(elsewhere / "more" / "deep.jpg")
+    g = tmp_path / "g"
+    os.symlink(elsewhere / "out.png", g / "link_to_file.png")          # a file outside
+    os.symlink(elsewhere / "more", g / "linked_dir")                    # a folder outside
+    os.symlink(g, g / "sub" / "loop")                                    # a loop back to the top
+    os.symlink(paths["red"], g / "sub" / "again_red.jpg")               # a second name of a gallery file
+    os.symlink(tmp_path / "nowhere.png", g / "broken.png")              # a broken link
+    with caplog.at_level("INFO", logger="IRRA.retrieval"):
+        listed = R.list_images(g)
+    expected = sorted(list(paths.values()) + [str(g / "link_to_file.png"), str(g / "linked_dir" / "deep.jpg")])
+    assert listed == expected
+    assert "2 image(s) reached through symbolic links (2 outside the folder), followed" in caplog.text
 
 
 def test_search_sorted_and_matches_naive_cosine(tmp_path):
@@ -178,6 +199,71 @@ def test_gallery_cache_reused_and_invalidated(tmp_path):
     cache.write_bytes(b"garbage")
     assert len(r.encode_folder(tmp_path / "g", progress=False)) == 6
     assert r.model.images_seen == 29
+
+
+def test_a_same_size_rewrite_with_only_a_new_mtime_re_encodes(tmp_path):
+    """A retrained checkpoint of the same architecture, or an image rewritten in place, has the same size: the
+    modification time alone must invalidate the cache."""
+    paths = write_gallery(tmp_path / "g")
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = run / "best.pth"
+    ckpt.write_bytes(b"weights v1")
+    r = make_retriever(run_dir=run, checkpoint=ckpt)
+    r.encode_folder(tmp_path / "g", progress=False)
+    assert r.model.images_seen == 5
+    red = paths["red"]
+    size, mtime = os.path.getsize(red), os.stat(red).st_mtime_ns
+    os.utime(red, ns=(mtime + 10**9, mtime + 10**9))  # same bytes, same size, new mtime
+    r.encode_folder(tmp_path / "g", progress=False)
+    assert os.path.getsize(red) == size and r.model.images_seen == 10
+    ckpt.write_bytes(b"weights v2")  # same size as v1
+    os.utime(ckpt, ns=(os.stat(ckpt).st_mtime_ns + 10**9,) * 2)
+    r.encode_folder(tmp_path / "g", progress=False)
+    assert r.model.images_seen == 15
+    r.encode_folder(tmp_path / "g", progress=False)
+    assert r.model.images_seen == 15
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda c: list(c.values()), "expected a dict, got list"),
+    (lambda c: {k: v for k, v in c.items() if k != "indices"}, "missing keys ['indices']"),
+    (lambda c: dict(c, embeddings=c["embeddings"][:-1]), "4 embedding rows for 5 paths"),
+    (lambda c: dict(c, embeddings=c["embeddings"].new_full(c["embeddings"].shape, float("nan"))), "NaN"),
+    (lambda c: dict(c, embeddings=c["embeddings"][:, 0]), "float [N, D] tensor"),
+    (lambda c: dict(c, paths=c["paths"][::-1]), "not the gallery's files at their indices"),
+    (lambda c: dict(c, skipped=["/elsewhere.png"]), "1 skipped images for a gallery of 5"),
+])
+def test_a_damaged_cache_is_re_encoded_with_a_warning(tmp_path, damage, problem):
+    write_gallery(tmp_path / "g")
+    r = make_retriever(run_dir=tmp_path / "run")
+    good = r.encode_folder(tmp_path / "g", progress=False)
+    (cache,) = (tmp_path / "run" / R.CACHE_DIRNAME).glob("*.pt")
+    torch.save(damage(torch.load(cache, weights_only=True)), cache)
+    with retrieval_warnings() as warnings:
+        g = r.encode_folder(tmp_path / "g", progress=False)
+    assert r.model.images_seen == 10 and g.paths == good.paths and torch.equal(g.embeddings, good.embeddings)
+    (w,) = warnings
+    assert f"ignoring gallery cache {cache}" in w.getMessage() and problem in w.getMessage()
+    r.encode_folder(tmp_path / "g", progress=False)  # rewritten: used again
+    assert r.model.images_seen == 10
+
+
+def test_a_cache_folder_that_cannot_be_made_only_loses_the_cache(tmp_path):
+    paths = write_gallery(tmp_path / "g")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / R.CACHE_DIRNAME).write_text("a file where the cache folder goes")
+    r = make_retriever(run_dir=run)
+    calls = []
+    real = r.encode_images
+    r.encode_images = lambda *a, **k: calls.append(len(warnings)) or real(*a, **k)
+    with retrieval_warnings() as warnings:
+        g = r.encode_folder(tmp_path / "g", progress=False)
+    assert calls == [1]  # the warning came before the encoding
+    assert "gallery cache folder" in warnings[0].getMessage() and "searching without the cache" in warnings[0].getMessage()
+    assert g.paths[r.search("red", g, 1)[1].item()] == paths["red"]
+    assert (run / R.CACHE_DIRNAME).read_text() == "a file where the cache folder goes"
 
 
 def test_cache_keeps_skipped_list(tmp_path):

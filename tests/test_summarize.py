@@ -1,7 +1,7 @@
-"""Reporting over seeds: test.py's test_metrics.json, utils/summarize.py's table, run_irra.sh's SEEDS loop."""
-import importlib.util
+"""Reporting over seeds: test.py's test_metrics.json, tools/summarize.py's table, run_irra.sh's SEEDS loop."""
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -11,15 +11,12 @@ import torch
 import yaml
 
 import train
-from tests.conftest import tiny_train_argv
-from utils import summarize
-from utils.summarize import TEST_METRICS_FILE, main, write_test_metrics
+from tests.conftest import test_script, tiny_train_argv
+from tools import summarize
+from tools.summarize import main
+from utils.run_dir import TEST_METRICS_FILE, write_test_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# test.py is loaded by path: "test" is also the name of a package of the standard library.
-_spec = importlib.util.spec_from_file_location("irra_test_script_summarize", os.path.join(REPO, "test.py"))
-test_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(test_script)
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 BASE_CONFIG = {"dataset_name": "CUHK-PEDES", "val_dataset": "val", "lr": 1e-5, "batch_size": 64,
@@ -163,7 +160,7 @@ def test_missing_and_bad_files_are_notes(tmp_path, capsys):
     assert rows["best_only"]["best_R1"] == pytest.approx(11.0)
     assert "no configs.yaml" in notes["no_config"] and rows["no_config"]["seed"] is None
     assert "metrics.jsonl line(s) 3 skipped" in notes["bad_files"]
-    assert "test_metrics.json is not a mapping" in notes["bad_files"] and rows["bad_files"]["best_epoch"] == 2
+    assert "expected a mapping of checkpoint file name to metrics, got list" in notes["bad_files"] and rows["bad_files"]["best_epoch"] == 2
     for name, note in notes.items():
         assert note and note in table_line(out, name)[-1], name
     # four configured runs differing only in seed form one group; the one without configs.yaml is alone
@@ -178,13 +175,41 @@ def test_missing_and_bad_files_are_notes(tmp_path, capsys):
     assert big["mean"]["last_R1"] is None
 
 
+def test_one_bad_run_does_not_stop_the_summary(tmp_path, caplog):
+    """A bad byte in one run's metrics.jsonl is a note in its row; a run that cannot be read at all is skipped with
+    a warning; the other runs are summarised."""
+    good = make_run(tmp_path, "good", seed=1, val_r1=[10.0, 20.0], tested={"best.pth": (2, 30.0)})
+    bad = make_run(tmp_path, "bad", seed=2, val_r1=[10.0, 20.0])
+    with open(os.path.join(bad, "metrics.jsonl"), "ab") as f:
+        f.write(b'{"epoch": 3, "R1": 4\xff}\n{"epoch": 4, "R1": 50.0}\n')
+    worse = make_run(tmp_path, "worse", seed=3, val_r1=[1.0])
+    real = summarize.read_run
+    monkey = {"worse": RuntimeError("disk gone")}
+
+    def read_run(run_dir):
+        if os.path.basename(run_dir) in monkey:
+            raise monkey[os.path.basename(run_dir)]
+        return real(run_dir)
+
+    summarize.read_run = read_run
+    try:
+        with caplog.at_level("WARNING", logger="IRRA.summarize"):
+            rows = {r["run"]: r for r in summarize.summarize_runs([str(tmp_path)])["runs"]}
+    finally:
+        summarize.read_run = real
+    assert set(rows) == {"good", "bad"} and rows["good"]["best_R1"] == 30.0
+    assert "metrics.jsonl line(s) 3 skipped" in "; ".join(rows["bad"]["notes"]) and rows["bad"]["best_epoch"] == 4
+    assert f"{worse}: skipped, cannot be read (RuntimeError: disk gone)" in caplog.text
+    assert good
+
+
 def test_bad_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such directory"):
         main([str(tmp_path / "nope")])
     os.makedirs(tmp_path / "empty" / "sub")
     with pytest.raises(FileNotFoundError, match="neither a run directory nor a folder of runs"):
         main([str(tmp_path / "empty")])
-    proc = subprocess.run([sys.executable, "-m", "utils.summarize", str(tmp_path / "nope")], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "tools.summarize", str(tmp_path / "nope")], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "no such directory" in proc.stderr
 
@@ -219,7 +244,7 @@ def test_only_seed_name_output_dir_and_run_state_keys_leave_runs_in_one_group():
 
 
 def test_summarize_imports_no_torch():
-    code = "import sys, utils.summarize; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
+    code = "import sys, tools.summarize, utils.run_dir; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
            "('torch', 'model', 'datasets', 'solver', 'processor', 'numpy', 'PIL')))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -237,7 +262,8 @@ def test_test_script_records_its_results(tiny_cuhk_root, tmp_path, capsys):
     for ck, metrics in results.items():
         epoch = torch.load(os.path.join(run_dir, ck), weights_only=True)["epoch"]
         assert table[ck] == {"checkpoint": os.path.join(os.path.abspath(run_dir), ck), "epoch": epoch,
-                             "split": "test", **{k: float(v) for k, v in metrics.items()}}
+                             "split": "test", "dataset_name": "CUHK-PEDES",
+                             "root_dir": os.path.abspath(tiny_cuhk_root), **{k: float(v) for k, v in metrics.items()}}
     assert table["best.pth"]["epoch"] == res["best_epoch"] and table["last.pth"]["epoch"] == 2
 
     capsys.readouterr()
@@ -246,6 +272,16 @@ def test_test_script_records_its_results(tiny_cuhk_root, tmp_path, capsys):
     assert row["best_R1"] == pytest.approx(results["best.pth"]["R1"])
     assert row["last_mINP"] == pytest.approx(results["last.pth"]["mINP"])
     assert row["seed"] == 1  # the default seed, as saved in configs.yaml
+
+    # test.py --root_dir <other data>: recorded, and the summary flags the row
+    other = tmp_path / "other_data"
+    shutil.copytree(tiny_cuhk_root, other)
+    test_script.main(["--config_file", config, "--checkpoint", os.path.join(run_dir, "last.pth"), "--device", "cpu",
+                      "--root_dir", str(other)])
+    assert json.load(open(os.path.join(run_dir, TEST_METRICS_FILE)))["last.pth"]["root_dir"] == str(other)
+    (row,) = main([run_dir])["runs"]
+    (note,) = row["notes"]
+    assert note.startswith("last.pth tested on other data than the run trained on: root_dir") and str(other) in note
 
 
 STUB = """#!{python}
@@ -287,7 +323,7 @@ def test_run_irra_sh_seeds_loop(dataset, tmp_path):
     assert calls[1:3] == [tested(r1, "best.pth"), tested(r1, "last.pth")]
     assert calls[4] == tested(r2, "last.pth")
     assert f"{r2}/best.pth does not exist: not tested" in proc.stderr
-    assert calls[5] == ["-m", "utils.summarize", r1, r2]
+    assert calls[5] == ["-m", "tools.summarize", r1, r2]
     if dataset == "demo":
         assert calls[0][:3] == ["train.py", "--config", "configs/demo.yaml"]
         assert f"Run directory: {r1}\nRun directory: {r2}\n" in proc.stdout
@@ -304,7 +340,7 @@ def test_run_irra_sh_seeds_loop(dataset, tmp_path):
     assert not any("--seed" in c for c in calls)
     rc = str(runs / "run_config")
     if dataset == "demo":
-        assert calls[1:] == [tested(rc, "best.pth"), tested(rc, "last.pth"), ["-m", "utils.summarize", rc]]
+        assert calls[1:] == [tested(rc, "best.pth"), tested(rc, "last.pth"), ["-m", "tools.summarize", rc]]
     else:
         assert len(calls) == 1 and calls[0][0] == "train.py"
 

@@ -5,20 +5,15 @@ import os
 import subprocess
 import sys
 
-import importlib.util
 
 import pytest
 import torch
 
 import train
 from model import objectives
-from tests.conftest import tiny_train_argv
+from tests.conftest import test_script, tiny_train_argv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# test.py is loaded by path: "test" is also the name of a package of the standard library.
-_spec = importlib.util.spec_from_file_location("irra_test_script", os.path.join(REPO, "test.py"))
-test_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(test_script)
 
 
 def read_metrics(run_dir):

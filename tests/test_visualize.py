@@ -18,10 +18,10 @@ import visualize
 from datasets import build as dbuild
 from datasets.synthpedes import SynthPEDES
 from model.build import build_model
-from processor import retrieval as R
-from processor import test_queries as TQ
+from search import retrieval as R
+from search import split_queries as TQ
 from tests.conftest import retrieval_warnings
-from utils import grid as G
+from search import grid as G
 from utils.checkpoint import Checkpointer
 from utils.iotools import save_train_configs
 from utils.options import get_args
@@ -55,7 +55,7 @@ def run_dir(tiny_synth, tmp_path_factory):
 
 
 def independent_ranking(run, split, topk):
-    """Top-k scores and test pids per caption, computed without processor/retrieval.py."""
+    """Top-k scores and test pids per caption, computed without search/retrieval.py."""
     sd = torch.load(run / "best.pth", weights_only=True)["model"]
     model = build_model(get_args(TINY_RUN), num_classes=sd["classifier.weight"].shape[0],
                         device=torch.device("cpu")).eval()
@@ -211,6 +211,12 @@ def test_bad_inputs_give_clear_messages(run_dir, tmp_path, capsys):
         with pytest.raises(SystemExit):
             visualize.main(base + extra)
         assert msg in capsys.readouterr().err
+    # an --out that is a file: named before any image is encoded
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit):
+        visualize.main(base[:4] + ["--out", str(tmp_path / "a_file"), "--gallery", str(tmp_path / "empty"),
+                                   "--device", "cpu"])
+    assert f"--out {tmp_path / 'a_file'}: cannot write the grids there" in capsys.readouterr().err
     # an unreadable image: skipped with one warning naming it, the others still ranked
     gal = tmp_path / "gal"
     gal.mkdir()

@@ -1,7 +1,7 @@
 """Generic checkpoint files: reading them safely, loading a state dict into a module, and ``Checkpointer``.
 
 Training checkpoints are ``{"model": state_dict, "optimizer": ..., "scheduler": ..., **extra}``, the original IRRA's
-layout. Saves are atomic (temporary file in the same directory + os.replace); loads use
+layout. Saves are atomic (``utils.run_dir.atomic_write``: temporary file in the same directory + os.replace); loads use
 ``torch.load(weights_only=True)`` (:func:`torch_load`) and name the file when it cannot be read. What the weights
 *mean* (an IRRA checkpoint's ``base_model.*`` backbone, its number of identities, CLIP files) is in
 :mod:`model.pretrained`.
@@ -20,11 +20,9 @@ Loading policies (each with one use, so each is its own function rather than a f
 from __future__ import annotations
 
 import errno
-import glob
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -32,6 +30,7 @@ import torch
 from torch import nn
 
 from utils.comm import unwrap_model
+from utils.run_dir import atomic_write, checkpoint_file
 
 CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
 
@@ -156,18 +155,10 @@ class Checkpointer:
             data["scheduler"] = self.scheduler.state_dict()
         data.update(kwargs)
         os.makedirs(self.save_dir, exist_ok=True)
-        save_file = os.path.join(self.save_dir, f"{name}.pth")
-        for stale in glob.glob(os.path.join(glob.escape(self.save_dir), f".{glob.escape(name)}.*.tmp")):
-            os.remove(stale)  # left by a save that was killed
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.save_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(data, f)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, save_file)
+        save_file = checkpoint_file(self.save_dir, name)
+        try:  # temporary files of saves that were killed are removed first (never a live writer's)
+            atomic_write(save_file, lambda f: torch.save(data, f), remove_stale=True)
         except BaseException as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
             if _disk_full(e):
                 raise OSError(errno.ENOSPC, f"No space left on device while writing {save_file}; the previous "
                                             f"{name}.pth (if any) is kept") from None
@@ -211,12 +202,6 @@ class Checkpointer:
         checkpoint.pop("optimizer", None)
         checkpoint.pop("scheduler", None)
         return checkpoint
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _disk_full(e: BaseException) -> bool:

@@ -1,4 +1,5 @@
-"""Small I/O helpers: images, json, directories and the run's configs.yaml.
+"""Small I/O helpers: images, json, directories and the run's configs.yaml (files read and written through
+``utils/run_dir.py``'s careful reader and ``atomic_write``).
 
 ``load_train_configs`` reads both our configs.yaml (plain YAML, tuples written as lists) and the ORIGINAL IRRA's,
 which ``yaml.dump`` wrote with ``!!python/tuple [384, 128]`` tags. Only that one python tag is accepted; any other
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import json
 import logging
 import os
@@ -17,12 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from utils.run_dir import CONFIG_FILE, FileReadError, atomic_write, read_text
+from utils.run_dir import read_json as _read_json
+
 if TYPE_CHECKING:
     from PIL import Image
 
 logger = logging.getLogger("IRRA.iotools")
 
-CONFIG_FILE_NAME = "configs.yaml"
+CONFIG_FILE_NAME = CONFIG_FILE  # the original's spelling of the name
 # Options that are tuples in args (utils/options.py); lists read from YAML are turned back into tuples.
 TUPLE_OPTIONS = ("img_size", "milestones")
 
@@ -77,22 +82,15 @@ def check_isfile(path: str) -> bool:
 
 
 def read_json(fpath: str) -> Any:
-    """Load a json file (UTF-8, with or without a byte order mark, as some Windows editors write it); a missing or
-    malformed file raises an error naming it."""
-    if not osp.isfile(fpath):
-        raise FileNotFoundError(f"JSON file not found: '{fpath}'")
-    with open(fpath, "r", encoding="utf-8-sig") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"Malformed JSON in '{fpath}': {e}") from e
+    """Load a json file (UTF-8, with or without a byte order mark, as some Windows editors write it); a missing,
+    malformed, too deeply nested or non-UTF-8 file raises an error naming it (``utils.run_dir.read_json``)."""
+    return _read_json(fpath)
 
 
 def write_json(obj: Any, fpath: str) -> None:
-    """Write ``obj`` as indented json, creating the parent directory."""
+    """Write ``obj`` as indented json (atomically), creating the parent directory."""
     mkdir_if_missing(osp.dirname(fpath) or ".")
-    with open(fpath, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=4, separators=(",", ": "))
+    atomic_write(fpath, json.dumps(obj, indent=4, separators=(",", ": ")))
 
 
 def _to_yaml_safe(value: Any) -> Any:
@@ -110,9 +108,8 @@ def save_train_configs(path: str, args: argparse.Namespace | dict) -> str:
     """Write ``vars(args)`` to ``<path>/configs.yaml`` with ``yaml.safe_dump``; returns the file path."""
     mkdir_if_missing(path)
     cfg = dict(args) if isinstance(args, dict) else dict(vars(args))
-    fpath = osp.join(path, CONFIG_FILE_NAME)
-    with open(fpath, "w", encoding="utf-8") as f:
-        yaml.safe_dump(_to_yaml_safe(cfg), f, default_flow_style=False, sort_keys=True)
+    fpath = osp.join(path, CONFIG_FILE)
+    atomic_write(fpath, yaml.safe_dump(_to_yaml_safe(cfg), default_flow_style=False, sort_keys=True))
     return fpath
 
 
@@ -135,19 +132,27 @@ ConfigLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
 ConfigLoader.add_multi_constructor("tag:yaml.org,2002:python/", _reject_python_tag)
 
 
+def read_yaml(fpath: str, what: str = "YAML file") -> Any:
+    """A YAML file read with :class:`ConfigLoader` through the careful reader: errors (not UTF-8, malformed, nested
+    too deeply, a python tag) are ``FileReadError`` naming the file."""
+    text = read_text(fpath, what)
+    try:
+        return yaml.load(io.StringIO(text), Loader=ConfigLoader)
+    except yaml.YAMLError as e:
+        raise FileReadError(fpath, f"Cannot read config file '{fpath}' ({what}): {e}") from None
+    except RecursionError:
+        raise FileReadError(fpath, f"the {what} is nested too deeply to be read") from None
+
+
 def load_train_configs(path: str) -> argparse.Namespace:
     """Read a configs.yaml (``path`` is the file or its run directory) into an ``argparse.Namespace``.
 
     ``img_size`` and ``milestones`` come back as tuples whether they were written as lists or python tuples.
     """
-    fpath = osp.join(path, CONFIG_FILE_NAME) if osp.isdir(path) else path
+    fpath = osp.join(path, CONFIG_FILE) if osp.isdir(path) else path
     if not osp.isfile(fpath):
         raise FileNotFoundError(f"Config file not found: '{fpath}'")
-    with open(fpath, "r", encoding="utf-8") as f:
-        try:
-            cfg = yaml.load(f, Loader=ConfigLoader)
-        except yaml.YAMLError as e:
-            raise ValueError(f"Cannot read config file '{fpath}': {e}") from e
+    cfg = read_yaml(fpath, "config file")
     if not isinstance(cfg, dict):
         raise ValueError(f"Config file '{fpath}' must hold a mapping of option names to values, "
                          f"got {type(cfg).__name__}")

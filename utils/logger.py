@@ -5,6 +5,8 @@ import logging
 import os
 import sys
 
+from utils.run_dir import LOG_FILE, TEST_LOG_FILE
+
 
 def setup_logger(name: str, save_dir: str, if_train: bool, distributed_rank: int = 0) -> logging.Logger:
     """Configure logger ``name`` (e.g. ``"IRRA"``; children ``IRRA.*`` propagate to it).
@@ -25,7 +27,7 @@ def setup_logger(name: str, save_dir: str, if_train: bool, distributed_rank: int
     logger.addHandler(ch)
     if distributed_rank == 0 and save_dir:
         os.makedirs(save_dir, exist_ok=True)
-        fname = "train_log.txt" if if_train else "test_log.txt"
+        fname = LOG_FILE if if_train else TEST_LOG_FILE
         fh = logging.FileHandler(os.path.join(save_dir, fname), mode="a")
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(fmt)

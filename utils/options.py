@@ -23,6 +23,8 @@ from typing import Any, Dict, Optional, Sequence
 from utils.choices import (DATASETS, IMG_AUG_POOL, LOSSES, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, SAMPLERS, VAL_DATASETS,
                            WARMUP_METHODS, check_choice, parse_loss_names)
 from utils.iotools import load_train_configs
+from utils import run_dir
+from utils.run_dir import RUN_STATE_KEYS, FileReadError
 
 
 # Defaults of the options of the successors' augmentations that only matter when another option turns them on.
@@ -153,8 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Keys a saved configs.yaml carries that describe the run's state, not an option to reuse.
-RUN_STATE_KEYS = ("config", "distributed", "training", "resume", "resume_ckpt_file", "local_rank", "stop_epoch")
 _BOOL_WORDS = {"true": True, "false": False}
 
 
@@ -229,6 +229,8 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         raise FileNotFoundError(f"--config {path}: no such file")
     try:
         cfg = vars(load_train_configs(path))
+    except FileReadError as e:  # not UTF-8, malformed YAML, nested too deeply: the reader's message names the file
+        raise ValueError(f"--config {e}") from e
     except (TypeError, ValueError) as e:
         raise ValueError(f"--config {path}: expected a mapping of option: value ({e})") from e
     cfg = typed_config(parser, cfg, f"--config {path}")
@@ -301,11 +303,7 @@ def warn_config_changes(args: argparse.Namespace, saved_config: str, logger) -> 
 
 def config_path(path: str) -> str:
     """A run directory or its ``configs.yaml`` -> the file (FileNotFoundError naming what was expected)."""
-    fpath = os.path.join(path, "configs.yaml") if os.path.isdir(path) else path
-    if not os.path.isfile(fpath):
-        raise FileNotFoundError(f"{path}: no such file (expected a run directory logs/<dataset>/<run>/ or its "
-                                f"configs.yaml)")
-    return fpath
+    return run_dir.config_file(path)
 
 
 def load_config_args(path: str, **overrides) -> argparse.Namespace:

@@ -1,4 +1,5 @@
-"""Rank the test split of a run's dataset for visualize.py: every caption against every test image.
+"""The test split of a run's dataset as queries and gallery, for visualize.py: every caption ranked against every test
+image, and the grids of chosen queries.
 
     r = Retriever.from_run("logs/CUHK-PEDES/<run>/")
     split = load_test_split(r.args)
@@ -14,8 +15,8 @@ from typing import Sequence
 from PIL import Image
 
 from datasets.build import build_dataset
-from processor.retrieval import Gallery, Retriever
-from utils.grid import DEFAULT_TILE_SIZE, GT_COLOR, MATCH_COLOR, MISMATCH_COLOR, Tile, draw_grid, slug
+from search.retrieval import Gallery, Retriever
+from search.grid import DEFAULT_TILE_SIZE, GT_COLOR, MATCH_COLOR, MISMATCH_COLOR, Tile, draw_grid, slug
 
 
 def load_test_split(args) -> dict:

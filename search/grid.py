@@ -1,7 +1,7 @@
 """PIL drawing of retrieval result grids: a caption on top, then a row of framed image tiles with labels under each.
 
-Pure drawing: no model, no dataset. ``processor/test_queries.py`` turns a ranked test query into tiles
-(:func:`processor.test_queries.draw_query_grid`); :func:`draw_search_grid` draws a free-text search.
+Pure drawing: no model, no dataset. ``search/split_queries.py`` turns a ranked test query into tiles
+(:func:`search.split_queries.draw_query_grid`); :func:`draw_search_grid` draws a free-text search.
 Frames are solid colours, so a test can read them back from the saved PNG.
 """
 from __future__ import annotations

@@ -1,38 +1,34 @@
-"""What a run is worth, over seeds:  python -m utils.summarize logs/CUHK-PEDES/<run> [<run> ...]  (or logs/CUHK-PEDES)
+"""What a run is worth, over seeds:  python -m tools.summarize logs/CUHK-PEDES/<run> [<run> ...]  (or logs/CUHK-PEDES)
 
 One epoch's test score is a noisy estimate, and a checkpoint chosen on the test split flatters it. This prints, per
 run: its seed, the epoch with the best val R1 (``metrics.jsonl``, the training's rule: the first maximum wins), the
 test metrics of that checkpoint (``best.pth``) and of the last epoch (``last.pth``), both read from the
 ``test_metrics.json`` that ``test.py`` writes next to the checkpoints; then, for the runs whose ``configs.yaml`` differ
 only in the seed (and the name / output directory / run-state keys), a mean ± sample-std row. A missing or unreadable
-file becomes a note in the table, never an error.
+file becomes a note in the table, never an error; a run that cannot be read at all is skipped with a warning. A
+checkpoint tested on other data than its run trained on (``test.py --root_dir``) is flagged.
 
-Only the standard library, PyYAML and prettytable are imported (no torch): it runs anywhere the logs are.
-``write_test_metrics`` is the writer that ``test.py`` uses.
+Only the standard library, PyYAML and prettytable are imported (no torch): it runs anywhere the logs are. The
+files' names and readers are ``utils/run_dir.py``'s (where ``write_test_metrics``, used by ``test.py``, lives).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import logging
 import os
 import statistics
 import sys
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
-import yaml
 from prettytable import PrettyTable
 
-from utils.iotools import ConfigLoader
-from utils.options import RUN_STATE_KEYS
+from utils.iotools import read_yaml
+from utils.run_dir import (BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, METRICS_FILE, RUN_FILES, RUN_STATE_KEYS,
+                           TEST_METRICS_FILE, finite_number, is_run_dir, read_metrics, read_test_metrics)
 
-TEST_METRICS_FILE = "test_metrics.json"
-CONFIG_FILE = "configs.yaml"
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINTS = ("best.pth", "last.pth")
-# A folder holding any of these is a run directory.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, TEST_METRICS_FILE, *CHECKPOINTS)
+logger = logging.getLogger("IRRA.summarize")
+
 METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
 # configs.yaml keys that do not make two runs different experiments: the seed, the run's name and directory, and
 # the run-state keys.
@@ -44,63 +40,7 @@ EPOCH_DECIMALS = 1  # mean / std of epochs
 MAX_DIFFERING_SHOWN = 4  # options named in a group's row when groups differ
 
 
-# --------------------------------------------------------------------------------------------------- writing (test.py)
-def _atomic_write_json(obj: Any, path: str) -> None:
-    """Write ``obj`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_test_metrics(checkpoint: str, metrics: Dict[str, float], epoch: Optional[int],
-                       split: str = "test") -> str:
-    """Record the test metrics of ``checkpoint`` in ``test_metrics.json`` next to it; returns that file's path.
-
-    The file maps a checkpoint's file name to ``{"checkpoint": absolute path, "epoch", "split", **metrics}``, so that
-    best.pth and last.pth of one run each keep their entry: the entry of ``checkpoint`` is replaced, the others are
-    kept, and the file is replaced atomically. An existing file that is not such a mapping is left as it is and a
-    ``ValueError`` names it.
-
-    Args:
-        checkpoint: the evaluated checkpoint file.
-        metrics: the evaluation's results (``R1``, ``R5``, ``R10``, ``mAP``, ``mINP``, ...), stored as floats.
-        epoch: the checkpoint's epoch (its ``"epoch"`` entry), ``None`` when it has none.
-        split: the evaluated split.
-    """
-    checkpoint = os.path.abspath(checkpoint)
-    path = os.path.join(os.path.dirname(checkpoint), TEST_METRICS_FILE)
-    table: Dict[str, Any] = {}
-    if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                table = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read it ({e}); left unchanged: move it away to record "
-                             f"{os.path.basename(checkpoint)}") from e
-        if not isinstance(table, dict):
-            raise ValueError(f"{path}: expected a mapping of checkpoint file name to metrics, got "
-                             f"{type(table).__name__}; left unchanged: move it away to record "
-                             f"{os.path.basename(checkpoint)}")
-    table[os.path.basename(checkpoint)] = {"checkpoint": checkpoint, "epoch": None if epoch is None else int(epoch),
-                                           "split": split, **{k: float(v) for k, v in metrics.items()}}
-    _atomic_write_json(table, path)
-    return path
-
-
 # ------------------------------------------------------------------------------------------------------------ reading
-def is_run_dir(path: str) -> bool:
-    """True if ``path`` is a folder holding a run's files (configs.yaml, metrics.jsonl, test_metrics.json, .pth)."""
-    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in RUN_FILES)
-
-
 def find_runs(paths: Sequence[str]) -> List[str]:
     """The run directories named by ``paths``: each is a run directory or a folder whose subfolders are runs (sorted
     by name, i.e. by start time for ours). A path that does not exist or holds no run raises ``FileNotFoundError``."""
@@ -120,22 +60,14 @@ def find_runs(paths: Sequence[str]) -> List[str]:
     return runs
 
 
-def _number(value: Any) -> Optional[float]:
-    """``value`` as a finite float, None when it is not a number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 def _read_config(run_dir: str, notes: List[str]) -> Optional[dict]:
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         notes.append(f"no {CONFIG_FILE} (not grouped)")
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = yaml.load(f, Loader=ConfigLoader)  # also reads the original's !!python/tuple
-    except (OSError, yaml.YAMLError) as e:
+        cfg = read_yaml(path, CONFIG_FILE)  # also reads the original's !!python/tuple
+    except (OSError, ValueError) as e:
         notes.append(f"{CONFIG_FILE} unreadable (not grouped): {str(e).splitlines()[0]}")
         return None
     if not isinstance(cfg, dict):
@@ -146,23 +78,14 @@ def _read_config(run_dir: str, notes: List[str]) -> Optional[dict]:
 
 def _read_val_metrics(run_dir: str, notes: List[str]) -> List[dict]:
     """The records of metrics.jsonl that have an epoch and an R1 (others skipped with a note)."""
-    path = os.path.join(run_dir, METRICS_FILE)
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(run_dir, METRICS_FILE)):
         notes.append(f"no {METRICS_FILE}")
         return []
-    records, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                rec = None
-            if isinstance(rec, dict) and _number(rec.get("epoch")) is not None and _number(rec.get("R1")) is not None:
-                records.append(rec)
-            else:
-                bad.append(i)
+    try:
+        records, bad = read_metrics(run_dir)  # a last line cut by an interrupted append is skipped with a warning
+    except OSError as e:
+        notes.append(f"{METRICS_FILE} unreadable: {e}")
+        return []
     if bad:
         notes.append(f"{METRICS_FILE} line(s) {', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''} "
                      f"skipped (not a JSON record with epoch and R1)")
@@ -182,20 +105,32 @@ def best_val_epoch(records: Sequence[dict]) -> Optional[int]:
 
 
 def _read_test_metrics(run_dir: str, notes: List[str]) -> Dict[str, dict]:
-    path = os.path.join(run_dir, TEST_METRICS_FILE)
-    if not os.path.isfile(path):
-        notes.append(f"no {TEST_METRICS_FILE} (run test.py on best.pth and last.pth)")
+    if not os.path.isfile(os.path.join(run_dir, TEST_METRICS_FILE)):
+        notes.append(f"no {TEST_METRICS_FILE} (run test.py on {BEST_CHECKPOINT} and {LAST_CHECKPOINT})")
         return {}
     try:
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        return read_test_metrics(run_dir)
+    except (OSError, ValueError) as e:
         notes.append(f"{TEST_METRICS_FILE} unreadable: {e}")
         return {}
-    if not isinstance(table, dict):
-        notes.append(f"{TEST_METRICS_FILE} is not a mapping of checkpoint name to metrics")
-        return {}
-    return {k: v for k, v in table.items() if isinstance(v, dict)}
+
+
+# What a test_metrics.json entry records about the data it was measured on, and the configs.yaml key it must match.
+TEST_DATA_KEYS = ("dataset_name", "root_dir")
+
+
+def _same_data(key: str, tested: Any, trained: Any) -> bool:
+    if key == "root_dir":  # the recorded root is absolute; the config's may be relative to where training ran
+        return os.path.realpath(str(tested)) == os.path.realpath(str(trained))
+    return tested == trained
+
+
+def _other_test_data(rec: dict, cfg: Optional[dict]) -> List[str]:
+    """``key: tested (config: trained)`` for each of :data:`TEST_DATA_KEYS` whose tested value differs."""
+    if not cfg:
+        return []
+    return [f"{k} {rec[k]!r} (config: {cfg[k]!r})" for k in TEST_DATA_KEYS
+            if rec.get(k) is not None and cfg.get(k) is not None and not _same_data(k, rec[k], cfg[k])]
 
 
 def read_run(run_dir: str) -> Dict[str, Any]:
@@ -208,12 +143,12 @@ def read_run(run_dir: str) -> Dict[str, Any]:
     records = _read_val_metrics(run_dir, notes)
     row["best_epoch"] = best_val_epoch(records)
     if records and row["best_epoch"] is None:
-        notes.append("no epoch with val R1 > 0 (no best.pth)")
+        notes.append(f"no epoch with val R1 > 0 (no {BEST_CHECKPOINT})")
     last_logged = int(max(r["epoch"] for r in records)) if records else None
 
     tested = _read_test_metrics(run_dir, notes)
-    for prefix, ckpt, logged_epoch, what in (("best", "best.pth", row["best_epoch"], "the val-best epoch is"),
-                                             ("last", "last.pth", last_logged, f"{METRICS_FILE} ends at")):
+    for prefix, ckpt, logged_epoch, what in (("best", BEST_CHECKPOINT, row["best_epoch"], "the val-best epoch is"),
+                                             ("last", LAST_CHECKPOINT, last_logged, f"{METRICS_FILE} ends at")):
         rec = tested.get(ckpt)
         if rec is None:
             if tested:
@@ -222,13 +157,16 @@ def read_run(run_dir: str) -> Dict[str, Any]:
                 row["last_epoch"] = last_logged
             continue
         for m in METRIC_NAMES:
-            row[f"{prefix}_{m}"] = _number(rec.get(m))
+            row[f"{prefix}_{m}"] = finite_number(rec.get(m))
         missing = [m for m in METRIC_NAMES if row[f"{prefix}_{m}"] is None]
         if missing:
             notes.append(f"{ckpt}: no {'/'.join(missing)} in {TEST_METRICS_FILE}")
-        epoch = _number(rec.get("epoch"))
+        epoch = finite_number(rec.get("epoch"))
         if rec.get("split", "test") != "test":
             notes.append(f"{ckpt} was evaluated on split {rec.get('split')!r}, not 'test'")
+        other = _other_test_data(rec, cfg)
+        if other:
+            notes.append(f"{ckpt} tested on other data than the run trained on: {', '.join(other)}")
         if epoch is not None and logged_epoch is not None and int(epoch) != logged_epoch:
             notes.append(f"{ckpt} tested at epoch {int(epoch)} but {what} {logged_epoch}: rerun test.py?")
         if prefix == "last":
@@ -283,7 +221,12 @@ def summarize_runs(paths: Sequence[str]) -> Dict[str, Any]:
     """Read the runs named by ``paths`` (see ``find_runs``). Returns ``{"runs": rows (read_run), "groups": [...]}``,
     each group ``{"runs": [row indices], "seeds": [...], "options": {the options that set it apart}, "notes": [...],
     **group_stats}``."""
-    rows = [read_run(r) for r in find_runs(paths)]
+    rows = []
+    for r in find_runs(paths):
+        try:
+            rows.append(read_run(r))
+        except Exception as e:  # noqa: BLE001 - one unreadable run must not hide the others
+            logger.warning("%s: skipped, cannot be read (%s: %s)", r, type(e).__name__, e)
     groups = []
     indices = group_runs(rows)
     differing = _differing_options([rows[g[0]]["config"] for g in indices]) if len(indices) > 1 else [{}] * len(indices)
@@ -293,7 +236,7 @@ def summarize_runs(paths: Sequence[str]) -> Dict[str, Any]:
         notes = []
         if any((r["config"] or {}).get("val_dataset") == "test" for r in members):
             notes.append("@best chosen on the test split (val_dataset: test)")
-        for prefix, what in (("best", "best.pth"), ("last", "last.pth")):
+        for prefix, what in (("best", BEST_CHECKPOINT), ("last", LAST_CHECKPOINT)):
             k = stats["n"][f"{prefix}_R1"]
             if k < len(members):
                 notes.append(f"{what} tested in {k} of {len(members)} runs")
@@ -343,15 +286,16 @@ def format_table(summary: Dict[str, Any]) -> str:
                        *(_fmt_mean_std(group["mean"][c], group["std"][c], c) for c in COLUMNS),
                        "; ".join(([options] if options else []) + group["notes"])],
                       divider=gi < len(summary["groups"]) - 1)
-    legend = (f"@best: best.pth, the epoch with the best R1 on the val_dataset split ({METRICS_FILE}); @last: "
-              f"last.pth; both on the test split ({TEST_METRICS_FILE}). mean ± sample std over runs that differ only "
+    legend = (f"@best: {BEST_CHECKPOINT}, the epoch with the best R1 on the val_dataset split ({METRICS_FILE}); "
+              f"@last: {LAST_CHECKPOINT}; both on the test split ({TEST_METRICS_FILE}). mean ± sample std over runs that differ only "
               f"in seed.")
     return legend + "\n" + table.get_string()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """``python -m utils.summarize RUN_OR_FOLDER [...]``: print the table; returns ``summarize_runs``'s result."""
-    parser = argparse.ArgumentParser(prog="python -m utils.summarize", description=__doc__.split("\n\n")[0])
+    """``python -m tools.summarize RUN_OR_FOLDER [...]``: print the table; returns ``summarize_runs``'s result."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m tools.summarize", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories (logs/<dataset>/<run>) or folders of runs")
     cli = parser.parse_args(argv)
     summary = summarize_runs(cli.runs)
@@ -363,4 +307,4 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except FileNotFoundError as e:
-        sys.exit(f"utils.summarize: {e}")
+        sys.exit(f"tools.summarize: {e}")

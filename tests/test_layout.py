@@ -1,0 +1,94 @@
+"""The code's layout: no two project modules import each other (directly or around a circle, lazily or not), no
+product file is named like a test, the command-line tools live in tools/."""
+import ast
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SKIP_DIRS = {"tests", ".git", ".ci", "data", "docs", "configs", "__pycache__"}
+
+
+def project_modules():
+    """{module name: file} of every product .py file (tests excluded)."""
+    mods = {}
+    for folder, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.startswith(".")]
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, f), REPO)[:-3].split(os.sep)
+                if rel[-1] == "__init__":
+                    rel = rel[:-1]
+                mods[".".join(rel)] = os.path.join(folder, f)
+    return mods
+
+
+def imports_of(name, path, mods):
+    """Project modules ``name`` imports anywhere in its file (top level or inside functions)."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    is_pkg = path.endswith("__init__.py")
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = name.split(".") if is_pkg else name.split(".")[:-1]
+                parts = parts[:len(parts) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in mods:  # import a.b.c where only a.b is ours
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                out.add(t)
+    return out
+
+
+def test_no_import_cycles():
+    mods = project_modules()
+    graph = {m: imports_of(m, p, mods) for m, p in mods.items()}
+    cycles, state, stack = [], {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert cycles == [], "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+    assert "datasets.build" not in graph["datasets.check"]  # the image-check library needs no dataset registry
+
+
+def test_the_cycle_finder_finds_a_lazy_import(tmp_path):
+    """The finder sees imports inside functions (as datasets.check's main did)."""
+    mods = {"a": str(tmp_path / "a.py"), "b": str(tmp_path / "b.py")}
+    (tmp_path / "a.py").write_text("import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from a import x\n")
+    assert imports_of("a", mods["a"], mods) == {"b"} and imports_of("b", mods["b"], mods) == {"a"}
+
+
+def test_no_product_file_is_named_like_a_test():
+    named = [p for m, p in project_modules().items()
+             if os.path.basename(p).startswith("test_") or os.path.basename(p).endswith("_test.py")]
+    assert named == []
+
+
+def test_tools_help_takes_the_datasets_from_the_registry():
+    from datasets.build import DATASET_REGISTRY
+    proc = subprocess.run([sys.executable, "-m", "tools.check_dataset", "--help"], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert ", ".join(DATASET_REGISTRY) in " ".join(proc.stdout.split())
+    assert "datasets/check.py" not in open(os.path.join(REPO, "tools", "check_dataset.py")).read().split('"""')[2]

@@ -1,0 +1,1 @@
+"""Command-line tools, each run as ``python -m tools.<name>`` from the repository root (summarize, check_dataset)."""
