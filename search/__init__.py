@@ -1,0 +1,1 @@
+"""The browser search page of a trained run (``search/server.py``, started by ``visualize.py --serve``)."""
