@@ -349,6 +349,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(self.page.search(arg("q"), arg("k"), arg("test_query")))
             elif url.path == "/api/failures":
                 self._json(self.page.failures())
+            elif url.path == "/favicon.ico":
+                self.send_response(HTTPStatus.NO_CONTENT)  # no icon (a 404 would be a console error in every tab)
+                self.end_headers()
             elif url.path.startswith("/image/"):
                 index = url.path[len("/image/"):]
                 path, ctype = self.page.image_file(index)

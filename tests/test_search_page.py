@@ -8,6 +8,7 @@ import functools
 import http.client
 import json
 import os
+import re
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -65,8 +66,8 @@ def split(tiny_synth, run_dir):
     return dbuild.build_dataset("SynthPEDES", root=str(tiny_synth), verbose=False).test
 
 
-def make_photo_folder(folder: Path, split: dict) -> Path:
-    """Some test images in sub-folders, a non-image, and a symlink to an image outside the folder."""
+def make_photo_folder(folder: Path, split: dict, link: bool = True) -> Path:
+    """Some test images in sub-folders, a non-image, an image beside the folder, and (``link``) a symlink to it."""
     for i, p in enumerate(split["img_paths"][:6]):
         sub = folder / ("a" if i % 2 else "b/c")
         sub.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,8 @@ def make_photo_folder(folder: Path, split: dict) -> Path:
     (folder / "notes.txt").write_text("not an image")
     outside = folder.parent / "secret.png"
     Image.new("RGB", (32, 64), (1, 2, 3)).save(outside)
-    os.symlink(outside, folder / "link_out.png")
+    if link:
+        os.symlink(outside, folder / "link_out.png")
     return folder
 
 
@@ -318,3 +320,131 @@ def test_port_in_use_is_a_clear_error(retriever, split, tmp_path, live):
     srv = live(page)
     with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{srv.port}.*another --port"):
         S.make_server(page, "127.0.0.1", srv.port)
+
+
+# ------------------------------------------------------------------------------------------------ in a real browser
+CHROMIUM_INSTALL = ("apt-get install -y chromium (Debian/Ubuntu) and pip install -r requirements.txt (playwright); "
+                    "bash .ci/run does both")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def chromium_path():
+    """The system Chromium (IRRA_CHROMIUM, else chromium / chromium-browser on PATH), or None."""
+    for p in (os.environ.get("IRRA_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser")):
+        if p and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless system Chromium driven by Playwright (no browser download); skipped, naming the install, without."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip(f"browser test: the playwright package is missing; {CHROMIUM_INSTALL}")
+    exe = chromium_path()
+    if exe is None:
+        pytest.skip(f"browser test: no chromium executable found; {CHROMIUM_INSTALL}")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def expect(locator):
+    from playwright.sync_api import expect as _expect
+    return _expect(locator)
+
+
+def open_page(browser, srv):
+    """A new tab on the server, recording every request it makes and every console error."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    tab = ctx.new_page()
+    tab.set_default_timeout(30_000)
+    requests, errors = [], []
+    tab.on("request", lambda r: requests.append(r.url))
+    tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    tab.on("pageerror", lambda e: errors.append(str(e)))
+    tab.goto(srv.url)
+    expect(tab.locator("#about")).to_contain_text("images of")
+    return ctx, tab, requests, errors
+
+
+def wait_results(tab, n):
+    """Waits with Playwright's expect (the page's CSP forbids the eval that wait_for_function with a string needs)."""
+    expect(tab.locator("#status")).to_have_text(re.compile(r"^top \d+ of "))
+    expect(tab.locator("#results .result")).to_have_count(n)
+
+
+def test_browser_search_folder(browser, retriever, split, tmp_path, live):
+    folder = make_photo_folder(tmp_path / "photos", split, link=False)  # symlinks: test_folder_page_serves_only...
+    page = S.SearchPage.for_folder(retriever, folder, progress=False)
+    srv = live(page)
+    n = len(page.gallery)
+    ctx, tab, requests, errors = open_page(browser, srv)
+    text = QUERIES[1]
+    tab.locator("#query").press_sequentially(text, delay=15)  # typed key by key
+    wait_results(tab, min(10, n))
+    _, idx = retriever.search(text, page.gallery, 10)
+    assert tab.locator('#results .result[data-rank="1"]').get_attribute("data-name") == \
+        Path(page.gallery.paths[idx[0]]).name
+    assert tab.locator('#results .result[data-rank="1"] .name').inner_text() == Path(page.gallery.paths[idx[0]]).name
+    searches = [u for u in requests if "/api/search" in u]
+    assert 1 <= len(searches) < len(text) // 3, "typing is debounced: far fewer requests than keystrokes"
+    # k slider
+    tab.locator("#k").fill("3")
+    wait_results(tab, 3)
+    assert [int(x) for x in tab.locator("#results .result").evaluate_all("es => es.map(e => e.dataset.index)")] == \
+        idx[:3].tolist()
+    # click a result: the image, large
+    tab.locator('#results .result[data-rank="2"]').click()
+    expect(tab.locator("#viewer")).to_be_visible()
+    assert tab.locator("#viewer-img").evaluate("img => img.decode().then(() => img.naturalWidth)") > 0
+    assert tab.locator("#viewer-img").get_attribute("src") == f"/image/{int(idx[1])}"
+    box = tab.locator("#viewer-img").bounding_box()
+    assert box["height"] > 400  # shown large (the tiles are 256 px high)
+    tab.keyboard.press("Escape")
+    assert tab.locator("#viewer").is_hidden()
+    # an empty box: a message, no results
+    tab.locator("#query").fill("")
+    expect(tab.locator("#status")).to_have_text("type a sentence describing the person")
+    assert tab.locator("#results .result").count() == 0
+    assert errors == [], errors
+    # everything came from this server: no fonts, scripts or analytics from anywhere else
+    assert requests and all(u.startswith(srv.url) for u in requests), [u for u in requests if
+                                                                       not u.startswith(srv.url)]
+    # requests for paths outside the gallery are refused
+    statuses = tab.evaluate("""async (paths) => {
+        const out = [];
+        for (const p of paths) out.push((await fetch(p)).status);
+        return out; }""", ["/image/%2e%2e%2f%2e%2e%2fsecret.png", "/image/../../secret.png", f"/image/{n}",
+                           f"/image/{tmp_path}/secret.png", "/static/../search/server.py", "/image/0"])
+    assert statuses == [404, 404, 404, 404, 404, 200]
+    ctx.close()
+
+
+def test_browser_test_split_failures_view(browser, retriever, split, live):
+    page = S.SearchPage.for_test_split(retriever, split, progress=False)
+    srv = live(page)
+    ctx, tab, requests, errors = open_page(browser, srv)
+    m = page.info()["metrics"]
+    assert f"R1 {m['R1']:.2f}" in tab.locator("#metrics").inner_text()
+    assert f"mAP {m['mAP']:.2f}" in tab.locator("#metrics").inner_text()
+    fails = page.failures()
+    tab.locator("#show-failures").click()
+    expect(tab.locator("#failure-list li")).to_have_count(len(fails))
+    tab.locator("#failure-list li").first.click()
+    wait_results(tab, 10)
+    first = fails[0]
+    assert tab.locator("#query").input_value() == first["caption"]
+    assert "test query %d" % first["index"] in tab.locator("#truth-about").inner_text()
+    classes = tab.locator("#results .result").evaluate_all("es => es.map(e => e.className)")
+    res = page.search(test_query=first["index"], k=10)["results"]
+    assert classes == ["result " + ("match" if r["match"] else "mismatch") for r in res]
+    assert classes[0] == "result mismatch"  # a failure: its top-1 is another identity
+    gt = tab.locator("#truth-images .result.gt")
+    assert gt.count() == split["image_pids"].count(first["pid"])
+    assert errors == [] and all(u.startswith(srv.url) for u in requests)
+    ctx.close()
