@@ -92,7 +92,8 @@ def serve(a) -> None:
     if a.gallery:
         page = SearchPage.for_folder(r, a.gallery)
     else:
-        page = SearchPage.for_test_split(r, T.load_test_split(r.args), start_view="failures" if a.failures else "search")
+        page = SearchPage.for_test_split(r, T.load_test_split(r.args),
+                                         start_view="failures" if a.failures else "search")
     server = make_server(page, a.host or DEFAULT_HOST, DEFAULT_PORT if a.port is None else a.port)
     print(f"\nsearch page of {page.title} over {len(page.gallery)} images of {page.description}: {page_url(server)}"
           f"\n(Ctrl+C to stop)", flush=True)

@@ -25,7 +25,6 @@ from datasets import build as dbuild
 from datasets.synthpedes import SynthPEDES
 from model.build import build_model
 from processor import retrieval as R
-from processor import test_queries as TQ
 from search import server as S
 from utils.metrics import rank
 from utils.options import get_args
