@@ -58,7 +58,7 @@ def main(argv=None) -> None:
         tab.locator("#k").fill(str(a.k))
         tab.locator("#query").fill(text)
         expect(tab.locator("#results .result")).to_have_count(a.k, timeout=60_000)
-        tab.wait_for_load_state("networkidle")
+        tab.locator("#results img").evaluate_all("imgs => Promise.all(imgs.map(i => i.decode()))")  # all drawn
         tab.screenshot(path=a.out)
         b.close()
     server.shutdown()

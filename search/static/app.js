@@ -28,7 +28,6 @@ function tile(index, lines, cls, caption) {
   const img = el("img");
   img.src = "/image/" + index;
   img.alt = caption;
-  img.loading = "lazy";
   b.appendChild(img);
   lines.forEach(([c, t]) => b.appendChild(el("span", "label " + c, t)));
   b.title = caption;
