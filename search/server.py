@@ -387,6 +387,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a tab left open does not keep the process alive after Ctrl+C
+    request_queue_size = 64  # connections waiting to be accepted (several tabs, each fetching up to 100 images)
 
 
 class _Server6(_Server):
