@@ -56,7 +56,8 @@ def main(argv=None) -> list[Path]:
         p.error("--gallery is searched with --query \"a sentence\" (or in the browser with --serve)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.serve:
-        return serve(a)
+        serve(a)
+        return []
 
     r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers)
     out = Path(a.out) if a.out else r.run_dir / "vis"
