@@ -353,7 +353,9 @@ def browser():
 
 
 def expect(locator):
+    """Playwright's expect, waiting up to 30 s (the default 5 s is short on a loaded CI machine)."""
     from playwright.sync_api import expect as _expect
+    _expect.set_options(timeout=30_000)
     return _expect(locator)
 
 
