@@ -7,6 +7,9 @@ Free-text search over any folder of images (embeddings cached next to the run):
     python visualize.py --config_file logs/<dataset>/<run>/configs.yaml --gallery my_photos/ \
         --query "a man in a blue jacket with a black backpack" [--query "..."]
 Grids never overwrite a file: an existing name gets a _1, _2... suffix.
+A search page in the browser (search/server.py) over the test split, or over a folder with --gallery:
+    python visualize.py --config_file logs/<dataset>/<run>/configs.yaml --serve [--gallery my_photos/] \
+        [--failures] [--host 127.0.0.1] [--port 7860]
 """
 import argparse
 import logging
@@ -33,6 +36,10 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--device", default="auto", help="auto | cpu | an accelerator[:N]")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
+    p.add_argument("--serve", action="store_true", help="start the search page in the browser instead of drawing")
+    p.add_argument("--host", default=None, help="--serve: address to listen on (default 127.0.0.1, this machine "
+                   "only; another address makes the page reachable from the network)")
+    p.add_argument("--port", type=int, default=None, help="--serve: port (default 7860; 0 = any free port)")
     a = p.parse_args(argv)
     if a.topk < 1 or a.num_queries < 1:
         p.error("--topk and --num_queries must be >= 1")
@@ -40,9 +47,18 @@ def main(argv=None) -> list[Path]:
         p.error(f"--query must be a sentence describing the person, got {[q for q in a.query if not q.strip()]}")
     if a.query and (a.failures or a.query_index):
         p.error("--failures / --query_index select test queries; they cannot be combined with --query")
-    if a.gallery and not a.query:
-        p.error("--gallery is searched with --query \"a sentence\"")
+    if a.serve and (a.query or a.query_index):
+        p.error("--serve starts a page where queries are typed: it takes no --query / --query_index")
+    if a.serve and a.gallery and a.failures:
+        p.error("--failures needs the test split's ground truth: drop --gallery to serve the test split")
+    if not a.serve and (a.host is not None or a.port is not None):
+        p.error("--host / --port go with --serve")
+    if a.gallery and not a.query and not a.serve:
+        p.error("--gallery is searched with --query \"a sentence\" (or in the browser with --serve)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if a.serve:
+        serve(a)
+        return []
 
     r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers)
     out = Path(a.out) if a.out else r.run_dir / VIS_DIR
@@ -73,6 +89,27 @@ def main(argv=None) -> list[Path]:
             saved.append(save_new_png(T.draw_query_grid(res, tile), out / f"query_{res.index:05d}.png"))
     print("\n" + "\n".join(f"saved {s}" for s in saved))
     return saved
+
+
+def serve(a) -> None:
+    """--serve: load the run once, encode (or read from cache) the gallery, answer the page until Ctrl+C."""
+    from search.server import DEFAULT_HOST, DEFAULT_PORT, SearchPage, make_server, page_url
+
+    r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers)
+    if a.gallery:
+        page = SearchPage.for_folder(r, a.gallery)
+    else:
+        page = SearchPage.for_test_split(r, T.load_test_split(r.args),
+                                         start_view="failures" if a.failures else "search")
+    server = make_server(page, a.host or DEFAULT_HOST, DEFAULT_PORT if a.port is None else a.port)
+    print(f"\nsearch page of {page.title} over {len(page.gallery)} images of {page.description}: {page_url(server)}"
+          f"\n(Ctrl+C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        server.server_close()
 
 
 if __name__ == "__main__":

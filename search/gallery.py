@@ -21,10 +21,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 def list_images(folder: str | os.PathLike) -> list[str]:
     """All .jpg/.jpeg/.png files under ``folder`` (recursively, case-insensitive), sorted.
 
-    Symlinks rule (the same for visualize.py --gallery and the search page): symbolic links are followed, to files
-    and to folders, wherever they point (putting a link in the gallery is the owner's choice); each real folder is
-    walked once (a link loop ends there), each real file is listed once (under its first path in sorted order), and
-    a broken link is skipped. How many links were followed, and how many point outside the folder, is logged.
+    Symlinks rule (the same for visualize.py --gallery and the search page): a gallery is what lies inside its
+    folder. Symbolic links are followed, to files and to folders, while they lead to a place inside the folder
+    (another name of a gallery file is listed once, a link loop ends); a link that leads outside the folder is
+    skipped, and so is a broken one; how many were skipped, with the first few names, is logged as a warning. To
+    search photos kept elsewhere, point ``folder`` at them (or at a common parent), not a link at them.
 
     Raises FileNotFoundError when the folder does not exist and ValueError when it holds no image.
     """
@@ -32,8 +33,12 @@ def list_images(folder: str | os.PathLike) -> list[str]:
     if not root.is_dir():
         raise FileNotFoundError(f"gallery folder {str(root)!r} does not exist or is not a directory")
     real_root = os.path.realpath(root)
+
+    def inside(p: str) -> bool:
+        return os.path.commonpath([real_root, os.path.realpath(p)]) == real_root
+
     seen_dirs: set[str] = set()
-    found, links, outside = [], 0, 0
+    found, outside = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real_dir = os.path.realpath(dirpath)
         if real_dir in seen_dirs:  # reached again through a link: a loop, or a second way in
@@ -41,10 +46,17 @@ def list_images(folder: str | os.PathLike) -> list[str]:
             continue
         seen_dirs.add(real_dir)
         dirnames.sort()
+        for d in list(dirnames):
+            if not inside(os.path.join(dirpath, d)):  # a folder link out of the gallery: not walked
+                outside.append(os.path.join(dirpath, d))
+                dirnames.remove(d)
         for name in filenames:
             p = os.path.join(dirpath, name)
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(p):  # broken links: skipped
-                found.append(p)
+                if inside(p):
+                    found.append(p)
+                else:
+                    outside.append(p)
     seen_files: set[str] = set()
     paths = []
     for p in sorted(found):
@@ -53,12 +65,10 @@ def list_images(folder: str | os.PathLike) -> list[str]:
             continue
         seen_files.add(real)
         paths.append(p)
-        if real != os.path.join(real_root, os.path.relpath(p, root)):
-            links += 1
-            outside += os.path.commonpath([real_root, real]) != real_root
-    if links:
-        logger.info("gallery %s: %d image(s) reached through symbolic links (%d outside the folder), followed",
-                    root, links, outside)
+    if outside:
+        outside.sort()
+        logger.warning("gallery %s: %d symbolic link(s) lead outside the folder and are skipped (%s%s)", root,
+                       len(outside), ", ".join(outside[:3]), ", ..." if len(outside) > 3 else "")
     if not paths:
         raise ValueError(f"gallery folder {str(root)!r} contains no images (expected files ending in "
                          f"{', '.join(IMAGE_EXTENSIONS)}, searched recursively)")

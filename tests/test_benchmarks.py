@@ -76,3 +76,9 @@ def test_traffic_counter_counts_operator_inputs_and_outputs():
     with TrafficCounter() as t:
         (w * 2).sum().backward()
     assert t.total > 0 and w.grad is not None
+
+
+def test_bench_search_page_small():
+    out = run("-m", "benchmarks.bench_search_page", "--arch", "scratch:ViT-Micro", "--gallery_size", "300",
+              "--queries", "3", "--topk", "5")
+    assert "HTTP round trip (what the page waits for): median" in out and "target: under 200 ms" in out

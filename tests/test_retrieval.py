@@ -88,9 +88,9 @@ def test_list_images_recursive_and_errors(tmp_path):
         R.list_images(tmp_path / "nope")
 
 
-def test_list_images_follows_symlinks_once_each(tmp_path, caplog):
-    """The gallery's symlink rule: links to files and folders are followed wherever they point; a loop ends, each
-    real file is listed once, a broken link is skipped."""
+def test_list_images_symlink_rule(tmp_path, caplog):
+    """The gallery's symlink rule: links are followed inside the folder (a loop ends, each real file is listed
+    once); links to files or folders outside it are skipped with a warning naming them; a broken link is skipped."""
     paths = write_gallery(tmp_path / "g")
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "more").mkdir(parents=True)
@@ -104,9 +104,11 @@ def test_list_images_follows_symlinks_once_each(tmp_path, caplog):
     os.symlink(tmp_path / "nowhere.png", g / "broken.png")              # a broken link
     with caplog.at_level("INFO", logger="IRRA.retrieval"):
         listed = R.list_images(g)
-    expected = sorted(list(paths.values()) + [str(g / "link_to_file.png"), str(g / "linked_dir" / "deep.jpg")])
-    assert listed == expected
-    assert "2 image(s) reached through symbolic links (2 outside the folder), followed" in caplog.text
+    os.symlink(g / "sub", g / "sub_again")                              # a folder link inside the gallery
+    assert listed == sorted(paths.values())
+    assert (f"2 symbolic link(s) lead outside the folder and are skipped ({g / 'link_to_file.png'}, "
+            f"{g / 'linked_dir'})") in caplog.text
+    assert R.list_images(g) == sorted(paths.values())  # the same file reached twice inside: listed once
 
 
 def test_search_sorted_and_matches_naive_cosine(tmp_path):
