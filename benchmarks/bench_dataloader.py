@@ -4,24 +4,22 @@ By default the demo images (128x64 PNGs) are upscaled to 384x128 by the train tr
 Normalize; --img_aug adds Pad/RandomCrop/RandomErasing); ``--native`` generates the images at 384x128 instead so only
 decoding changes. MLM masking and tokenization caching are included (``--MLM``, on by default).
 
-    python benchmarks/bench_dataloader.py [--root_dir DIR] [--workers 0 2] [--batch_size 64] [--batches 20]
+    python -m benchmarks.bench_dataloader [--root_dir DIR] [--workers 0 2] [--batch_size 64] [--batches 20]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from datasets.build import build_dataloader, set_train_epoch  # noqa: E402
-from utils.options import default_args  # noqa: E402
-from datasets.synthpedes import SynthPEDES  # noqa: E402
+from datasets.build import build_dataloader, set_train_epoch
+from utils.options import default_args
+from datasets.synthpedes import SynthPEDES
 
 
 def measure(args: argparse.Namespace, dataset, workers: int) -> list:

@@ -21,10 +21,10 @@ On CPU, glibc keeps much of the freed activation memory mapped (its mmap thresho
 frees), so the RSS peak lies well above the live tensors and varies from run to run; ``MALLOC_MMAP_THRESHOLD_=131072``
 in the environment fixes the threshold and brings the RSS close to the live memory (printed in the header when set).
 
-    python benchmarks/bench_train_variants.py                               # ViT-B/16, 384x128, bs 8, all three
-    python benchmarks/bench_train_variants.py --batch_size 16 --warmup 1 --runs 1 --variants ours ours_ckpt
+    python -m benchmarks.bench_train_variants                               # ViT-B/16, 384x128, bs 8, all three
+    python -m benchmarks.bench_train_variants --batch_size 16 --warmup 1 --runs 1 --variants ours ours_ckpt
                                                                             # memory: build + 2 training steps
-    python benchmarks/bench_train_variants.py --device auto --precision amp_bf16 --batch_size 64
+    python -m benchmarks.bench_train_variants --device auto --precision amp_bf16 --batch_size 64
 """
 from __future__ import annotations
 
@@ -40,16 +40,16 @@ from typing import Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_train_step import make_batch  # noqa: E402
-from model.build import VALID_PRECISIONS, build_model  # noqa: E402
-from model.clip_model import SCRATCH_ARCHS, SCRATCH_PREFIX  # noqa: E402
-from processor.processor import autocast_context  # noqa: E402
-from solver import build_optimizer  # noqa: E402
-from utils.comm import resolve_device  # noqa: E402
-from utils.options import get_args  # noqa: E402
+from benchmarks.bench_train_step import make_batch
+from model.build import VALID_PRECISIONS, build_model
+from model.clip_model import SCRATCH_ARCHS, SCRATCH_PREFIX
+from processor.processor import prepare_batch, train_step
+from solver import build_optimizer
+from utils.comm import resolve_device
+from utils.options import get_args
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the workers run as python -m from here
 VARIANTS = ("original", "ours", "ours_ckpt")
 RESULT_TAG = "RESULT "  # the worker's last stdout line: RESULT {json}
 GB = 1e9
@@ -208,8 +208,8 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
     model.fast = variant != "original"
     optimizer = build_optimizer(args, model)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "amp_fp16" else None
-    batch = {k: v.to(device) for k, v in
-             make_batch(opt.batch_size, tuple(opt.img_size), opt.text_length, opt.num_classes).items()}
+    host_batch = make_batch(opt.batch_size, tuple(opt.img_size), opt.text_length, opt.num_classes)
+    batch = prepare_batch(model, host_batch, device)  # as the trainer: lengths from the host batch, then the copy
     synchronize(device)
     after_build = cpu_rss() if mem is None else mem.memory_allocated()
     if mem is not None:
@@ -218,21 +218,9 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
     free_grads_first = variant != "original"  # ours frees them before the forward (train_one_epoch), the original after
 
     def step() -> float:
-        if free_grads_first:
-            optimizer.zero_grad(set_to_none=True)
-        with autocast_context(args.precision, device):
-            ret = model(batch)
-        loss = sum(v for k, v in ret.items() if "loss" in k)
-        if not free_grads_first:
-            optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        return float(loss.detach())  # a host sync, as the trainer's logging
+        """The trainer's step (processor.processor.train_step), then a host sync as the trainer's logging."""
+        _, loss = train_step(model, batch, optimizer, scaler, args.precision, free_grads_first=free_grads_first)
+        return float(loss.detach())
 
     clock = time.perf_counter if opt.clock == "wall" else time.process_time
     first_loss = step()
@@ -263,8 +251,8 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
 # driver: one subprocess per variant, then the table
 # ----------------------------------------------------------------------------------------------------------------
 def spawn(argv: List[str], variant: str) -> Dict[str, object]:
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", variant]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "benchmarks.bench_train_variants", *argv, "--worker", variant]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"variant {variant} failed (exit {proc.returncode}):\n"

@@ -36,13 +36,13 @@ if [ -z "${SKIP_FULL:-}" ]; then
         echo "== full size, bs $FULL_BS, $p: original vs ours vs ours + grad checkpointing"
         PROF=()
         if [ "$p" = "${PROFILE_PRECISION:-fp16}" ] && [ "${PROFILE:-0}" -gt 0 ]; then PROF=(--profile "$PROFILE"); fi
-        timeout "${FULL_TIMEOUT:-120}" "$PY" benchmarks/bench_train_variants.py --device "$DEVICE" --precision "$p" --batch_size "$FULL_BS" \
+        timeout "${FULL_TIMEOUT:-120}" "$PY" -m benchmarks.bench_train_variants --device "$DEVICE" --precision "$p" --batch_size "$FULL_BS" \
             --warmup 2 --runs 5 --json "$RESULTS/full_$p.json" "${PROF[@]}" || echo "FAILED: full size $p"
         case " ${OPT_PRECISIONS:-fp16 amp_bf16} " in *" $p "*)
             for i in "${!OPT_VARIANTS[@]}"; do
                 echo "== full size, bs $FULL_BS, $p: ours ${OPT_VARIANTS[$i]}"
                 # shellcheck disable=SC2086  # the option list splits on purpose
-                timeout "${FULL_TIMEOUT:-120}" "$PY" benchmarks/bench_train_variants.py --device "$DEVICE" --precision "$p" \
+                timeout "${FULL_TIMEOUT:-120}" "$PY" -m benchmarks.bench_train_variants --device "$DEVICE" --precision "$p" \
                     --batch_size "$FULL_BS" --warmup 2 --runs 5 --variants ours ${OPT_VARIANTS[$i]} \
                     --json "$RESULTS/full_${p}_opt$i.json" || echo "FAILED: full size $p ${OPT_VARIANTS[$i]}"
             done;;
@@ -71,7 +71,7 @@ if [ "$DEVICE" != "cpu" ] && [ "$NGPU" -ge 2 ] || [ -n "${FORCE_DDP:-}" ]; then
     echo "== DDP over $NPROC processes vs one process, identity sampler, fp32"
     "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" train.py "${COMMON[@]}" --name ddp "${DDP[@]}"
     "$PY" train.py "${COMMON[@]}" --name one_process "${DDP[@]}"
-    "$PY" benchmarks/compare_runs.py "$WORK"/logs/SynthPEDES/*_ddp "$WORK"/logs/SynthPEDES/*_one_process \
+    "$PY" -m benchmarks.compare_runs "$WORK"/logs/SynthPEDES/*_ddp "$WORK"/logs/SynthPEDES/*_one_process \
         --atol "${DDP_ATOL:-1e-3}" --metric_atol "${DDP_METRIC_ATOL:-0.5}" || echo "FAILED: DDP differs from one process"
 fi
 for f in "$WORK"/logs/SynthPEDES/*/metrics.jsonl; do [ -e "$f" ] && echo "$f: $(tail -n 1 "$f")"; done

@@ -1,5 +1,5 @@
-"""Smoke runs of the benchmark scripts at tiny sizes, so that they keep working (figures are not asserted here:
-speed targets live in the scripts' output, see README)."""
+"""Smoke runs of the benchmark scripts at tiny sizes (``python -m benchmarks.x``, as the README runs them), so that they
+keep working (figures are not asserted here: speed targets live in the scripts' output, see README)."""
 import json
 import os
 import subprocess
@@ -9,14 +9,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*args, timeout=240):
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # python -m from the repository root
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout
 
 
 def test_bench_train_step_small():
-    out = run("benchmarks/bench_train_step.py", "--arch", "scratch:ViT-Micro", "--batch_size", "4", "--img_size",
+    out = run("-m", "benchmarks.bench_train_step", "--arch", "scratch:ViT-Micro", "--batch_size", "4", "--img_size",
               "64", "32", "--cmt_depth", "1", "--warmup", "0", "--runs", "1", "--adam", "plain")
     assert "speed-up fast/full (plain Adam)" in out
     diff = float(out.split("max |fast - full| over the forward dict:")[1].split()[0])
@@ -24,14 +25,14 @@ def test_bench_train_step_small():
 
 
 def test_bench_eval_small():
-    out = run("benchmarks/bench_eval.py", "--small")
+    out = run("-m", "benchmarks.bench_eval", "--small")
     assert "speed-up vs naive" in out and "ours vs naive" in out
 
 
 def test_bench_train_variants_small(tmp_path):
     """original / ours / ours + --grad_checkpointing, each in its own process, at tiny size."""
     out_json = str(tmp_path / "variants.json")
-    out = run("benchmarks/bench_train_variants.py", "--arch", "scratch:ViT-Micro", "--batch_size", "4", "--img_size",
+    out = run("-m", "benchmarks.bench_train_variants", "--arch", "scratch:ViT-Micro", "--batch_size", "4", "--img_size",
               "64", "32", "--cmt_depth", "1", "--warmup", "1", "--runs", "1", "--device", "cpu", "--precision", "fp32",
               "--json", out_json)
     assert "ours vs original:" in out and "grad checkpointing vs ours: peak memory" in out
@@ -56,7 +57,6 @@ def test_traffic_counter_counts_operator_inputs_and_outputs():
     the backward's operators count too."""
     import torch
 
-    sys.path.insert(0, REPO)
     from benchmarks.bench_train_variants import TrafficCounter
 
     a, b = torch.randn(4, 5), torch.randn(5, 3, dtype=torch.float64)
