@@ -1,11 +1,12 @@
 """The full-size IRRA training step, measured: the original computation vs ours vs ours with --grad_checkpointing.
 
 Variants (same random weights, same batch, the original's options otherwise):
-  original   ``model.fast = False``, the original's per-parameter Adam (torch's default implementation) and its step
-             order (gradients freed after the forward)
+  original   ``model.fast = False``, the original's per-parameter Adam (torch's default implementation), its step
+             order (gradients freed after the forward) and nn.MultiheadAttention's forward (``--no-fused_attention``)
   ours       ``model.fast = True`` (same numbers; see bench_train_step.py), the same Adam updates with one param group
              per (lr, weight decay) (``--param_groups per_parameter``: the original's layout; ``--fused_optimizer``:
-             fused), the previous step's gradients freed before the forward, as the trainer does
+             fused), the previous step's gradients freed before the forward, as the trainer does, attention by
+             F.scaled_dot_product_attention (``--no-fused_attention``: nn.MultiheadAttention's forward)
   ours_ckpt  ours + ``--grad_checkpointing`` (the transformer blocks are recomputed in backward)
 
 Each variant runs in a fresh subprocess, so that memory peaks do not mix: it builds the model (a ``scratch:``
@@ -194,6 +195,9 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
             "--precision", opt.precision, "--device", str(device)]
     if variant == "ours_ckpt":
         argv.append("--grad_checkpointing")
+    # the original: nn.MultiheadAttention's forward, exact cuts; ours: --fused_attention (default) and --length_bucket
+    argv.append("--fused_attention" if opt.fused_attention and variant != "original" else "--no-fused_attention")
+    argv += ["--length_bucket", str(1 if variant == "original" else opt.length_bucket)]
     if opt.fused_optimizer and variant != "original":
         argv.append("--fused_optimizer")
     # the original: one Adam param group per parameter; ours: the trainer's default (merged) unless --param_groups
@@ -264,7 +268,8 @@ def report(opt: argparse.Namespace, results: Dict[str, Dict[str, object]]) -> No
     first = next(iter(results.values()))
     print(f"arch {scratch_name(opt.arch)}, img {tuple(opt.img_size)}, bs {opt.batch_size}, {opt.loss_names}, "
           f"cmt_depth {opt.cmt_depth}, precision {opt.precision}, device {first['device']}, threads "
-          f"{first['threads']}, {opt.warmup} warm-up + {opt.runs} timed steps per variant ({opt.clock} clock), each in "
+          f"{first['threads']}, ours: fused_attention {opt.fused_attention}, length_bucket {opt.length_bucket}, "
+          f"{opt.warmup} warm-up + {opt.runs} timed steps per variant ({opt.clock} clock), each in "
           f"a fresh process" + (f", MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
                                 if "MALLOC_MMAP_THRESHOLD_" in os.environ else ""))
     print(f"{'variant':10} {'ms/step':>9} {'samples/s':>10} {'GFLOP/sample':>13} {'GB moved/sample':>16} "
@@ -311,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param_groups", choices=("merged", "per_parameter"), default="merged",
                    help="ours / ours_ckpt: merged (one Adam group per lr and weight decay, the trainer's default) or "
                         "per_parameter (the original's, --no-merge_param_groups)")
+    p.add_argument("--fused_attention", default=True, action=argparse.BooleanOptionalAction,
+                   help="ours / ours_ckpt: attention by F.scaled_dot_product_attention (the default; the original "
+                        "variant always uses nn.MultiheadAttention's forward)")
+    p.add_argument("--length_bucket", type=int, default=1, metavar="N",
+                   help="ours / ours_ckpt: the trainer's --length_bucket (caption cut and MLM shapes rounded up)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: time.perf_counter; cpu: time.process_time (CPU seconds of the worker: less sensitive to "

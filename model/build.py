@@ -13,6 +13,7 @@ from torch import nn
 from model import objectives
 from model.clip_model import (LayerNorm, QuickGELU, Transformer, build_CLIP_from_openai_pretrained, convert_weights,
                               check_image_grid, init_transformer_, is_pretrained_file, load_pretrained_file)
+from model.clip_model import ResidualAttentionBlock, fused_multihead_attention
 from utils.choices import LOSSES as VALID_LOSSES
 from utils.choices import PRECISIONS as VALID_PRECISIONS
 from utils.choices import parse_loss_names
@@ -159,6 +160,7 @@ class IRRA(nn.Module):
             # init mlm head
             nn.init.normal_(self.mlm_head.dense.weight, std=fc_std)
             nn.init.normal_(self.mlm_head.fc.weight, std=proj_std)
+        self.set_fused_attention(getattr(args, "fused_attention", True))
 
     def _set_task(self, loss_names: str) -> None:
         self.current_task = parse_loss_names(loss_names)
@@ -173,12 +175,25 @@ class IRRA(nn.Module):
         are unchanged). Returns [B, L, D] (or [B, query_len, D]). The blocks are checkpointed when
         ``set_grad_checkpointing`` turned it on (the fast path's last block included).
         """
-        x = self.cross_attn(self.ln_pre_t(q), self.ln_pre_i(k), self.ln_pre_i(v), need_weights=False)[0]
+        if self.fused_attention:
+            x = fused_multihead_attention(self.cross_attn, self.ln_pre_t(q), self.ln_pre_i(k), self.ln_pre_i(v))
+        else:
+            x = self.cross_attn(self.ln_pre_t(q), self.ln_pre_i(k), self.ln_pre_i(v), need_weights=False)[0]
         x = x.permute(1, 0, 2)  # NLD -> LND
         x = self.cross_modal_transformer(x, query_len=query_len)  # [L or query_len, B, D]
         x = x.permute(1, 0, 2)  # LND -> NLD
         x = self.ln_post(x)
         return x
+
+    def set_fused_attention(self, enable: bool = True) -> None:
+        """Attention by ``F.scaled_dot_product_attention`` (fused kernels) in every block of the image, text and
+        cross-modal transformers and in ``cross_attn`` (``--fused_attention``), or by ``nn.MultiheadAttention``'s
+        forward. Same parameters and state dict; the numbers agree within float rounding (another summation order
+        on some devices; bitwise on the CPU, see README)."""
+        self.fused_attention = bool(enable)
+        for m in self.modules():
+            if isinstance(m, ResidualAttentionBlock):
+                m.fused = self.fused_attention
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of the residual blocks of the image (ViT), text and cross-modal transformers:
