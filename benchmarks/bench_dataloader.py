@@ -14,7 +14,6 @@ import statistics
 import tempfile
 import time
 
-
 import torch
 
 from datasets.build import build_dataloader, set_train_epoch

@@ -37,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -119,9 +119,10 @@ def flop_counter():
     return fc.FlopCounterMode(display=False, custom_mapping=custom)
 
 
-def profile_step(step, device: torch.device, rows: int) -> str:
+def profile_step(step, device: torch.device, rows: int) -> Tuple[str, Optional[float]]:
     """One more step under torch.profiler: the ``rows`` operators with the most self time on the device (on the CPU
-    when there is no accelerator), as torch's table."""
+    when there is no accelerator), as torch's table, and the seconds the device was busy (the sum of every
+    operator's self device time; None without an accelerator)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -133,7 +134,9 @@ def profile_step(step, device: torch.device, rows: int) -> str:
         step()
         synchronize(device)
     sort = f"self_{device.type}_time_total" if len(activities) > 1 else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+    averages = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in averages) * 1e-6 if len(activities) > 1 else None
+    return averages.table(sort_by=sort, row_limit=rows), busy
 
 
 class TrafficCounter:
@@ -238,7 +241,7 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
         synchronize(device)
         times.append(clock() - t0)
     peak = cpu_peak_rss() if mem is None else mem.max_memory_allocated()
-    profile = profile_step(step, device, opt.profile) if opt.profile else None
+    profile, busy_s = profile_step(step, device, opt.profile) if opt.profile else (None, None)
     # FLOPs and bytes moved of one more step, after the peak was read (so that the counters cannot affect it)
     counter, traffic = flop_counter(), TrafficCounter()
     with counter, traffic:
@@ -248,7 +251,7 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
                 flops_per_sample=flops / opt.batch_size, bytes_per_sample=traffic.total / opt.batch_size,
                 step_s=times, median_s=statistics.median(times),
                 mem_after_build=after_build, mem_peak=peak, mem_kind="peak RSS" if mem is None else
-                "max_memory_allocated", profile=profile)
+                "max_memory_allocated", profile=profile, device_busy_s=busy_s)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,6 +283,18 @@ def report(opt: argparse.Namespace, results: Dict[str, Dict[str, object]]) -> No
               f"{r['flops_per_sample'] / 1e9:13.1f} {r['bytes_per_sample'] / GB:16.2f} "
               f"{r['mem_after_build'] / GB:16.2f} {r['mem_peak'] / GB:24.2f}  "
               f"{r['first_loss']:.6f}  " + ", ".join(f"{t * 1e3:.0f}" for t in r["step_s"]))
+
+    for v, r in results.items():
+        extra = []
+        if r.get("device_busy_s") is not None:  # profiled: the device's busy time against the unprofiled median step
+            extra.append(f"device busy {r['device_busy_s'] * 1e3:.1f} ms of the {r['median_s'] * 1e3:.1f} ms step "
+                         f"({r['device_busy_s'] / r['median_s']:.0%}, torch.profiler)")
+        if opt.peak_tflops:
+            achieved = r["flops_per_sample"] * opt.batch_size / r["median_s"]
+            extra.append(f"{achieved / 1e12:.1f} TFLOP/s counted, MFU {achieved / (opt.peak_tflops * 1e12):.1%} of "
+                         f"{opt.peak_tflops:g} TFLOP/s")
+        if extra:
+            print(f"{v}: " + "; ".join(extra))
 
     def ratio(a: str, b: str, key: str) -> Optional[float]:
         return results[a][key] / results[b][key] if a in results and b in results else None
@@ -327,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "other processes on a shared machine; use with --threads 1)")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, profile one step (torch.profiler) and print its ROWS most costly operators")
+    p.add_argument("--peak_tflops", type=float, default=0.0,
+                   help="the device's peak TFLOP/s in this precision (e.g. 989 for an H100/H200 SXM in dense "
+                        "fp16/bf16): also report MFU = counted FLOPs per second / peak")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--worker", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     return p

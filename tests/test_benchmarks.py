@@ -34,8 +34,10 @@ def test_bench_train_variants_small(tmp_path):
     out_json = str(tmp_path / "variants.json")
     out = run("-m", "benchmarks.bench_train_variants", "--arch", "scratch:ViT-Micro", "--batch_size", "4", "--img_size",
               "64", "32", "--cmt_depth", "1", "--warmup", "1", "--runs", "1", "--device", "cpu", "--precision", "fp32",
-              "--json", out_json)
+              "--json", out_json, "--peak_tflops", "1", "--profile", "2")
     assert "ours vs original:" in out and "grad checkpointing vs ours: peak memory" in out
+    assert "ours: fused_attention True, length_bucket 1" in out and "profile of one step" in out
+    assert "ours: " in out and "MFU" in out and "device busy" not in out  # no accelerator: no device time
     with open(out_json) as f:
         res = json.load(f)["results"]
     assert list(res) == ["original", "ours", "ours_ckpt"]
@@ -50,6 +52,14 @@ def test_bench_train_variants_small(tmp_path):
     assert res["ours_ckpt"]["bytes_per_sample"] > res["ours"]["bytes_per_sample"]
     for r in res.values():
         assert r["device"] == "cpu" and r["mem_peak"] >= r["mem_after_build"] > 0 and len(r["step_s"]) == 1
+
+
+def test_bench_encode_small():
+    out = run("-m", "benchmarks.bench_encode", "--arch", "scratch:ViT-Micro", "--img_size", "64", "32", "--images",
+              "8", "--texts", "16", "--batch_size", "8", "--runs", "1")
+    assert "ours vs original: images" in out
+    diff = float(out.split("over the first batch's features:")[1].split()[0])
+    assert diff < 1e-4  # the cut and the fused attention keep the features
 
 
 def test_traffic_counter_counts_operator_inputs_and_outputs():
