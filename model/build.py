@@ -96,8 +96,8 @@ class IRRA(nn.Module):
     The lengths of (a) and (b) are read from the batch's tensors (a device-to-host copy) unless the batch carries
     them as Python ints (:meth:`host_lengths`, which the trainer computes before the batch goes to the device: the
     training step then has no host sync). ``--length_bucket N`` rounds them up to multiples of N and pads (a)'s
-    masked-token count to a few sizes (:func:`mlm_token_bucket`): the shapes take few values, the losses are bitwise
-    the same.
+    masked-token count to a few sizes (:func:`mlm_token_bucket`): the shapes take few values; the losses agree to
+    float rounding (exact in exact arithmetic, not bitwise: the reductions run over more, zero-weight, positions).
 
     Under DDP (world size > 1, unless ``args.local_negatives``) every loss is over the global batch: image/text
     features and pids are gathered from all ranks for SDM/ITC/CMPM, and the MLM loss and accuracy are means over
