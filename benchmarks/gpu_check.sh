@@ -77,7 +77,7 @@ if [ -z "${SKIP_EVAL:-}" ]; then
 fi
 if [ -z "${SKIP_LOADER:-}" ]; then
     echo "== train loader, bs 64, 384x128 PNGs decoded (SynthPEDES --native), MLM on: samples/s over an epoch, by workers"
-    timeout "${LOADER_TIMEOUT:-300}" "$PY" -m benchmarks.bench_dataloader --native --batch_size 64 --batches 0 \
+    timeout "${LOADER_TIMEOUT:-600}" "$PY" -m benchmarks.bench_dataloader --native --batch_size 64 --batches 0 \
         --repeats 2 --workers ${LOADER_WORKERS:-0 4 8 16} || echo "FAILED: loader"
 fi
 COMMON=(--config configs/demo.yaml --root_dir "$WORK/data" --output_dir "$WORK/logs" --device "$DEVICE"
