@@ -4,24 +4,21 @@ By default the demo images (128x64 PNGs) are upscaled to 384x128 by the train tr
 Normalize; --img_aug adds Pad/RandomCrop/RandomErasing); ``--native`` generates the images at 384x128 instead so only
 decoding changes. MLM masking and tokenization caching are included (``--MLM``, on by default).
 
-    python benchmarks/bench_dataloader.py [--root_dir DIR] [--workers 0 2] [--batch_size 64] [--batches 20]
+    python -m benchmarks.bench_dataloader [--root_dir DIR] [--workers 0 2] [--batch_size 64] [--batches 20]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from datasets.build import build_dataloader, set_train_epoch  # noqa: E402
-from utils.options import default_args  # noqa: E402
-from datasets.synthpedes import SynthPEDES  # noqa: E402
+from datasets.build import build_dataloader, set_train_epoch
+from utils.options import default_args
+from datasets.synthpedes import SynthPEDES
 
 
 def measure(args: argparse.Namespace, dataset, workers: int) -> list:
@@ -34,7 +31,7 @@ def measure(args: argparse.Namespace, dataset, workers: int) -> list:
         it = iter(train_loader)
         next(it)  # warm-up: worker start-up and the first batch are not counted
         n, t0 = 0, time.perf_counter()
-        for _ in range(args.batches):
+        for _ in range(args.batches or len(train_loader) - 1):  # 0: the rest of the epoch
             batch = next(it)
             n += batch["images"].shape[0]
         rates.append(n / (time.perf_counter() - t0))
@@ -47,7 +44,8 @@ def main() -> None:
     p.add_argument("--root_dir", default=None, help="where SynthPEDES is (generated if missing); default: temp dir")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=20, help="timed batches per repeat")
+    p.add_argument("--batches", type=int, default=20,
+                   help="timed batches per repeat (0: a whole epoch but its first, warm-up, batch)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--img_size", type=int, nargs=2, default=(384, 128))
     p.add_argument("--native", action="store_true", help="generate SynthPEDES at --img_size instead of 128x64")

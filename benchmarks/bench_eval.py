@@ -16,7 +16,7 @@ Memory figures per variant: "step peak" = peak RSS during the metric step alone 
 reset via /proc/self/clear_refs just before the step, so it includes the inputs already resident, e.g. the 1.2 GB
 matrix); "process peak" = VmHWM over the whole subprocess (data generation included, read before the reset).
 
-Usage: python benchmarks/bench_eval.py [--small] [--chunk-size N] [--skip-naive]
+Usage: python -m benchmarks.bench_eval [--small] [--chunk-size N] [--skip-naive]
 """
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.reference import rank_naive  # noqa: E402
-from utils.metrics import DEFAULT_CHUNK_SIZE, _rank_chunk, _RankAccumulator, rank  # noqa: E402
+from benchmarks.reference import rank_naive
+from utils.metrics import DEFAULT_CHUNK_SIZE, _rank_chunk, _RankAccumulator, rank
+
+REPO = str(Path(__file__).resolve().parents[1])  # the workers run as python -m from here
 
 FULL = dict(nq=19848, ng=14993, npid=4102)
 SMALL = dict(nq=3000, ng=2000, npid=600)
@@ -128,10 +129,10 @@ def worker(mode: str, size: dict, chunk_size: int, out: str) -> None:
 
 def run_variant(mode: str, args, tmp: str) -> dict:
     out = os.path.join(tmp, mode)
-    cmd = [sys.executable, __file__, "--worker", mode, "--chunk-size", str(args.chunk_size)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_eval", "--worker", mode, "--chunk-size", str(args.chunk_size)]
     if args.small:
         cmd.append("--small")
-    subprocess.run(cmd + ["--out", out], check=True)
+    subprocess.run(cmd + ["--out", out], check=True, cwd=REPO)
     res = json.loads(Path(out + ".json").read_text())
     res["metrics"] = torch.load(out + ".pt", weights_only=True)
     return res

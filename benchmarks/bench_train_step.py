@@ -5,27 +5,24 @@ the caption ids to the longest caption of the batch before the text transformer;
 This script builds a tiny IRRA (scratch CLIP, width 128), a batch of realistic template captions, checks that the
 two paths give the same losses, then times both and prints samples/s (median of --runs) and the speed-up.
 
-    python benchmarks/bench_train_step.py                       # defaults: bs 32, 192x64, sdm+mlm+id
-    python benchmarks/bench_train_step.py --profile             # + a torch.profiler table for each path
+    python -m benchmarks.bench_train_step                       # defaults: bs 32, 192x64, sdm+mlm+id
+    python -m benchmarks.bench_train_step --profile             # + a torch.profiler table for each path
 """
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
-import sys
 import time
 from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model.build import build_model  # noqa: E402
-from solver import build_optimizer  # noqa: E402
-from utils.options import get_args  # noqa: E402
-from utils.simple_tokenizer import get_tokenizer, tokenize  # noqa: E402
+from model.build import build_model
+from solver import build_optimizer
+from utils.options import get_args
+from utils.simple_tokenizer import get_tokenizer, tokenize
 
 COLORS = ["black", "white", "red", "blue", "green", "grey", "yellow", "brown", "pink", "navy"]
 TOPS = ["t-shirt", "jacket", "coat", "hoodie", "sweater", "shirt", "dress", "blouse"]

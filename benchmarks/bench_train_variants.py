@@ -1,11 +1,12 @@
 """The full-size IRRA training step, measured: the original computation vs ours vs ours with --grad_checkpointing.
 
 Variants (same random weights, same batch, the original's options otherwise):
-  original   ``model.fast = False``, the original's per-parameter Adam (torch's default implementation) and its step
-             order (gradients freed after the forward)
+  original   ``model.fast = False``, the original's per-parameter Adam (torch's default implementation), its step
+             order (gradients freed after the forward) and nn.MultiheadAttention's forward (``--no-fused_attention``)
   ours       ``model.fast = True`` (same numbers; see bench_train_step.py), the same Adam updates with one param group
              per (lr, weight decay) (``--param_groups per_parameter``: the original's layout; ``--fused_optimizer``:
-             fused), the previous step's gradients freed before the forward, as the trainer does
+             fused), the previous step's gradients freed before the forward, as the trainer does, attention by
+             F.scaled_dot_product_attention (``--no-fused_attention``: nn.MultiheadAttention's forward)
   ours_ckpt  ours + ``--grad_checkpointing`` (the transformer blocks are recomputed in backward)
 
 Each variant runs in a fresh subprocess, so that memory peaks do not mix: it builds the model (a ``scratch:``
@@ -21,10 +22,10 @@ On CPU, glibc keeps much of the freed activation memory mapped (its mmap thresho
 frees), so the RSS peak lies well above the live tensors and varies from run to run; ``MALLOC_MMAP_THRESHOLD_=131072``
 in the environment fixes the threshold and brings the RSS close to the live memory (printed in the header when set).
 
-    python benchmarks/bench_train_variants.py                               # ViT-B/16, 384x128, bs 8, all three
-    python benchmarks/bench_train_variants.py --batch_size 16 --warmup 1 --runs 1 --variants ours ours_ckpt
+    python -m benchmarks.bench_train_variants                               # ViT-B/16, 384x128, bs 8, all three
+    python -m benchmarks.bench_train_variants --batch_size 16 --warmup 1 --runs 1 --variants ours ours_ckpt
                                                                             # memory: build + 2 training steps
-    python benchmarks/bench_train_variants.py --device auto --precision amp_bf16 --batch_size 64
+    python -m benchmarks.bench_train_variants --device auto --precision amp_bf16 --batch_size 64
 """
 from __future__ import annotations
 
@@ -36,20 +37,20 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_train_step import make_batch  # noqa: E402
-from model.build import VALID_PRECISIONS, build_model  # noqa: E402
-from model.clip_model import SCRATCH_ARCHS, SCRATCH_PREFIX  # noqa: E402
-from processor.processor import autocast_context  # noqa: E402
-from solver import build_optimizer  # noqa: E402
-from utils.comm import resolve_device  # noqa: E402
-from utils.options import get_args  # noqa: E402
+from benchmarks.bench_train_step import make_batch
+from model.build import VALID_PRECISIONS, build_model
+from model.clip_model import SCRATCH_ARCHS, SCRATCH_PREFIX
+from processor.processor import prepare_batch, train_step
+from solver import build_optimizer
+from utils.comm import resolve_device
+from utils.options import get_args
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the workers run as python -m from here
 VARIANTS = ("original", "ours", "ours_ckpt")
 RESULT_TAG = "RESULT "  # the worker's last stdout line: RESULT {json}
 GB = 1e9
@@ -118,9 +119,10 @@ def flop_counter():
     return fc.FlopCounterMode(display=False, custom_mapping=custom)
 
 
-def profile_step(step, device: torch.device, rows: int) -> str:
+def profile_step(step, device: torch.device, rows: int) -> Tuple[str, Optional[float]]:
     """One more step under torch.profiler: the ``rows`` operators with the most self time on the device (on the CPU
-    when there is no accelerator), as torch's table."""
+    when there is no accelerator), as torch's table, and the seconds the device was busy (the sum of every
+    operator's self device time; None without an accelerator)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -132,7 +134,9 @@ def profile_step(step, device: torch.device, rows: int) -> str:
         step()
         synchronize(device)
     sort = f"self_{device.type}_time_total" if len(activities) > 1 else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+    averages = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in averages) * 1e-6 if len(activities) > 1 else None
+    return averages.table(sort_by=sort, row_limit=rows), busy
 
 
 class TrafficCounter:
@@ -194,6 +198,9 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
             "--precision", opt.precision, "--device", str(device)]
     if variant == "ours_ckpt":
         argv.append("--grad_checkpointing")
+    # the original: nn.MultiheadAttention's forward, exact cuts; ours: --fused_attention (default) and --length_bucket
+    argv.append("--fused_attention" if opt.fused_attention and variant != "original" else "--no-fused_attention")
+    argv += ["--length_bucket", str(1 if variant == "original" else opt.length_bucket)]
     if opt.fused_optimizer and variant != "original":
         argv.append("--fused_optimizer")
     # the original: one Adam param group per parameter; ours: the trainer's default (merged) unless --param_groups
@@ -208,8 +215,8 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
     model.fast = variant != "original"
     optimizer = build_optimizer(args, model)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "amp_fp16" else None
-    batch = {k: v.to(device) for k, v in
-             make_batch(opt.batch_size, tuple(opt.img_size), opt.text_length, opt.num_classes).items()}
+    host_batch = make_batch(opt.batch_size, tuple(opt.img_size), opt.text_length, opt.num_classes)
+    batch = prepare_batch(model, host_batch, device)  # as the trainer: lengths from the host batch, then the copy
     synchronize(device)
     after_build = cpu_rss() if mem is None else mem.memory_allocated()
     if mem is not None:
@@ -218,21 +225,9 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
     free_grads_first = variant != "original"  # ours frees them before the forward (train_one_epoch), the original after
 
     def step() -> float:
-        if free_grads_first:
-            optimizer.zero_grad(set_to_none=True)
-        with autocast_context(args.precision, device):
-            ret = model(batch)
-        loss = sum(v for k, v in ret.items() if "loss" in k)
-        if not free_grads_first:
-            optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        return float(loss.detach())  # a host sync, as the trainer's logging
+        """The trainer's step (processor.processor.train_step), then a host sync as the trainer's logging."""
+        _, loss = train_step(model, batch, optimizer, scaler, args.precision, free_grads_first=free_grads_first)
+        return float(loss.detach())
 
     clock = time.perf_counter if opt.clock == "wall" else time.process_time
     first_loss = step()
@@ -246,7 +241,7 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
         synchronize(device)
         times.append(clock() - t0)
     peak = cpu_peak_rss() if mem is None else mem.max_memory_allocated()
-    profile = profile_step(step, device, opt.profile) if opt.profile else None
+    profile, busy_s = profile_step(step, device, opt.profile) if opt.profile else (None, None)
     # FLOPs and bytes moved of one more step, after the peak was read (so that the counters cannot affect it)
     counter, traffic = flop_counter(), TrafficCounter()
     with counter, traffic:
@@ -256,15 +251,15 @@ def run_variant(opt: argparse.Namespace, variant: str) -> Dict[str, object]:
                 flops_per_sample=flops / opt.batch_size, bytes_per_sample=traffic.total / opt.batch_size,
                 step_s=times, median_s=statistics.median(times),
                 mem_after_build=after_build, mem_peak=peak, mem_kind="peak RSS" if mem is None else
-                "max_memory_allocated", profile=profile)
+                "max_memory_allocated", profile=profile, device_busy_s=busy_s)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # driver: one subprocess per variant, then the table
 # ----------------------------------------------------------------------------------------------------------------
 def spawn(argv: List[str], variant: str) -> Dict[str, object]:
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", variant]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "benchmarks.bench_train_variants", *argv, "--worker", variant]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"variant {variant} failed (exit {proc.returncode}):\n"
@@ -276,7 +271,8 @@ def report(opt: argparse.Namespace, results: Dict[str, Dict[str, object]]) -> No
     first = next(iter(results.values()))
     print(f"arch {scratch_name(opt.arch)}, img {tuple(opt.img_size)}, bs {opt.batch_size}, {opt.loss_names}, "
           f"cmt_depth {opt.cmt_depth}, precision {opt.precision}, device {first['device']}, threads "
-          f"{first['threads']}, {opt.warmup} warm-up + {opt.runs} timed steps per variant ({opt.clock} clock), each in "
+          f"{first['threads']}, ours: fused_attention {opt.fused_attention}, length_bucket {opt.length_bucket}, "
+          f"{opt.warmup} warm-up + {opt.runs} timed steps per variant ({opt.clock} clock), each in "
           f"a fresh process" + (f", MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
                                 if "MALLOC_MMAP_THRESHOLD_" in os.environ else ""))
     print(f"{'variant':10} {'ms/step':>9} {'samples/s':>10} {'GFLOP/sample':>13} {'GB moved/sample':>16} "
@@ -287,6 +283,18 @@ def report(opt: argparse.Namespace, results: Dict[str, Dict[str, object]]) -> No
               f"{r['flops_per_sample'] / 1e9:13.1f} {r['bytes_per_sample'] / GB:16.2f} "
               f"{r['mem_after_build'] / GB:16.2f} {r['mem_peak'] / GB:24.2f}  "
               f"{r['first_loss']:.6f}  " + ", ".join(f"{t * 1e3:.0f}" for t in r["step_s"]))
+
+    for v, r in results.items():
+        extra = []
+        if r.get("device_busy_s") is not None:  # profiled: the device's busy time against the unprofiled median step
+            extra.append(f"device busy {r['device_busy_s'] * 1e3:.1f} ms of the {r['median_s'] * 1e3:.1f} ms step "
+                         f"({r['device_busy_s'] / r['median_s']:.0%}, torch.profiler)")
+        if opt.peak_tflops:
+            achieved = r["flops_per_sample"] * opt.batch_size / r["median_s"]
+            extra.append(f"{achieved / 1e12:.1f} TFLOP/s counted, MFU {achieved / (opt.peak_tflops * 1e12):.1%} of "
+                         f"{opt.peak_tflops:g} TFLOP/s")
+        if extra:
+            print(f"{v}: " + "; ".join(extra))
 
     def ratio(a: str, b: str, key: str) -> Optional[float]:
         return results[a][key] / results[b][key] if a in results and b in results else None
@@ -323,12 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param_groups", choices=("merged", "per_parameter"), default="merged",
                    help="ours / ours_ckpt: merged (one Adam group per lr and weight decay, the trainer's default) or "
                         "per_parameter (the original's, --no-merge_param_groups)")
+    p.add_argument("--fused_attention", default=True, action=argparse.BooleanOptionalAction,
+                   help="ours / ours_ckpt: attention by F.scaled_dot_product_attention (the default; the original "
+                        "variant always uses nn.MultiheadAttention's forward)")
+    p.add_argument("--length_bucket", type=int, default=1, metavar="N",
+                   help="ours / ours_ckpt: the trainer's --length_bucket (caption cut and MLM shapes rounded up)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: time.perf_counter; cpu: time.process_time (CPU seconds of the worker: less sensitive to "
                         "other processes on a shared machine; use with --threads 1)")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, profile one step (torch.profiler) and print its ROWS most costly operators")
+    p.add_argument("--peak_tflops", type=float, default=0.0,
+                   help="the device's peak TFLOP/s in this precision (e.g. 989 for an H100/H200 SXM in dense "
+                        "fp16/bf16): also report MFU = counted FLOPs per second / peak")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--worker", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     return p

@@ -3,8 +3,8 @@
 Made for the DDP check of ``gpu_check.sh`` (``torchrun`` on N GPUs against one process with the same options and
 seed), usable for any two runs that should agree (another loader worker count, a resumed run, another machine).
 
-    python benchmarks/compare_runs.py RUN_A RUN_B                    # run directories (or their last.pth)
-    python benchmarks/compare_runs.py RUN_A RUN_B --atol 1e-3 --metric_atol 0.5
+    python -m benchmarks.compare_runs RUN_A RUN_B                    # run directories (or their last.pth)
+    python -m benchmarks.compare_runs RUN_A RUN_B --atol 1e-3 --metric_atol 0.5
 
 Prints the largest weight difference (the attention key biases apart: see ``split_key_biases``) with the tensor that
 has it, the key biases' largest difference, and the metrics of each epoch side by side. Exit status 1 when a weight
@@ -20,10 +20,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.checkpoint import model_state_dict, read_checkpoint  # noqa: E402
-from utils.run_dir import LAST_CHECKPOINT, METRICS_FILE, read_jsonl, resolve_run  # noqa: E402
+from utils.checkpoint import model_state_dict, read_checkpoint
+from utils.run_dir import LAST_CHECKPOINT, METRICS_FILE, read_jsonl, resolve_run
 
 
 def split_key_biases(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:

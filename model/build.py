@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import objectives
-from model.clip_model import (LayerNorm, QuickGELU, Transformer, build_CLIP_from_openai_pretrained, convert_weights,
+from model.clip_model import (LayerNorm, QuickGELU, ResidualAttentionBlock, Transformer,
+                              build_CLIP_from_openai_pretrained, convert_weights, fused_multihead_attention,
                               init_transformer_)
 from model.pretrained import (BACKBONE_PREFIX, ImagePositions, check_image_grid, checkpoint_num_classes,
                               clip_state_dict_from_checkpoint, image_grid, image_positions, is_pretrained_file,
@@ -36,6 +37,64 @@ HEAD_DIM = 64  # attention head width of the cross-modal modules (heads = embed_
 DEFAULT_STRIDE_SIZE = 16  # --stride_size default, for a configs.yaml without it
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``n``."""
+    return -(-n // multiple) * multiple
+
+
+def caption_cut(caption_ids: torch.Tensor, multiple: int = 1) -> int:
+    """[B, L] ids -> L' = 1 + the largest EOT position (EOT = argmax id) in the batch, rounded up to a multiple of
+    ``multiple`` (at most L; ``--length_bucket``: few distinct shapes). Exact: with causal attention and EOT pooling
+    the EOT features do not depend on later tokens. Reads a value of the tensor: a device-to-host copy
+    when ``caption_ids`` is on an accelerator (the trainer computes it from the batch on the host)."""
+    exact = int(caption_ids.argmax(dim=-1).max()) + 1
+    return min(round_up(exact, multiple), caption_ids.shape[1])
+
+
+def mlm_token_bucket(n: int, multiple: int = 8) -> int:
+    """Number of masked tokens -> the MLM head's padded token count: ``n`` itself for ``multiple`` 1; else a multiple
+    of ``multiple`` up to 4 * ``multiple``, then 4 sizes per doubling (with 8: 8, 16, 24, 32, 40, 48, 56, 64, 80, 96,
+    112, 128, 160, ...): at most 25 % padding above 4 * ``multiple``, few distinct shapes."""
+    if multiple == 1:
+        return n
+    if n <= 4 * multiple:
+        return max(multiple, round_up(n, multiple))
+    top = 1 << (n - 1).bit_length()  # top / 2 < n <= top
+    return round_up(n, top // 8)
+
+
+def mlm_lengths(mlm_labels: torch.Tensor, multiple: int = 1) -> Dict[str, int]:
+    """[B, L] MLM labels (0 = not masked) -> ``mlm_query_len``: 1 + the last masked position in the batch, rounded up
+    to a multiple of ``multiple`` (at most L; 1 without masked tokens), and ``mlm_tokens``: the number of masked
+    tokens padded by :func:`mlm_token_bucket` (at most B * mlm_query_len). One device-to-host copy when the labels
+    are on an accelerator."""
+    batch, length = mlm_labels.shape
+    masked = mlm_labels != 0
+    position = torch.arange(1, length + 1, device=mlm_labels.device)  # 1-based, 0 = none
+    count, last = torch.stack([masked.sum(), (masked * position).max()]).tolist()
+    query_len = min(round_up(last, multiple), length) if count else 1
+    return {"mlm_query_len": query_len, "mlm_tokens": min(mlm_token_bucket(count, multiple), batch * query_len)}
+
+
+def host_lengths(batch: Dict[str, torch.Tensor], multiple: int = 1) -> Dict[str, int]:
+    """The fast path's data-dependent lengths, computed from the batch while it is on the host (before it is copied
+    to the device), so that the training step needs no device-to-host copy: ``caption_cut`` (:func:`caption_cut`)
+    and, with MLM labels, ``mlm_query_len`` / ``mlm_tokens`` (:func:`mlm_lengths`); ``multiple``: the length bucket.
+    Add them to the batch (:meth:`IRRA.host_lengths` uses the model's ``--length_bucket``)."""
+    out = {"caption_cut": caption_cut(batch["caption_ids"], multiple)}
+    if "mlm_labels" in batch:
+        out.update(mlm_lengths(batch["mlm_labels"], multiple))
+    return out
+
+
+def masked_first(labels: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, L] labels (0 = not masked) -> [size] flat indices into [B * L]: the masked positions in row-major order,
+    then unmasked ones (label 0, ignored by the loss) up to ``size`` (<= B * L). The same positions as ``labels != 0``
+    as a boolean index, in the same order, without a data-dependent shape (no host sync)."""
+    unmasked = (labels.reshape(-1) == 0).to(torch.uint8)  # [B*L]
+    return torch.argsort(unmasked, stable=True)[:size]
+
+
 class IRRA(nn.Module):
     """IRRA model. ``forward(batch)`` returns a dict of losses/accuracies (keys as the original).
 
@@ -45,6 +104,11 @@ class IRRA(nn.Module):
     (b) caption ids are cut to the longest caption of the batch before the text transformer on the caption path
         (causal attention + EOT pooling make this exact). ``mlm_ids`` are NOT cut: the cross-modal transformer
         attends over all text positions (padding included), so cutting them would change the MLM loss.
+    The lengths of (a) and (b) are read from the batch's tensors (a device-to-host copy) unless the batch carries
+    them as Python ints (:meth:`host_lengths`, which the trainer computes before the batch goes to the device: the
+    training step then has no host sync). ``--length_bucket N`` rounds them up to multiples of N and pads (a)'s
+    masked-token count to a few sizes (:func:`mlm_token_bucket`): the shapes take few values; the losses agree to
+    float rounding (exact in exact arithmetic, not bitwise: the reductions run over more, zero-weight, positions).
 
     Under DDP (world size > 1, unless ``args.local_negatives``) every loss is over the global batch: image/text
     features and pids are gathered from all ranks for SDM/ITC/CMPM, and the MLM loss and accuracy are means over
@@ -52,7 +116,8 @@ class IRRA(nn.Module):
     one process on the whole batch; the returned values are the global ones on every rank.
 
     Options read once from ``args``: loss_names, temperature, id_loss_weight, mlm_loss_weight, cmt_depth,
-    vocab_size, text_length, img_size, stride_size, pretrain_choice, clip_download_root, local_negatives.
+    vocab_size, text_length, img_size, stride_size, pretrain_choice, clip_download_root, local_negatives,
+    length_bucket.
     """
 
     def __init__(self, args: argparse.Namespace, num_classes: int = 11003,
@@ -66,6 +131,9 @@ class IRRA(nn.Module):
         self.mlm_loss_weight = float(args.mlm_loss_weight)
         self.local_negatives = bool(args.local_negatives)
         self.fast = True
+        self.length_bucket = int(getattr(args, "length_bucket", 1))
+        if self.length_bucket < 1:
+            raise ValueError(f"--length_bucket {self.length_bucket}: expected an integer >= 1")
         self.base_model, base_cfg = build_CLIP_from_openai_pretrained(
             args.pretrain_choice, args.img_size, args.stride_size, download_root=args.clip_download_root,
             text_length=args.text_length, state_dict=clip_state_dict)
@@ -103,6 +171,7 @@ class IRRA(nn.Module):
             # init mlm head
             nn.init.normal_(self.mlm_head.dense.weight, std=fc_std)
             nn.init.normal_(self.mlm_head.fc.weight, std=proj_std)
+        self.set_fused_attention(getattr(args, "fused_attention", True))
 
     def _set_task(self, loss_names: str) -> None:
         self.current_task = parse_loss_names(loss_names)
@@ -117,12 +186,25 @@ class IRRA(nn.Module):
         are unchanged). Returns [B, L, D] (or [B, query_len, D]). The blocks are checkpointed when
         ``set_grad_checkpointing`` turned it on (the fast path's last block included).
         """
-        x = self.cross_attn(self.ln_pre_t(q), self.ln_pre_i(k), self.ln_pre_i(v), need_weights=False)[0]
+        if self.fused_attention:
+            x = fused_multihead_attention(self.cross_attn, self.ln_pre_t(q), self.ln_pre_i(k), self.ln_pre_i(v))
+        else:
+            x = self.cross_attn(self.ln_pre_t(q), self.ln_pre_i(k), self.ln_pre_i(v), need_weights=False)[0]
         x = x.permute(1, 0, 2)  # NLD -> LND
         x = self.cross_modal_transformer(x, query_len=query_len)  # [L or query_len, B, D]
         x = x.permute(1, 0, 2)  # LND -> NLD
         x = self.ln_post(x)
         return x
+
+    def set_fused_attention(self, enable: bool = True) -> None:
+        """Attention by ``F.scaled_dot_product_attention`` (fused kernels) in every block of the image, text and
+        cross-modal transformers and in ``cross_attn`` (``--fused_attention``), or by ``nn.MultiheadAttention``'s
+        forward. Same parameters and state dict; the numbers agree within float rounding (another summation order
+        on some devices; bitwise on the CPU, see README)."""
+        self.fused_attention = bool(enable)
+        for m in self.modules():
+            if isinstance(m, ResidualAttentionBlock):
+                m.fused = self.fused_attention
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of the residual blocks of the image (ViT), text and cross-modal transformers:
@@ -141,12 +223,6 @@ class IRRA(nn.Module):
         for transformer in transformers:
             transformer.grad_checkpointing = bool(enable)
 
-    @staticmethod
-    def _cut_text(text: torch.Tensor) -> torch.Tensor:
-        """[B, L] -> [B, L'] with L' = 1 + the largest EOT position (EOT = argmax id) in the batch."""
-        length = int(text.argmax(dim=-1).max().item()) + 1
-        return text[:, :length]
-
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, D] float (CLS token for ViT, attention-pooled token for ResNet)."""
         x = self.base_model.encode_image(image)
@@ -155,80 +231,111 @@ class IRRA(nn.Module):
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """[B, L] ids -> [B, D] float (features at the EOT token)."""
         if self.fast:
-            text = self._cut_text(text)
+            text = text[:, :caption_cut(text, self.length_bucket)]  # one host sync per call (evaluation; the trainer passes the cut)
         x = self.base_model.encode_text(text)
-        return x[torch.arange(x.shape[0]), text.argmax(dim=-1)].float()
+        return x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)].float()
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """batch: images [B,3,H,W], caption_ids [B,L], pids [B] (+ mlm_ids, mlm_labels [B,L] for mlm)."""
-        ret: Dict[str, torch.Tensor] = dict()
-        images = batch["images"]
-        caption_ids = batch["caption_ids"]
-        if self.fast:
-            caption_ids = self._cut_text(caption_ids)
-        image_feats, text_feats = self.base_model(images, caption_ids)  # [B, 1+P, D], [B, L, D]
-        i_feats = image_feats[:, 0, :].float()
-        t_feats = text_feats[torch.arange(text_feats.shape[0]), caption_ids.argmax(dim=-1)].float()
-
-        logit_scale = self.logit_scale
-        ret.update({"temperature": 1 / logit_scale})
-
+        """batch: images [B,3,H,W], caption_ids [B,L], pids [B] (+ mlm_ids, mlm_labels [B,L] for mlm); optionally the
+        host-side lengths of :func:`host_lengths` (Python ints; without them the fast path reads them from the
+        tensors, a device-to-host copy each)."""
+        ret: Dict[str, torch.Tensor] = {"temperature": 1 / self.logit_scale}
+        image_feats, i_feats, t_feats = self.global_features(batch)
         world = 1 if self.local_negatives else get_world_size()
-        if world > 1 and {"itc", "sdm", "cmpm"} & set(self.current_task):
-            # [b, D] per rank -> [world * b, D]: the contrastive losses see the global batch (see class docstring)
-            all_i, all_t, all_pids = gather_with_grad(i_feats), gather_with_grad(t_feats), gather_with_grad(batch["pids"])
-        else:
-            all_i, all_t, all_pids = i_feats, t_feats, batch["pids"]
-
-        if "itc" in self.current_task:
-            ret.update({"itc_loss": scale_grad(objectives.compute_itc(all_i, all_t, logit_scale), world)})
-
-        if "sdm" in self.current_task:
-            ret.update({"sdm_loss": scale_grad(objectives.compute_sdm(all_i, all_t, all_pids, logit_scale), world)})
-
-        if "cmpm" in self.current_task:
-            ret.update({"cmpm_loss": scale_grad(objectives.compute_cmpm(all_i, all_t, all_pids), world)})
-
+        ret.update(self.contrastive_losses(*self.gather_for_losses(i_feats, t_feats, batch["pids"], world), world))
         if "id" in self.current_task:
-            wdtype = self.classifier.weight.dtype  # the original casts with .half() (its weights are always fp16)
-            image_logits = self.classifier(i_feats.to(wdtype)).float()
-            text_logits = self.classifier(t_feats.to(wdtype)).float()
-            id_loss = objectives.compute_id(image_logits, text_logits, batch["pids"]) * self.id_loss_weight
-            ret.update({"id_loss": id_loss})
-            image_pred = torch.argmax(image_logits, dim=1)
-            text_pred = torch.argmax(text_logits, dim=1)
-            ret.update({"img_acc": (image_pred == batch["pids"]).float().mean()})
-            ret.update({"txt_acc": (text_pred == batch["pids"]).float().mean()})
-
+            ret.update(self.id_losses(i_feats, t_feats, batch["pids"]))
         if "mlm" in self.current_task:
-            if "mlm_ids" not in batch or "mlm_labels" not in batch:
-                raise KeyError("loss 'mlm' needs batch['mlm_ids'] and batch['mlm_labels'] (build the data with --MLM)")
-            mlm_ids = batch["mlm_ids"]  # full length: see the class docstring
-            mlm_feats = self.base_model.encode_text(mlm_ids)  # [B, L, D]
-            if self.fast:
-                labels = batch["mlm_labels"]  # [B, L]
-                query_len = int(torch.nonzero(labels)[:, 1].max().item()) + 1 if bool((labels != 0).any()) else 1
-                x = self.cross_former(mlm_feats, image_feats, image_feats, query_len=query_len)  # [B, query_len, D]
-                keep = labels[:, :query_len] != 0  # [B, query_len]
-                mlm_labels = labels[:, :query_len][keep]  # [M]
-                scores = self.mlm_head(x[keep]).float()  # [B, query_len, D] -> [M, D] -> [M, vocab]
-            else:
-                x = self.cross_former(mlm_feats, image_feats, image_feats)  # [B, L, D]
-                x = self.mlm_head(x)  # [B, L, vocab]
-                scores = x.float().reshape(-1, self.vocab_size)  # [B, L, vocab] -> [B*L, vocab]
-                mlm_labels = batch["mlm_labels"].reshape(-1)  # [B, L] -> [B*L]
-            if world > 1:
-                mlm_loss, acc = self._global_mlm(scores, mlm_labels, world)
-            else:
-                mlm_loss = objectives.compute_mlm(scores, mlm_labels)
-                pred = scores.max(1)[1]
-                mlm_label_idx = torch.nonzero(mlm_labels)
-                acc = (pred[mlm_label_idx] == mlm_labels[mlm_label_idx]).float().mean()
-            ret.update({"mlm_loss": mlm_loss * self.mlm_loss_weight})
-            ret.update({"mlm_acc": acc})
-
+            ret.update(self.mlm_losses(*self.mlm_scores(batch, image_feats), world))
         return ret
 
+    def global_features(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The CLIP pass over images and captions: (image tokens [B, 1+P, D], image features [B, D] float,
+        text features at the EOT token [B, D] float). The fast path cuts the captions first (exact: see the class)."""
+        caption_ids = batch["caption_ids"]
+        if self.fast:
+            cut = batch.get("caption_cut")
+            caption_ids = caption_ids[:, :(caption_cut(caption_ids, self.length_bucket) if cut is None else cut)]
+        image_feats, text_feats = self.base_model(batch["images"], caption_ids)  # [B, 1+P, D], [B, L, D]
+        i_feats = image_feats[:, 0, :].float()
+        rows = torch.arange(text_feats.shape[0], device=text_feats.device)
+        t_feats = text_feats[rows, caption_ids.argmax(dim=-1)].float()
+        return image_feats, i_feats, t_feats
+
+    def host_lengths(self, batch: Dict[str, torch.Tensor]) -> Dict[str, int]:
+        """:func:`host_lengths` of the batch (on the host) with this model's ``--length_bucket``."""
+        return host_lengths(batch, self.length_bucket)
+
+    def gather_for_losses(self, i_feats: torch.Tensor, t_feats: torch.Tensor, pids: torch.Tensor,
+                          world: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the contrastive losses need: under DDP (``world`` > 1) the image/text features and pids of every
+        rank, [b, D] per rank -> [world * b, D] (gradients through this rank's slice: see the class docstring);
+        otherwise the inputs themselves."""
+        if world > 1 and {"itc", "sdm", "cmpm"} & set(self.current_task):
+            return gather_with_grad(i_feats), gather_with_grad(t_feats), gather_with_grad(pids)
+        return i_feats, t_feats, pids
+
+    def contrastive_losses(self, all_i: torch.Tensor, all_t: torch.Tensor, all_pids: torch.Tensor,
+                           world: int) -> Dict[str, torch.Tensor]:
+        """ITC / SDM / CMPM (those in the task) over the (gathered) features, gradients scaled by ``world``."""
+        ret: Dict[str, torch.Tensor] = {}
+        logit_scale = self.logit_scale
+        if "itc" in self.current_task:
+            ret["itc_loss"] = scale_grad(objectives.compute_itc(all_i, all_t, logit_scale), world)
+        if "sdm" in self.current_task:
+            ret["sdm_loss"] = scale_grad(objectives.compute_sdm(all_i, all_t, all_pids, logit_scale), world)
+        if "cmpm" in self.current_task:
+            ret["cmpm_loss"] = scale_grad(objectives.compute_cmpm(all_i, all_t, all_pids), world)
+        return ret
+
+    def id_losses(self, i_feats: torch.Tensor, t_feats: torch.Tensor, pids: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Identity classification of both modalities (this rank's samples): id_loss, img_acc, txt_acc."""
+        wdtype = self.classifier.weight.dtype  # the original casts with .half() (its weights are always fp16)
+        image_logits = self.classifier(i_feats.to(wdtype)).float()
+        text_logits = self.classifier(t_feats.to(wdtype)).float()
+        id_loss = objectives.compute_id(image_logits, text_logits, pids) * self.id_loss_weight
+        image_pred = torch.argmax(image_logits, dim=1)
+        text_pred = torch.argmax(text_logits, dim=1)
+        return {"id_loss": id_loss, "img_acc": (image_pred == pids).float().mean(),
+                "txt_acc": (text_pred == pids).float().mean()}
+
+    def mlm_scores(self, batch: Dict[str, torch.Tensor], image_feats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Implicit relation reasoning: the masked captions attend to the image tokens (cross_former), the MLM head
+        predicts the vocabulary. Returns (scores [T, V] float, labels [T], 0 = ignored).
+
+        The original computation (``fast`` False): every position, T = B * L. The fast path: only the first
+        ``mlm_query_len`` positions are queries of the last block, and the head runs on ``mlm_tokens`` positions:
+        the masked ones in row-major order, then (``--length_bucket`` > 1) unmasked ones (label 0, ignored) up to a
+        bucket size (:func:`mlm_token_bucket`). No device-to-host copy when the batch carries :meth:`host_lengths`."""
+        if "mlm_ids" not in batch or "mlm_labels" not in batch:
+            raise KeyError("loss 'mlm' needs batch['mlm_ids'] and batch['mlm_labels'] (build the data with --MLM)")
+        mlm_ids, labels = batch["mlm_ids"], batch["mlm_labels"]  # [B, L] each, full length: see the class docstring
+        mlm_feats = self.base_model.encode_text(mlm_ids)  # [B, L, D]
+        if not self.fast:
+            x = self.cross_former(mlm_feats, image_feats, image_feats)  # [B, L, D]
+            x = self.mlm_head(x)  # [B, L, vocab]
+            return x.float().reshape(-1, self.vocab_size), labels.reshape(-1)  # [B*L, vocab], [B*L]
+        if "mlm_query_len" not in batch or "mlm_tokens" not in batch:
+            lengths = mlm_lengths(labels, self.length_bucket)  # a device-to-host copy
+        else:
+            lengths = {"mlm_query_len": batch["mlm_query_len"], "mlm_tokens": batch["mlm_tokens"]}
+        query_len = lengths["mlm_query_len"]
+        x = self.cross_former(mlm_feats, image_feats, image_feats, query_len=query_len)  # [B, query_len, D]
+        index = masked_first(labels[:, :query_len], lengths["mlm_tokens"])  # [T] flat positions in [B, query_len]
+        rows, cols = index // query_len, index % query_len
+        return self.mlm_head(x[rows, cols]).float(), labels[rows, cols]  # [T, D] -> [T, vocab]; [T]
+
+    def mlm_losses(self, scores: torch.Tensor, labels: torch.Tensor, world: int) -> Dict[str, torch.Tensor]:
+        """mlm_loss (times ``mlm_loss_weight``) and mlm_acc over the masked tokens (labels != 0); under DDP over those
+        of the global batch (:meth:`_global_mlm`)."""
+        if world > 1:
+            mlm_loss, acc = self._global_mlm(scores, labels, world)
+        else:
+            mlm_loss = objectives.compute_mlm(scores, labels)
+            masked = labels != 0
+            # the mean of pred == label over the masked tokens, without a data-dependent shape (no host sync)
+            acc = ((scores.argmax(dim=1) == labels) & masked).sum().float() / masked.sum().float()
+        return {"mlm_loss": mlm_loss * self.mlm_loss_weight, "mlm_acc": acc}
 
     @staticmethod
     def _global_mlm(scores: torch.Tensor, labels: torch.Tensor, world: int) -> Tuple[torch.Tensor, torch.Tensor]:

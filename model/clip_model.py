@@ -191,8 +191,63 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def _is_causal_mask(mask: Optional[torch.Tensor]) -> bool:
+    """True for CLIP's text mask: a square additive mask, -inf above the diagonal and 0 elsewhere."""
+    if mask is None or mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
+        return False
+    return bool(torch.equal(mask, torch.full_like(mask, float("-inf")).triu_(1)))
+
+
+def fused_multihead_attention(attn: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,
+                              value: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                              is_causal: bool = False) -> torch.Tensor:
+    """``attn(query, key, value, need_weights=False, attn_mask=attn_mask)[0]`` computed with
+    ``F.scaled_dot_product_attention`` (fused kernels) from the module's own parameters (the state dict is the
+    module's). query [Lq, B, D], key / value [L, B, D] (NLD for a ``batch_first`` module) -> [Lq, B, D] (NLD).
+
+    The projections follow torch's: one packed projection when query, key and value are the same tensor, a q and a
+    packed k/v projection when key is value, three otherwise. ``is_causal`` (query and key of the same length)
+    replaces an additive causal mask (the fused kernels then skip the masked blocks). Dropout, key padding masks and
+    bias_k/bias_v are not supported (CLIP and IRRA use none)."""
+    if attn.dropout > 0.0 or attn.bias_k is not None or attn.add_zero_attn or not attn._qkv_same_embed_dim:
+        raise ValueError("fused_multihead_attention: dropout, bias_k/bias_v, add_zero_attn and separate q/k/v "
+                         "weights are not supported")
+    if attn.batch_first:  # NLD -> LND, keeping which inputs are the same tensor
+        same_qk, same_kv = query is key, key is value
+        query = query.transpose(0, 1)
+        key = query if same_qk else key.transpose(0, 1)
+        value = key if same_kv else value.transpose(0, 1)
+    q_len, batch, dim = query.shape
+    heads = attn.num_heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    w_q, w_k, w_v = weight.chunk(3)
+    b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
+
+    def heads_first(x: torch.Tensor, n: int) -> Tuple[torch.Tensor, ...]:
+        # [L, B, n * D] -> n x [B, heads, L, D / heads]
+        return x.view(x.shape[0], batch, n, heads, dim // heads).permute(2, 1, 3, 0, 4).unbind(0)
+
+    if query is key and key is value:
+        q, k, v = heads_first(F.linear(query, weight, bias), 3)
+    elif key is value:
+        (q,) = heads_first(F.linear(query, w_q, b_q), 1)
+        k, v = heads_first(F.linear(key, weight[dim:], None if bias is None else bias[dim:]), 2)
+    else:
+        (q,), (k,), (v,) = (heads_first(F.linear(x, w, b), 1) for x, w, b in
+                            ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # [B, heads, Lq, D/h]
+    out = out.permute(2, 0, 1, 3).reshape(q_len * batch, dim)  # [Lq * B, D]
+    out = F.linear(out, attn.out_proj.weight, attn.out_proj.bias).view(q_len, batch, dim)
+    return out.transpose(0, 1) if attn.batch_first else out
+
+
 class ResidualAttentionBlock(nn.Module):
-    """Pre-LN transformer block; input/output LND. ``attn_mask`` (additive, [ctx, ctx]) is sliced to the input."""
+    """Pre-LN transformer block; input/output LND. ``attn_mask`` (additive, [ctx, ctx]) is sliced to the input.
+
+    ``fused`` (default True): attention by ``F.scaled_dot_product_attention`` (:func:`fused_multihead_attention`,
+    CLIP's causal text mask as ``is_causal``) instead of ``nn.MultiheadAttention``'s forward; the parameters and the
+    state dict are the same. :meth:`attention` with ``need_weights=True`` returns the (unfused) attention weights.
+    """
 
     def __init__(self, d_model: int, n_head: int, attn_mask: Optional[torch.Tensor] = None) -> None:
         super().__init__()
@@ -205,17 +260,27 @@ class ResidualAttentionBlock(nn.Module):
         ]))
         self.ln_2 = LayerNorm(d_model)
         self.attn_mask = attn_mask
+        self.causal = _is_causal_mask(attn_mask)  # the mask is CLIP's causal one: is_causal in the fused path
+        self.fused = True
 
-    def attention(self, x: torch.Tensor, query_len: Optional[int] = None) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, query_len: Optional[int] = None,
+                  need_weights: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Self-attention of x [L, B, D]; with ``query_len`` only the first ``query_len`` positions are queries
-        (keys/values are all L positions) and the result is [query_len, B, D]."""
+        (keys/values are all L positions) and the result is [query_len, B, D]. ``need_weights``: also return the
+        attention weights averaged over heads, [B, query_len, L] (``nn.MultiheadAttention``'s unfused path)."""
         q = x if query_len is None else x[:query_len]  # the same tensor when None: torch's packed q/k/v projection
         attn_mask = None
         if self.attn_mask is not None:
             n_ctx = x.shape[0]
             if n_ctx > self.attn_mask.shape[0]:
                 raise ValueError(f"sequence of length {n_ctx} is longer than the attention mask ({self.attn_mask.shape[0]})")
+            if self.fused and self.causal and not need_weights and q is x:
+                return fused_multihead_attention(self.attn, x, x, x, is_causal=True)
             attn_mask = self.attn_mask[:q.shape[0], :n_ctx].to(dtype=x.dtype, device=x.device)
+        if need_weights:
+            return self.attn(q, x, x, need_weights=True, attn_mask=attn_mask)
+        if self.fused:
+            return fused_multihead_attention(self.attn, q, x, x, attn_mask=attn_mask)
         return self.attn(q, x, x, need_weights=False, attn_mask=attn_mask)[0]
 
     def forward(self, x: torch.Tensor, query_len: Optional[int] = None) -> torch.Tensor:

@@ -67,6 +67,44 @@ def optimizer_step_count(optimizer: torch.optim.Optimizer) -> Optional[int]:
     return int(max(float(t) for t in steps)) if steps else 0
 
 
+def prepare_batch(model, batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, object]:
+    """The loader's batch (on the host) -> the step's: the model's data-dependent lengths computed here on the host
+    (``IRRA.host_lengths``: Python ints, so the step needs no device-to-host copy), the tensors copied to ``device``
+    (``non_blocking``: asynchronous from the loader's pinned memory)."""
+    host = getattr(unwrap_model(model), "host_lengths", None)
+    lengths = host(batch) if host is not None else {}
+    return {**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **lengths}
+
+
+def train_step(model, batch: Dict[str, object], optimizer: torch.optim.Optimizer,
+               scaler: Optional[torch.amp.GradScaler] = None, precision: str = "fp32",
+               free_grads_first: bool = True) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """One optimisation step on a batch from :func:`prepare_batch`: forward (autocast for the AMP ``precision``), the
+    sum of the losses, backward (scaled by ``scaler`` for amp_fp16), optimizer step. Returns (the model's outputs,
+    the total loss), on the device: nothing is copied to the host here (the model's fast path reads its lengths
+    from the batch; a GradScaler's step reads whether the gradients are finite, amp_fp16 only).
+
+    ``free_grads_first`` (default, the trainer's order) frees the previous step's gradients before the forward:
+    same numbers, lower peak memory; False is the original's order (gradients freed after the forward, so they are
+    alive during it)."""
+    device = next(unwrap_model(model).parameters()).device
+    if free_grads_first:
+        optimizer.zero_grad(set_to_none=True)
+    with autocast_context(precision, device):
+        ret = model(batch)
+    total_loss = sum(v for k, v in ret.items() if "loss" in k)
+    if not free_grads_first:
+        optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(total_loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        total_loss.backward()
+        optimizer.step()
+    return ret, total_loss
+
+
 def train_one_epoch(args, model, train_loader, optimizer, scaler: Optional[torch.amp.GradScaler],
                     epoch: int) -> Tuple[Dict[str, AverageMeter], Dict[str, torch.Tensor], int]:
     """One pass over ``train_loader``; returns (meters of every loss/accuracy, the last step's outputs, samples)."""
@@ -76,13 +114,10 @@ def train_one_epoch(args, model, train_loader, optimizer, scaler: Optional[torch
     n_iter, num_samples, ret = -1, 0, {}
     steps_before = optimizer_step_count(optimizer) if scaler is not None else None
     for n_iter, batch in enumerate(train_loader):
-        # free the previous step's gradients before this forward (not after it): same numbers, lower peak memory
-        optimizer.zero_grad(set_to_none=True)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast_context(args.precision, device):
-            ret = model(batch)
-        total_loss = sum(v for k, v in ret.items() if "loss" in k)
-        # every loss / accuracy, averaged over ranks under DDP, copied to the host at once (one sync per step)
+        batch = prepare_batch(model, batch, device)
+        ret, total_loss = train_step(model, batch, optimizer, scaler, args.precision)
+        # every loss / accuracy, averaged over ranks under DDP, copied to the host at once (one sync per step,
+        # after the whole step is queued)
         stats = reduce_dict({"loss": total_loss.detach(),
                              **{k: v.detach() for k, v in ret.items() if "loss" in k or "acc" in k}})
         stats = dict(zip(stats, torch.stack([v.float().reshape(()) for v in stats.values()]).tolist()))
@@ -91,14 +126,6 @@ def train_one_epoch(args, model, train_loader, optimizer, scaler: Optional[torch
         num_samples += batch_size
         for k, v in stats.items():
             meters.setdefault(k, AverageMeter()).update(v, batch_size)
-
-        if scaler is not None:
-            scaler.scale(total_loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            total_loss.backward()
-            optimizer.step()
 
         if (n_iter + 1) % args.log_period == 0:
             logger.info(f"Epoch[{epoch}] Iteration[{n_iter + 1}/{len(train_loader)}]"
@@ -199,4 +226,5 @@ def _log_epoch(epoch: int, meters: Dict[str, AverageMeter], ret: Dict[str, torch
                 + ", ".join(f"{k}: {m.avg:.4f}" for k, m in meters.items()))
 
 
-__all__ = ["do_train", "do_inference", "train_one_epoch", "evaluate_and_checkpoint", "autocast_context"]
+__all__ = ["do_train", "do_inference", "train_one_epoch", "train_step", "prepare_batch", "evaluate_and_checkpoint",
+           "autocast_context"]

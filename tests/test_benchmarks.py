@@ -1,5 +1,5 @@
-"""Smoke runs of the benchmark scripts at tiny sizes, so that they keep working (figures are not asserted here:
-speed targets live in the scripts' output, see README)."""
+"""Smoke runs of the benchmark scripts at tiny sizes (``python -m benchmarks.x``, as the README runs them), so that they
+keep working (figures are not asserted here: speed targets live in the scripts' output, see README)."""
 import json
 import os
 import subprocess
@@ -9,14 +9,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*args, timeout=240):
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # python -m from the repository root
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout
 
 
 def test_bench_train_step_small():
-    out = run("benchmarks/bench_train_step.py", "--arch", "scratch:ViT-Micro", "--batch_size", "4", "--img_size",
+    out = run("-m", "benchmarks.bench_train_step", "--arch", "scratch:ViT-Micro", "--batch_size", "4", "--img_size",
               "64", "32", "--cmt_depth", "1", "--warmup", "0", "--runs", "1", "--adam", "plain")
     assert "speed-up fast/full (plain Adam)" in out
     diff = float(out.split("max |fast - full| over the forward dict:")[1].split()[0])
@@ -24,17 +25,19 @@ def test_bench_train_step_small():
 
 
 def test_bench_eval_small():
-    out = run("benchmarks/bench_eval.py", "--small")
+    out = run("-m", "benchmarks.bench_eval", "--small")
     assert "speed-up vs naive" in out and "ours vs naive" in out
 
 
 def test_bench_train_variants_small(tmp_path):
     """original / ours / ours + --grad_checkpointing, each in its own process, at tiny size."""
     out_json = str(tmp_path / "variants.json")
-    out = run("benchmarks/bench_train_variants.py", "--arch", "scratch:ViT-Micro", "--batch_size", "4", "--img_size",
+    out = run("-m", "benchmarks.bench_train_variants", "--arch", "scratch:ViT-Micro", "--batch_size", "4", "--img_size",
               "64", "32", "--cmt_depth", "1", "--warmup", "1", "--runs", "1", "--device", "cpu", "--precision", "fp32",
-              "--json", out_json)
+              "--json", out_json, "--peak_tflops", "1", "--profile", "2")
     assert "ours vs original:" in out and "grad checkpointing vs ours: peak memory" in out
+    assert "ours: fused_attention True, length_bucket 1" in out and "profile of one step" in out
+    assert "ours: " in out and "MFU" in out and "device busy" not in out  # no accelerator: no device time
     with open(out_json) as f:
         res = json.load(f)["results"]
     assert list(res) == ["original", "ours", "ours_ckpt"]
@@ -51,12 +54,19 @@ def test_bench_train_variants_small(tmp_path):
         assert r["device"] == "cpu" and r["mem_peak"] >= r["mem_after_build"] > 0 and len(r["step_s"]) == 1
 
 
+def test_bench_encode_small():
+    out = run("-m", "benchmarks.bench_encode", "--arch", "scratch:ViT-Micro", "--img_size", "64", "32", "--images",
+              "8", "--texts", "16", "--batch_size", "8", "--runs", "1")
+    assert "ours vs original: images" in out
+    diff = float(out.split("over the first batch's features:")[1].split()[0])
+    assert diff < 1e-4  # the cut and the fused attention keep the features
+
+
 def test_traffic_counter_counts_operator_inputs_and_outputs():
     """TrafficCounter: every non-view operator reads its tensor inputs and writes its outputs; views move nothing;
     the backward's operators count too."""
     import torch
 
-    sys.path.insert(0, REPO)
     from benchmarks.bench_train_variants import TrafficCounter
 
     a, b = torch.randn(4, 5), torch.randn(5, 3, dtype=torch.float64)

@@ -152,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grad_checkpointing", default=False, action="store_true",
                         help="recompute the transformer blocks' activations in backward: less memory, more compute, "
                              "same numbers")
+    parser.add_argument("--fused_attention", default=True, action=argparse.BooleanOptionalAction,
+                        help="attention by F.scaled_dot_product_attention (fused kernels) in every transformer block "
+                             "and the cross attention (default); --no-fused_attention: nn.MultiheadAttention's forward. "
+                             "Same parameters; bitwise the same numbers on the CPU, another summation order on a GPU")
+    parser.add_argument("--length_bucket", type=int, default=1, metavar="N",
+                        help="round the caption cut and the MLM query length up to a multiple of N (at most "
+                             "--text_length) and pad the MLM head's masked tokens to a few sizes, so that the step's "
+                             "shapes take few values (8 for compiled / captured steps); 1 (default): exact cuts. The "
+                             "losses are bitwise the same; LayerNorm gradients differ by float rounding")
     return parser
 
 
