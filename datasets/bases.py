@@ -310,3 +310,96 @@ class ImageTextMLMDataset(ImageTextDataset):
             caption_ids = mlm_ids.clone()
         return {"pids": pid, "image_ids": image_id, "images": img, "caption_ids": caption_ids,
                 "mlm_ids": mlm_ids, "mlm_labels": mlm_labels}
+
+
+def _save_npy_atomic(path: str, array) -> None:
+    """np.save to ``path`` through a temporary file in the same folder and os.replace (no half-written file)."""
+    import os
+    import tempfile
+
+    import numpy as np
+    folder = op.dirname(op.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npy", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        if op.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def draw_noisy_index(num_rows: int, noisy_rate: float, seed: int):
+    """RDE's noise model from ``(seed, noisy_rate)``: ``int(noisy_rate * num_rows)`` rows, drawn at random, get their
+    captions permuted among themselves (a row may draw its own caption back, it then stays clean). Returns the
+    ``noisy_index`` int64 array [num_rows]: row i gets the caption of row ``noisy_index[i]``."""
+    import numpy as np
+    rng = np.random.default_rng([int(seed), 15])  # 15: this draw's stream, apart from other uses of the seed
+    index = np.arange(num_rows, dtype=np.int64)
+    chosen = rng.permutation(num_rows)[:int(noisy_rate * num_rows)]
+    index[chosen] = rng.permutation(chosen)
+    return index
+
+
+def load_noisy_index(path: str, num_rows: int):
+    """Read an RDE noise index file (``.npy``, int [num_rows], values in [0, num_rows)); errors name the file."""
+    import numpy as np
+    try:
+        index = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--noisy_file {path}: not a readable .npy int array ({e})") from e
+    if index.ndim != 1 or index.shape[0] != num_rows or not np.issubdtype(index.dtype, np.integer):
+        raise ValueError(f"--noisy_file {path}: expected a 1-D int array of {num_rows} entries (one per train pair), "
+                         f"got {index.dtype} {list(index.shape)}")
+    if num_rows and (index.min() < 0 or index.max() >= num_rows):
+        raise ValueError(f"--noisy_file {path}: indices must lie in [0, {num_rows}), got [{index.min()}, "
+                         f"{index.max()}]")
+    return index.astype(np.int64)
+
+
+def inject_noisy_correspondence(dataset: Sequence[TrainRow], noisy_rate: float, noisy_file: Optional[str] = None,
+                                seed: int = 0):
+    """Simulated noisy correspondences (RDE's ``inject_noisy_correspondence``): returns ``(rows, real_correspondences)``.
+
+    ``dataset``: train rows ``(pid, image_id, img_path, caption)`` (not modified; RDE wrote into it). Row i of the
+    result keeps its pid, image id and image and gets the caption of row ``noisy_index[i]``; ``real_correspondences``
+    is an int array [N], 1 where ``noisy_index[i] == i`` (the pair is still true).
+
+    ``noisy_rate == 0``: nothing changes (no file is read). Otherwise ``noisy_index`` comes from ``noisy_file`` when
+    it exists (RDE's shipped ``noiseindex/<dataset>_<rate>.npy`` give RDE's exact noisy sets), else it is drawn from
+    ``seed`` and the rate (:func:`draw_noisy_index`; RDE's own draw was not seeded) and written to ``noisy_file``
+    (atomically) when one is named. The clean / noisy counts are logged.
+    """
+    rows = list(dataset)
+    noisy_index = noisy_correspondence_index(len(rows), noisy_rate, noisy_file, seed)
+    out = [(rows[i][0], rows[i][1], rows[i][2], rows[int(noisy_index[i])][3]) for i in range(len(rows))]
+    return out, real_correspondences(noisy_index, noisy_rate)
+
+
+def real_correspondences(noisy_index, noisy_rate: float = 0.0):
+    """noisy_index [N] -> int array [N], 1 where row i kept its own caption; logs the clean / noisy counts."""
+    import numpy as np
+    real = (np.asarray(noisy_index) == np.arange(len(noisy_index))).astype(np.int64)
+    logger.info("=> noisy rate %s: clean pairs %d, noisy pairs %d, total pairs %d", noisy_rate, int(real.sum()),
+                len(real) - int(real.sum()), len(real))
+    return real
+
+
+def noisy_correspondence_index(nums: int, noisy_rate: float, noisy_file: Optional[str] = None, seed: int = 0):
+    """The ``noisy_index`` [nums] of :func:`inject_noisy_correspondence` (read, or drawn and written)."""
+    import numpy as np
+    if not 0.0 <= float(noisy_rate) <= 1.0:
+        raise ValueError(f"--noisy_rate {noisy_rate}: expected a fraction in [0, 1]")
+    noisy_index = np.arange(nums, dtype=np.int64)
+    if noisy_rate > 0:
+        if noisy_file and op.exists(noisy_file):
+            logger.info("=> noisy index loaded from %s", noisy_file)
+            noisy_index = load_noisy_index(noisy_file, nums)
+        else:
+            noisy_index = draw_noisy_index(nums, noisy_rate, seed)
+            if noisy_file:
+                _save_npy_atomic(noisy_file, noisy_index)
+                logger.info("=> noisy index drawn from seed %d and written to %s", seed, noisy_file)
+    return noisy_index

@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from datasets.build import set_train_epoch
+from processor.ccd import split_prob  # noqa: F401  (RDE's name, re-exported)
 from processor.setup import set_seed
 from utils.comm import get_rank, get_world_size, is_main_process, reduce_dict, unwrap_model
 from utils.meter import AverageMeter
