@@ -68,6 +68,37 @@ def tokenize_all(captions: Sequence[str], tokenizer: SimpleTokenizer, text_lengt
 # Streams of one sample's random draws (distinct seeds from the same (seed, epoch, index)): the image transform, the
 # MLM masks, the caption augmentation.
 STREAM_IMAGE, STREAM_TEXT, STREAM_CAPTION = 0, 1, 2
+STREAM_TOKEN_AUG = 3  # RDE's --txt_aug token augmentation
+
+# RDE's --txt_aug: each word token hit with this probability, then masked / replaced / deleted in these proportions.
+TOKEN_AUG_PROB, TOKEN_AUG_MASK, TOKEN_AUG_REPLACE = 0.20, 0.6, 0.2  # deleted: the remaining 0.2
+
+
+def rde_token_augment(tokens: torch.Tensor, rng: random.Random, mask_token: int) -> torch.Tensor:
+    """RDE's token-level caption augmentation (``ImageTextDataset.txt_data_aug``): tokens [L] ids -> [L] ids.
+
+    Each word token (``0 < id < mask_token``: not padding, SOT, EOT or the mask) is hit with probability 0.2; a hit
+    token becomes ``mask_token`` (60 %), a random id in [1, mask_token) (20 %) or is deleted (20 %, the rest shifts
+    left and zeros fill the end). Draws from ``rng`` in RDE's order."""
+    aug = []
+    token_range = range(1, mask_token)
+    for token in tokens.tolist():
+        if 0 < token < mask_token:
+            prob = rng.random()
+            if prob < TOKEN_AUG_PROB:
+                prob /= TOKEN_AUG_PROB
+                if prob < TOKEN_AUG_MASK:
+                    aug.append(mask_token)
+                elif prob < TOKEN_AUG_MASK + TOKEN_AUG_REPLACE:
+                    aug.append(rng.choice(token_range))
+                # else: deleted
+            else:
+                aug.append(token)
+        else:
+            aug.append(token)
+    out = torch.zeros_like(tokens)
+    out[:len(aug)] = torch.tensor(aug, dtype=tokens.dtype)
+    return out
 
 
 def sample_seed(seed: int, epoch: int, index: int, stream: int = STREAM_IMAGE) -> int:
@@ -113,6 +144,11 @@ class ImageTextDataset(Dataset):
         self.captions_bt = captions_bt
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
         self.caption_ids = tokenize_all([row[3] for row in dataset], self.tokenizer, text_length, truncate)
+        # RDE (set by datasets.build): each sample also returns its "index"; ``token_aug`` turns on RDE's --txt_aug;
+        # ``real_correspondences`` [N] (1 = the pair is true) when noise was injected
+        self.with_index = False
+        self.token_aug = False
+        self.real_correspondences = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -134,11 +170,17 @@ class ImageTextDataset(Dataset):
         return self.caption_aug(caption, caption_bt, random.Random(self.sample_rng(index, STREAM_CAPTION)))
 
     def _caption_ids(self, index: int) -> torch.Tensor:
+        ids = None
         if self.caption_aug is not None:
             caption = self.caption(index)
             if caption != self.dataset[index][3]:  # changed: tokenize it now
-                return tokenize(caption, self.tokenizer, text_length=self.text_length, truncate=self.truncate)
-        return self.caption_ids[index].long()  # .long() copies the cached row
+                ids = tokenize(caption, self.tokenizer, text_length=self.text_length, truncate=self.truncate)
+        if ids is None:
+            ids = self.caption_ids[index].long()  # .long() copies the cached row
+        if self.token_aug:
+            ids = rde_token_augment(ids, random.Random(self.sample_rng(index, STREAM_TOKEN_AUG)),
+                                    self.tokenizer.encoder["<|mask|>"])
+        return ids
 
     def _load(self, index: int) -> Tuple[int, int, Any, torch.Tensor]:
         pid, image_id, img_path, _ = self.dataset[index]
@@ -152,7 +194,10 @@ class ImageTextDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         pid, image_id, img, caption_ids = self._load(index)
-        return {"pids": pid, "image_ids": image_id, "images": img, "caption_ids": caption_ids}
+        out = {"pids": pid, "image_ids": image_id, "images": img, "caption_ids": caption_ids}
+        if self.with_index:
+            out["index"] = index
+        return out
 
 
 class ImageDataset(Dataset):

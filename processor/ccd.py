@@ -111,3 +111,78 @@ def divide(loss_a: torch.Tensor, loss_b: torch.Tensor, seed: int, epoch: int, se
     if real is not None:
         stats.update(clean_set_scores(label_hat, real))
     return label_hat, stats
+
+
+def ccd_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order [N] in which CCD's loss pass visits the training set in ``epoch`` (a permutation from (seed, epoch))."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(ccd_seed(seed, epoch, STREAM_ORDER)))
+
+
+@torch.no_grad()
+def per_sample_losses(model, dataset, batch_size: int, seed: int, epoch: int, num_workers: int = 0,
+                      precision: str = "fp32") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Step 1 of CCD: the per-sample losses (lossA [N] BGE, lossB [N] TSE, float32 on the CPU, in dataset order) of
+    every training pair, the model in eval mode and without gradients (RDE's ``get_loss``; the training augmentation of
+    the dataset's current epoch stays on, as RDE).
+
+    Batches of ``batch_size`` in the order :func:`ccd_order` ``(seed, epoch)``; a pair's loss uses the other pairs of
+    its batch as negatives. Under DDP rank r takes batches r, r + world, ... and the losses are gathered, so every rank
+    returns the same vectors, equal to one process's.
+    """
+    from torch.utils.data import DataLoader
+
+    from datasets.build import collate
+    from processor.processor import autocast_context
+    from utils.comm import all_gather, get_rank, get_world_size, unwrap_model
+
+    net = unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    n = len(dataset)
+    order = ccd_order(n, seed, epoch)
+    world, rank = get_world_size(), get_rank()
+    batches = [order[s:s + batch_size].tolist() for s in range(0, n, batch_size)][rank::world]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
+                        pin_memory=device.type != "cpu")
+    idx, la, lb = [], [], []
+    try:
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast_context(precision, device):
+                loss_a, loss_b, _, _ = net.compute_per_loss(batch)
+            idx.append(batch["index"].cpu())
+            la.append(loss_a.float().cpu())
+            lb.append(loss_b.float().cpu())
+    finally:
+        net.train(was_training)
+    local = (torch.cat(idx) if idx else torch.empty(0, dtype=torch.long),
+             torch.cat(la) if la else torch.empty(0), torch.cat(lb) if lb else torch.empty(0))
+    parts = all_gather(local) if world > 1 else [local]
+    loss_a, loss_b = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
+    for i, a, b in parts:
+        loss_a[i], loss_b[i] = a, b
+    if bool(torch.isnan(loss_a).any() | torch.isnan(loss_b).any()):
+        raise FloatingPointError(f"CCD epoch {epoch}: a per-sample loss is missing or NaN "
+                                 f"({int(torch.isnan(loss_a).sum())} BGE, {int(torch.isnan(loss_b).sum())} TSE)")
+    return loss_a, loss_b
+
+
+def run_ccd(model, dataset, args, epoch: int) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """CCD before ``epoch``: (label_hat [N] float on the CPU, stats incl. the seconds taken); logs the split and,
+    when the dataset knows its true correspondences, the clean set's precision / recall."""
+    import time
+    start = time.time()
+    batch_size = args.ccd_batch_size or args.batch_size
+    loss_a, loss_b = per_sample_losses(model, dataset, batch_size, args.seed, epoch, args.num_workers, args.precision)
+    t_losses = time.time() - start
+    real = getattr(dataset, "real_correspondences", None)
+    label_hat, stats = divide(loss_a, loss_b, args.seed, epoch, args.gmm_setting, real)
+    stats["seconds_losses"] = round(t_losses, 3)
+    stats["seconds"] = round(time.time() - start, 3)
+    msg = (f"CCD epoch {epoch}: clean {stats['clean']} / {stats['total']} (BGE {stats['clean_bge']}, TSE "
+           f"{stats['clean_tse']}, both clean {stats['agree_clean']}, both noisy {stats['agree_noisy']})")
+    if "clean_precision" in stats:
+        msg += f", clean-set precision {stats['clean_precision']:.4f} recall {stats['clean_recall']:.4f}"
+    logger.info(msg + f" [{stats['seconds']:.1f} s, losses {t_losses:.1f} s]")
+    return label_hat, stats

@@ -23,12 +23,15 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from datasets.build import set_train_epoch
-from processor.ccd import split_prob  # noqa: F401  (RDE's name, re-exported)
+from model.rde import is_rde
+from processor.ccd import run_ccd, split_prob  # noqa: F401  (split_prob: RDE's name, re-exported)
 from processor.setup import set_seed
 from utils.comm import get_rank, get_world_size, is_main_process, reduce_dict, unwrap_model
 from utils.meter import AverageMeter
 from utils.metrics import Evaluator
 
+# RDE: one line per epoch with CCD's split (counts, clean-set precision / recall, seconds), next to metrics.jsonl.
+CCD_FILE = "ccd.jsonl"
 # Offsets that separate the per-epoch seeds of different epochs and ranks.
 EPOCH_SEED_STRIDE = 1000
 RANK_SEED_STRIDE = 100003
@@ -70,17 +73,25 @@ def optimizer_step_count(optimizer: torch.optim.Optimizer) -> Optional[int]:
 
 
 def train_one_epoch(args, model, train_loader, optimizer, scaler: Optional[torch.amp.GradScaler],
-                    epoch: int) -> Tuple[Dict[str, AverageMeter], Dict[str, torch.Tensor], int]:
-    """One pass over ``train_loader``; returns (meters of every loss/accuracy, the last step's outputs, samples)."""
+                    epoch: int, label_hat: Optional[torch.Tensor] = None, train_mode: bool = True
+                    ) -> Tuple[Dict[str, AverageMeter], Dict[str, torch.Tensor], int]:
+    """One pass over ``train_loader``; returns (meters of every loss/accuracy, the last step's outputs, samples).
+
+    RDE: ``label_hat`` [N] (CCD's consensus labels, by sample index) goes into each batch as ``batch["label_hat"]``;
+    ``train_mode=False`` trains in eval mode (``--rde_train_eval_mode``, RDE's published behaviour)."""
     device = next(model.parameters()).device
     meters: Dict[str, AverageMeter] = {"loss": AverageMeter()}  # then each loss / accuracy, as they come
-    model.train()
+    model.train(train_mode)
+    if label_hat is not None:
+        label_hat = label_hat.to(device)
     n_iter, num_samples, ret = -1, 0, {}
     steps_before = optimizer_step_count(optimizer) if scaler is not None else None
     for n_iter, batch in enumerate(train_loader):
         # free the previous step's gradients before this forward (not after it): same numbers, lower peak memory
         optimizer.zero_grad(set_to_none=True)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if label_hat is not None:
+            batch["label_hat"] = label_hat[batch["index"]]
         with autocast_context(args.precision, device):
             ret = model(batch)
         total_loss = sum(v for k, v in ret.items() if "loss" in k)
@@ -157,6 +168,7 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
     logger.info("start training")
     if is_main_process():
         _drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), start_epoch)  # epochs redone on resume
+        _drop_metrics_from(os.path.join(args.output_dir, CCD_FILE), start_epoch)
         if tb_writer is None:
             from torch.utils.tensorboard import SummaryWriter
             tb_writer = SummaryWriter(log_dir=args.output_dir)
@@ -164,9 +176,15 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
     for epoch in range(start_epoch, last_epoch + 1):
         set_seed(args.seed + epoch * EPOCH_SEED_STRIDE + get_rank() * RANK_SEED_STRIDE)
         set_train_epoch(train_loader, epoch)
+        label_hat = None
+        if is_rde(model):  # RDE: Consensus Clean Division before every epoch (processor/ccd.py)
+            label_hat, ccd_stats = run_ccd(model, train_loader.dataset, args, epoch)
+            if is_main_process():
+                _append_jsonl(os.path.join(args.output_dir, CCD_FILE), {"epoch": epoch, **ccd_stats})
         start_time = time.time()
         lr = optimizer.param_groups[0]["lr"]
-        meters, ret, num_samples = train_one_epoch(args, model, train_loader, optimizer, scaler, epoch)
+        meters, ret, num_samples = train_one_epoch(args, model, train_loader, optimizer, scaler, epoch, label_hat,
+                                                   train_mode=not (label_hat is not None and args.rde_train_eval_mode))
         scheduler.step()
         _log_epoch(epoch, meters, ret, lr, num_samples, time.time() - start_time, len(train_loader), tb_writer)
         if epoch % args.eval_period == 0:
