@@ -51,7 +51,7 @@ def maxk_pool1d_var(x: torch.Tensor, dim: int, k: int, lengths: Union[torch.Tens
 class MLP(nn.Module):
     """``num_layers`` linear layers, BatchNorm + ReLU after each but the last (VSE-infinity's MLP, as RDE).
 
-    Keys: ``layers.{i}`` (Linear), ``bns.{i}`` (BatchNorm1d; the last one is built but unused, as RDE).
+    Keys: ``layers.{i}`` (Linear), ``bns.{i}`` (BatchNorm1d; the last one is built but unused, as RDE, and frozen).
     forward: [B, N, input_dim] -> [B, N, output_dim] (BatchNorm over the B*N tokens).
     """
 
@@ -62,6 +62,7 @@ class MLP(nn.Module):
         h = [hidden_dim] * (num_layers - 1)
         self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip([input_dim] + h, h + [output_dim]))
         self.bns = nn.ModuleList(nn.BatchNorm1d(k) for k in h + [output_dim])
+        self.bns[-1].requires_grad_(False)  # never used (kept for the keys): no gradient, so DDP does not wait for it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.size()
@@ -112,7 +113,7 @@ class TexualEmbeddingLayer(nn.Module):
 
 
 class VisualEmbeddingLayer(nn.Module):
-    """Image TSE layer (RDE's name). Keys: ``linear.*`` (built but unused, as RDE, so its checkpoints load),
+    """Image TSE layer (RDE's name). Keys: ``linear.*`` (built but unused, as RDE, so its checkpoints load; frozen),
     ``fc.*``, ``mlp.*``.
 
     forward(base_features [B, 1+P, input_dim] (token 0 = CLS), atten [B, 1+P, 1+P] head-averaged attention of the
@@ -124,6 +125,7 @@ class VisualEmbeddingLayer(nn.Module):
         super().__init__()
         self.embed_dim = embed_dim
         self.linear = nn.Linear(input_dim, embed_dim)
+        self.linear.requires_grad_(False)  # never used (kept for the keys): no gradient, so DDP does not wait for it
         self.ratio = ratio
         self.fc = nn.Linear(input_dim, embed_dim)
         self.mlp = MLP(input_dim, embed_dim // 2, embed_dim, 2)
