@@ -320,6 +320,9 @@ def build_model_from_checkpoint(args: argparse.Namespace, weights: Dict[str, tor
         raise ValueError(f"{source} is an {kind.upper()} checkpoint but {config} has --loss_names "
                          f"{args.loss_names!r} ({'an RDE' if is_rde_config else 'an IRRA'} model); use the config of "
                          f"the run that wrote it (an RDE loss such as tal builds RDE)")
+    if kind == "rde":  # the TSE output width from the weights (RDE's checkpoints: 1024)
+        fc = next(v for k, v in weights.items() if k.endswith("visul_emb_layer.fc.weight"))
+        args.tse_embed_dim = int(fc.shape[0])
     clip_sd = clip_state_dict_from_checkpoint(weights)
     check_image_grid(clip_sd, args.img_size, args.stride_size, source=source, config=config)
     num_classes = checkpoint_num_classes(weights)  # None without an id head: num_classes is then unused

@@ -94,3 +94,31 @@ def test_token_augment():
         masked += int((o == mask).sum())
         deleted += 62 - int((o != 0).sum())
     assert abs(masked / (200 * 60) - 0.12) < 0.02 and abs(deleted / (200 * 60) - 0.04) < 0.015
+
+
+def test_test_py_on_rde_released_format(tiny_cuhk_root, tmp_path):
+    """A checkpoint in RDE's released layout ({"model": base_model.* / visul_emb_layer.* / texual_emb_layer.*, "epoch",
+    "iteration", "num_epoch"}) with a configs.yaml as RDE's train.py writes it (its option names, loss_names with
+    run_rde.sh's run-name suffix): test.py evaluates it with (S_bge + S_tse) / 2."""
+    import yaml
+
+    from model.build import build_model
+    from utils.options import default_args
+    torch.manual_seed(0)
+    model = build_model(default_args(loss_names="tal", pretrain_choice="scratch:ViT-Micro", img_size=(64, 32),
+                                     tse_embed_dim=32), 8)
+    run = tmp_path / "rde_run"
+    run.mkdir()
+    torch.save({"model": model.state_dict(), "epoch": 37, "iteration": 0, "num_epoch": 60}, run / "best.pth")
+    cfg = {"name": "RDE", "dataset_name": "CUHK-PEDES", "root_dir": tiny_cuhk_root, "output_dir": str(run),
+           "loss_names": "TAL+sr0.3_tau0.015_margin0.1_n0.5", "noisy_rate": 0.5,
+           "noisy_file": "./noiseindex/CUHK-PEDES_0.5.npy", "tau": 0.015, "margin": 0.1, "select_ratio": 0.3,
+           "img_aug": True, "txt_aug": True, "pretrain_choice": "ViT-B/16", "img_size": [64, 32], "stride_size": 16,
+           "temperature": 0.02, "batch_size": 64, "test_batch_size": 16, "num_workers": 0, "training": True,
+           "distributed": False, "text_length": 77}  # no tse_embed_dim: read from the weights (32 here)
+    with open(run / "configs.yaml", "w") as f:
+        yaml.safe_dump(cfg, f)
+    res = test_script.main(["--config_file", str(run), "--device", "cpu"])
+    assert {"R1", "bge_R1", "tse_R1"} <= set(res)
+    saved = json.load(open(run / "test_metrics.json"))
+    assert "best.pth" in json.dumps(saved)
