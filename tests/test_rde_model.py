@@ -191,3 +191,30 @@ def test_joint_features():
     a, b = torch.randn(5, 3), torch.randn(5, 7)
     j = joint_features(a, b)
     torch.testing.assert_close(j.norm(dim=-1), torch.ones(5))
+
+
+def test_retriever_ranks_by_both_branches(tmp_path):
+    """The Retriever (and so visualize.py) scores an RDE model's pairs by (S_bge + S_tse) / 2."""
+    from PIL import Image
+
+    from datasets.build import build_transforms
+    from processor.retrieval import QueryTokenizer, Retriever
+    from utils.simple_tokenizer import get_tokenizer
+    torch.manual_seed(0)
+    m = build_model(default_args(loss_names="tal", pretrain_choice="scratch:ViT-Micro", img_size=(64, 32),
+                                 tse_embed_dim=16), 3).eval()
+    paths = []
+    for i, colour in enumerate(["red", "blue", "green"]):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (32, 64), colour).save(p)
+        paths.append(str(p))
+    tf = build_transforms(img_size=(64, 32), is_train=False)
+    r = Retriever(m, tf, QueryTokenizer(get_tokenizer(), 77), torch.device("cpu"))
+    q = r.encode_texts(["a man in a red coat"])
+    g = r.encode_images(paths, progress=False)
+    ids = QueryTokenizer(get_tokenizer(), 77)("a man in a red coat").ids[None]
+    imgs = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        cos = lambda a, b: torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).t()
+        want = (cos(m.encode_text(ids), m.encode_image(imgs)) + cos(m.encode_text_tse(ids), m.encode_image_tse(imgs))) / 2
+    torch.testing.assert_close(q @ g.embeddings.t(), want, atol=1e-5, rtol=1e-5)
