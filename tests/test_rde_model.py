@@ -218,3 +218,17 @@ def test_retriever_ranks_by_both_branches(tmp_path):
         cos = lambda a, b: torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).t()
         want = (cos(m.encode_text(ids), m.encode_image(imgs)) + cos(m.encode_text_tse(ids), m.encode_image_tse(imgs))) / 2
     torch.testing.assert_close(q @ g.embeddings.t(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("noisy_rate", 1.5, "noisy_rate"), ("select_ratio", 0.0, "select_ratio"), ("tau", 0.0, "tau"),
+    ("margin", -0.1, "margin"), ("tse_embed_dim", 1, "tse_embed_dim"), ("tse_lr", 0.0, "tse_lr"),
+    ("gmm_setting", "slow", "gmm_setting"), ("ccd_batch_size", 1, "ccd_batch_size")])
+def test_rde_option_checks(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        default_args(loss_names="tal", **{option: value})
+
+
+def test_irra_defaults_untouched_by_rde_options():
+    a = default_args()
+    assert a.loss_names == "sdm+id+mlm" and a.noisy_rate == 0.0 and not a.txt_aug and not a.rde_train_eval_mode
