@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # IRRA paper recipe.   bash run_irra.sh [demo | CUHK-PEDES | ICFG-PEDES | RSTPReid] [extra train.py options]
+# RDE's recipe:        [NOISY_RATE=0.5] bash run_irra.sh rde [CUHK-PEDES | ICFG-PEDES | RSTPReid]   |   bash run_irra.sh rde_demo
 #   demo         : SynthPEDES (generated on first use) + a from-scratch tiny CLIP, CPU, a few minutes.
 #   a dataset    : the paper's recipe with OpenAI ViT-B/16 weights; the dataset under --root_dir (default ./data).
 # The dataset may also come from the DATASET_NAME environment variable, as in the original script.
@@ -37,13 +38,29 @@ train_and_test() {
     RUNS+=("$out")
 }
 
+# RDE (README "Noisy correspondences: RDE"):  [NOISY_RATE=0.5] bash run_irra.sh rde CUHK-PEDES   |   bash run_irra.sh rde_demo
+RDE=()
+if [ "$DATASET_NAME" = "rde" ]; then
+    DATASET_NAME="${1:-CUHK-PEDES}"
+    [ $# -gt 0 ] && shift
+    RATE="${NOISY_RATE:-0.0}"
+    # RDE's run_rde.sh; the GMM setting as RDE's code picks it (it reads the true noise rate: see the README)
+    GMM=$(awk -v r="$RATE" -v d="$DATASET_NAME" 'BEGIN { print ((r > 0.4 || d == "RSTPReid") ? "precise" : "fast") }')
+    RDE=(--name rde --noisy_rate "$RATE" --noisy_file "./noiseindex/${DATASET_NAME}_${RATE}.npy" --gmm_setting "$GMM")
+fi
+DEMO_CFG=configs/demo.yaml
+if [ "$DATASET_NAME" = "rde_demo" ]; then
+    DATASET_NAME=demo
+    DEMO_CFG=configs/rde_demo.yaml
+fi
+
 if [ "$DATASET_NAME" = "demo" ]; then
     # configs/demo.yaml holds the demo's options; train, evaluate best.pth and last.pth, and show what the run is worth.
     if [ ${#SEED_LIST[@]} -eq 0 ]; then
-        train_and_test "$PY" train.py --config configs/demo.yaml "$@"
+        train_and_test "$PY" train.py --config "$DEMO_CFG" "$@"
     fi
     for seed in ${SEED_LIST[@]+"${SEED_LIST[@]}"}; do
-        train_and_test "$PY" train.py --config configs/demo.yaml "$@" --seed "$seed"
+        train_and_test "$PY" train.py --config "$DEMO_CFG" "$@" --seed "$seed"
     done
     for out in "${RUNS[@]}"; do
         echo "Run directory: $out"
@@ -57,7 +74,7 @@ case "$DATASET_NAME" in
     CUHK-PEDES) CFG=configs/cuhk_pedes.yaml ;;
     ICFG-PEDES) CFG=configs/icfg_pedes.yaml ;;
     RSTPReid)   CFG=configs/rstpreid.yaml ;;
-    *) echo "run_irra.sh: unknown dataset '$DATASET_NAME'; valid: demo CUHK-PEDES ICFG-PEDES RSTPReid" >&2; exit 2 ;;
+    *) echo "run_irra.sh: unknown dataset '$DATASET_NAME'; valid: demo CUHK-PEDES ICFG-PEDES RSTPReid (or rde <dataset>, rde_demo)" >&2; exit 2 ;;
 esac
 
 if [ "${NPROC:-1}" -gt 1 ]; then
@@ -66,6 +83,11 @@ else
     LAUNCH=("$PY")
 fi
 # The paper recipe (as the original run_irra.sh), spelled out; the config file adds nothing else.
+if [ ${#RDE[@]} -gt 0 ]; then  # RDE's run_rde.sh, spelled out likewise (configs/rde_<dataset>.yaml)
+    RECIPE=("${LAUNCH[@]}" train.py --config "${CFG/configs\//configs/rde_}" "${RDE[@]}" --img_aug --txt_aug
+        --batch_size 64 --select_ratio 0.3 --tau 0.015 --margin 0.1 --loss_names tal
+        --dataset_name "$DATASET_NAME" --num_epoch 60 "$@")
+else
 RECIPE=("${LAUNCH[@]}" train.py --config "$CFG"
     --name irra
     --img_aug
@@ -75,6 +97,7 @@ RECIPE=("${LAUNCH[@]}" train.py --config "$CFG"
     --dataset_name "$DATASET_NAME"
     --num_epoch 60
     "$@")
+fi
 if [ ${#SEED_LIST[@]} -eq 0 ]; then
     "${RECIPE[@]}"
     exit 0

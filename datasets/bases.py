@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import os.path as op
 import random
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -23,6 +25,7 @@ from torch.utils.data import Dataset
 from datasets.augment import CaptionAugment
 from datasets.check import check_image_files  # the exists level of the image check (was defined here)
 from utils.iotools import read_image
+from utils.run_dir import atomic_write
 
 logger = logging.getLogger("IRRA.dataset")
 
@@ -54,6 +57,37 @@ def tokenize_all(captions: Sequence[str], tokenizer: SimpleTokenizer, text_lengt
 # Streams of one sample's random draws (distinct seeds from the same (seed, epoch, index)): the image transform, the
 # MLM masks, the caption augmentation.
 STREAM_IMAGE, STREAM_TEXT, STREAM_CAPTION = 0, 1, 2
+STREAM_TOKEN_AUG = 3  # RDE's --txt_aug token augmentation
+
+# RDE's --txt_aug: each word token hit with this probability, then masked / replaced / deleted in these proportions.
+TOKEN_AUG_PROB, TOKEN_AUG_MASK, TOKEN_AUG_REPLACE = 0.20, 0.6, 0.2  # deleted: the remaining 0.2
+
+
+def rde_token_augment(tokens: torch.Tensor, rng: random.Random, mask_token: int) -> torch.Tensor:
+    """RDE's token-level caption augmentation (``ImageTextDataset.txt_data_aug``): tokens [L] ids -> [L] ids.
+
+    Each word token (``0 < id < mask_token``: not padding, SOT, EOT or the mask) is hit with probability 0.2; a hit
+    token becomes ``mask_token`` (60 %), a random id in [1, mask_token) (20 %) or is deleted (20 %, the rest shifts
+    left and zeros fill the end). Draws from ``rng`` in RDE's order."""
+    aug = []
+    token_range = range(1, mask_token)
+    for token in tokens.tolist():
+        if 0 < token < mask_token:
+            prob = rng.random()
+            if prob < TOKEN_AUG_PROB:
+                prob /= TOKEN_AUG_PROB
+                if prob < TOKEN_AUG_MASK:
+                    aug.append(mask_token)
+                elif prob < TOKEN_AUG_MASK + TOKEN_AUG_REPLACE:
+                    aug.append(rng.choice(token_range))
+                # else: deleted
+            else:
+                aug.append(token)
+        else:
+            aug.append(token)
+    out = torch.zeros_like(tokens)
+    out[:len(aug)] = torch.tensor(aug, dtype=tokens.dtype)
+    return out
 
 
 def sample_seed(seed: int, epoch: int, index: int, stream: int = STREAM_IMAGE) -> int:
@@ -99,6 +133,11 @@ class ImageTextDataset(Dataset):
         self.captions_bt = captions_bt
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
         self.caption_ids = tokenize_all([row[3] for row in dataset], self.tokenizer, text_length, truncate)
+        # RDE (set by datasets.build): each sample also returns its "index"; ``token_aug`` turns on RDE's --txt_aug;
+        # ``real_correspondences`` [N] (1 = the pair is true) when noise was injected
+        self.with_index = False
+        self.token_aug = False
+        self.real_correspondences = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -120,11 +159,17 @@ class ImageTextDataset(Dataset):
         return self.caption_aug(caption, caption_bt, random.Random(self.sample_rng(index, STREAM_CAPTION)))
 
     def _caption_ids(self, index: int) -> torch.Tensor:
+        ids = None
         if self.caption_aug is not None:
             caption = self.caption(index)
             if caption != self.dataset[index][3]:  # changed: tokenize it now
-                return tokenize(caption, self.tokenizer, text_length=self.text_length, truncate=self.truncate)
-        return self.caption_ids[index].long()  # .long() copies the cached row
+                ids = tokenize(caption, self.tokenizer, text_length=self.text_length, truncate=self.truncate)
+        if ids is None:
+            ids = self.caption_ids[index].long()  # .long() copies the cached row
+        if self.token_aug:
+            ids = rde_token_augment(ids, random.Random(self.sample_rng(index, STREAM_TOKEN_AUG)),
+                                    self.tokenizer.encoder["<|mask|>"])
+        return ids
 
     def _load(self, index: int) -> Tuple[int, int, Any, torch.Tensor]:
         pid, image_id, img_path, _ = self.dataset[index]
@@ -138,7 +183,10 @@ class ImageTextDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         pid, image_id, img, caption_ids = self._load(index)
-        return {"pids": pid, "image_ids": image_id, "images": img, "caption_ids": caption_ids}
+        out = {"pids": pid, "image_ids": image_id, "images": img, "caption_ids": caption_ids}
+        if self.with_index:
+            out["index"] = index
+        return out
 
 
 class ImageDataset(Dataset):
@@ -260,3 +308,84 @@ class ImageTextMLMDataset(ImageTextDataset):
             caption_ids = mlm_ids.clone()
         return {"pids": pid, "image_ids": image_id, "images": img, "caption_ids": caption_ids,
                 "mlm_ids": mlm_ids, "mlm_labels": mlm_labels}
+
+
+def _save_npy_atomic(path: str, array) -> None:
+    """np.save to ``path`` through ``utils.run_dir.atomic_write`` (no half-written file; its folder is made)."""
+    import numpy as np
+    os.makedirs(op.dirname(op.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: np.save(f, array), binary=True)
+
+
+def draw_noisy_index(num_rows: int, noisy_rate: float, seed: int):
+    """RDE's noise model from ``(seed, noisy_rate)``: ``int(noisy_rate * num_rows)`` rows, drawn at random, get their
+    captions permuted among themselves (a row may draw its own caption back, it then stays clean). Returns the
+    ``noisy_index`` int64 array [num_rows]: row i gets the caption of row ``noisy_index[i]``."""
+    import numpy as np
+    rng = np.random.default_rng([int(seed), 15])  # 15: this draw's stream, apart from other uses of the seed
+    index = np.arange(num_rows, dtype=np.int64)
+    chosen = rng.permutation(num_rows)[:int(noisy_rate * num_rows)]
+    index[chosen] = rng.permutation(chosen)
+    return index
+
+
+def load_noisy_index(path: str, num_rows: int):
+    """Read an RDE noise index file (``.npy``, int [num_rows], values in [0, num_rows)); errors name the file."""
+    import numpy as np
+    try:
+        index = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--noisy_file {path}: not a readable .npy int array ({e})") from e
+    if index.ndim != 1 or index.shape[0] != num_rows or not np.issubdtype(index.dtype, np.integer):
+        raise ValueError(f"--noisy_file {path}: expected a 1-D int array of {num_rows} entries (one per train pair), "
+                         f"got {index.dtype} {list(index.shape)}")
+    if num_rows and (index.min() < 0 or index.max() >= num_rows):
+        raise ValueError(f"--noisy_file {path}: indices must lie in [0, {num_rows}), got [{index.min()}, "
+                         f"{index.max()}]")
+    return index.astype(np.int64)
+
+
+def inject_noisy_correspondence(dataset: Sequence[TrainRow], noisy_rate: float, noisy_file: Optional[str] = None,
+                                seed: int = 0):
+    """Simulated noisy correspondences (RDE's ``inject_noisy_correspondence``): returns ``(rows, real_correspondences)``.
+
+    ``dataset``: train rows ``(pid, image_id, img_path, caption)`` (not modified; RDE wrote into it). Row i of the
+    result keeps its pid, image id and image and gets the caption of row ``noisy_index[i]``; ``real_correspondences``
+    is an int array [N], 1 where ``noisy_index[i] == i`` (the pair is still true).
+
+    ``noisy_rate == 0``: nothing changes (no file is read). Otherwise ``noisy_index`` comes from ``noisy_file`` when
+    it exists (RDE's shipped ``noiseindex/<dataset>_<rate>.npy`` give RDE's exact noisy sets), else it is drawn from
+    ``seed`` and the rate (:func:`draw_noisy_index`; RDE's own draw was not seeded) and written to ``noisy_file``
+    (atomically) when one is named. The clean / noisy counts are logged.
+    """
+    rows = list(dataset)
+    noisy_index = noisy_correspondence_index(len(rows), noisy_rate, noisy_file, seed)
+    out = [(rows[i][0], rows[i][1], rows[i][2], rows[int(noisy_index[i])][3]) for i in range(len(rows))]
+    return out, real_correspondences(noisy_index, noisy_rate)
+
+
+def real_correspondences(noisy_index, noisy_rate: float = 0.0):
+    """noisy_index [N] -> int array [N], 1 where row i kept its own caption; logs the clean / noisy counts."""
+    import numpy as np
+    real = (np.asarray(noisy_index) == np.arange(len(noisy_index))).astype(np.int64)
+    logger.info("=> noisy rate %s: clean pairs %d, noisy pairs %d, total pairs %d", noisy_rate, int(real.sum()),
+                len(real) - int(real.sum()), len(real))
+    return real
+
+
+def noisy_correspondence_index(nums: int, noisy_rate: float, noisy_file: Optional[str] = None, seed: int = 0):
+    """The ``noisy_index`` [nums] of :func:`inject_noisy_correspondence` (read, or drawn and written)."""
+    import numpy as np
+    if not 0.0 <= float(noisy_rate) <= 1.0:
+        raise ValueError(f"--noisy_rate {noisy_rate}: expected a fraction in [0, 1]")
+    noisy_index = np.arange(nums, dtype=np.int64)
+    if noisy_rate > 0:
+        if noisy_file and op.exists(noisy_file):
+            logger.info("=> noisy index loaded from %s", noisy_file)
+            noisy_index = load_noisy_index(noisy_file, nums)
+        else:
+            noisy_index = draw_noisy_index(nums, noisy_rate, seed)
+            if noisy_file:
+                _save_npy_atomic(noisy_file, noisy_index)
+                logger.info("=> noisy index drawn from seed %d and written to %s", seed, noisy_file)
+    return noisy_index

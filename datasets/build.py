@@ -25,7 +25,8 @@ import torchvision.transforms as T
 from torch.utils.data import BatchSampler, DataLoader
 
 from datasets.augment import CaptionAugment, RandomOpsPool, image_pool_ops
-from datasets.bases import BACKTRANS_KEY, ImageDataset, ImageTextDataset, ImageTextMLMDataset, TextDataset
+from datasets.bases import (BACKTRANS_KEY, ImageDataset, ImageTextDataset, ImageTextMLMDataset, TextDataset,
+                            noisy_correspondence_index, real_correspondences)
 from datasets.check import check_dataset_images
 from datasets.cuhkpedes import CUHKPEDES
 from datasets.icfgpedes import ICFGPEDES
@@ -33,7 +34,7 @@ from datasets.rstpreid import RSTPReid
 from datasets.sampler import EpochRandomSampler, RandomIdentitySampler, check_identity_batch
 from datasets.sampler_ddp import DistributedRandomSampler, RandomIdentitySampler_DDP
 from datasets.synthpedes import SynthPEDES
-from utils.choices import DATASETS, IMG_AUG_POOL, SAMPLERS, VAL_DATASETS, check_choice
+from utils.choices import DATASETS, IMG_AUG_POOL, RDE_LOSSES, SAMPLERS, VAL_DATASETS, check_choice
 from utils.comm import get_rank, get_world_size, is_main_process
 
 logger = logging.getLogger("IRRA.dataset")
@@ -50,6 +51,11 @@ assert tuple(DATASET_REGISTRY) == DATASETS, "utils/choices.py:DATASETS must list
 # CLIP's image normalisation.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def is_rde_run(args: argparse.Namespace) -> bool:
+    """Whether ``args.loss_names`` selects RDE (model/rde.py)."""
+    return any(n.strip() in RDE_LOSSES for n in str(args.loss_names).split("+"))
 
 
 def build_dataset(name: str, root: str = "./data", verbose: bool = True, **kwargs):
@@ -178,15 +184,25 @@ def build_train_loader(args: argparse.Namespace, dataset, generator: Optional[to
         logger.info("image augmentation pool: %d of %s per sample%s", args.img_aug_pool_ops, list(IMG_AUG_POOL),
                     " (replaces --img_aug's pipeline)" if args.img_aug else "")
     caption_aug, captions_bt = build_caption_aug(args, dataset)
+    train_rows, real = dataset.train, None
+    if args.noisy_rate > 0:  # RDE's simulated noisy correspondences (the parsed dataset is left as it is)
+        noisy_index = noisy_correspondence_index(len(train_rows), args.noisy_rate, args.noisy_file or None, args.seed)
+        train_rows = [(r[0], r[1], r[2], train_rows[int(j)][3]) for r, j in zip(train_rows, noisy_index)]
+        if captions_bt is not None:
+            captions_bt = [captions_bt[int(j)] for j in noisy_index]
+        real = real_correspondences(noisy_index, args.noisy_rate)
     if args.MLM:
         train_set = ImageTextMLMDataset(
-            dataset.train, transform, text_length=args.text_length, seed=args.seed,
+            train_rows, transform, text_length=args.text_length, seed=args.seed,
             mlm_probability=args.mlm_probability, masked_token_rate=args.masked_token_rate,
             masked_token_unchanged_rate=args.masked_token_unchanged_rate, mlm_mask_caption=args.mlm_mask_caption,
             caption_aug=caption_aug, captions_bt=captions_bt)
     else:
-        train_set = ImageTextDataset(dataset.train, transform, text_length=args.text_length, seed=args.seed,
+        train_set = ImageTextDataset(train_rows, transform, text_length=args.text_length, seed=args.seed,
                                      caption_aug=caption_aug, captions_bt=captions_bt)
+    train_set.real_correspondences = real
+    train_set.token_aug = bool(args.txt_aug)
+    train_set.with_index = is_rde_run(args)  # CCD's label_hat is looked up by sample index
 
     common = dict(num_workers=args.num_workers, collate_fn=collate, worker_init_fn=seed_worker, generator=generator,
                   pin_memory=torch.accelerator.is_available())  # page-locked batches for the async copy to a GPU

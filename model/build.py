@@ -21,15 +21,16 @@ from model.clip_model import (LayerNorm, QuickGELU, ResidualAttentionBlock, Tran
                               build_CLIP_from_openai_pretrained, convert_weights, fused_multihead_attention,
                               init_transformer_)
 from model.pretrained import (BACKBONE_PREFIX, ImagePositions, check_image_grid, checkpoint_num_classes,
-                              clip_state_dict_from_checkpoint, image_grid, image_positions, is_pretrained_file,
-                              load_pretrained_file, resize_image_pos_embed)
+                              checkpoint_kind, clip_state_dict_from_checkpoint, image_grid, image_positions,
+                              is_pretrained_file, load_pretrained_file, resize_image_pos_embed, tse_embed_dim)
 from utils.choices import LOSSES as VALID_LOSSES
 from utils.choices import PRECISIONS as VALID_PRECISIONS
-from utils.choices import parse_loss_names
+from utils.choices import RDE_LOSSES, parse_loss_names
 from utils.checkpoint import count_by_module, load_matching_state_dict, load_state_dict, summarize_names
 from utils.comm import all_reduce_sum, gather_with_grad, get_world_size, resolve_device, scale_grad
 from utils.iotools import load_train_configs
 from utils.run_dir import CONFIG_FILE
+from model.rde import RDE, rde_loss_name  # noqa: F401  (RDE's name, as RDE's model/build.py)
 
 logger = logging.getLogger("IRRA.model.build")
 
@@ -353,8 +354,8 @@ class IRRA(nn.Module):
 
 def build_model(args: argparse.Namespace, num_classes: int = 11003,
                 device: Optional[Union[str, torch.device]] = None,
-                clip_state_dict: Optional[Dict[str, torch.Tensor]] = None) -> IRRA:
-    """Build IRRA (on CPU) and apply the precision rule for the target ``device``.
+                clip_state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Union[IRRA, RDE]:
+    """Build IRRA, or RDE when ``args.loss_names`` is an RDE loss (``model/rde.py``), (on CPU) and apply the precision rule for the target ``device``.
 
     ``args.pretrain_choice`` may be an IRRA checkpoint (the original's ``best.pth``, ours, with a ``module.`` prefix
     or a bare state dict; recognised by its ``base_model.*`` keys) to fine-tune from: the backbone is built from its
@@ -376,7 +377,9 @@ def build_model(args: argparse.Namespace, num_classes: int = 11003,
     irra_state_dict = None
     if clip_state_dict is None and is_pretrained_file(args.pretrain_choice):
         clip_state_dict, irra_state_dict = _read_pretrain_file(args)  # the file is read once
-    model = IRRA(args, num_classes, clip_state_dict=clip_state_dict)
+    # an RDE loss name (tal / trl / rde_infonce / rde_sdm, utils/options.py) selects RDE; otherwise IRRA
+    model_cls = RDE if rde_loss_name(parse_loss_names(args.loss_names, VALID_LOSSES + RDE_LOSSES)) else IRRA
+    model = model_cls(args, num_classes, clip_state_dict=clip_state_dict)
     if irra_state_dict is not None:
         _load_irra_pretrain(model, irra_state_dict, args.pretrain_choice)
     if args.grad_checkpointing:
@@ -468,6 +471,14 @@ def build_model_from_checkpoint(args: argparse.Namespace, weights: Dict[str, tor
     ``base_model.*`` (no pretrained CLIP file needed), the number of identities from the classifier. The config's
     image grid is checked against the checkpoint's first (an error names ``config`` and ``source``). The model is
     returned on ``device`` (default ``args.device``) with the weights loaded."""
+    kind = checkpoint_kind(weights)
+    is_rde_config = rde_loss_name(parse_loss_names(args.loss_names, VALID_LOSSES + RDE_LOSSES)) is not None
+    if (kind == "rde") != is_rde_config:
+        raise ValueError(f"{source} is an {kind.upper()} checkpoint but {config} has --loss_names "
+                         f"{args.loss_names!r} ({'an RDE' if is_rde_config else 'an IRRA'} model); use the config of "
+                         f"the run that wrote it (an RDE loss such as tal builds RDE)")
+    if kind == "rde":  # the TSE output width from the weights (RDE's checkpoints: 1024)
+        args.tse_embed_dim = tse_embed_dim(weights)
     clip_sd = clip_state_dict_from_checkpoint(weights)
     check_image_grid(clip_sd, args.img_size, args.stride_size, source=source, config=config)
     num_classes = checkpoint_num_classes(weights)  # None without an id head: num_classes is then unused

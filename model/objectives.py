@@ -104,3 +104,133 @@ def compute_cmpm(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, 
     labels_mask_norm = labels_mask / labels_mask.norm(dim=1)
 
     return _matching_kl(image_proj_text, text_proj_image, labels_mask_norm, epsilon)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RDE (Qin et al., CVPR 2024, "Noisy-Correspondence Learning for Text-to-Image Person Re-identification"): per-sample
+# losses over a text x image cosine matrix ``scores`` [B, B] (rows are texts, columns images; ``scores[i, i]`` is
+# pair i). Names and positional parameters as RDE's ``model/objectives.py``.
+# ---------------------------------------------------------------------------------------------------------------
+
+# RDE's loss types (``compute_per_loss(loss_type=...)``), in RDE's spelling.
+RDE_LOSS_TYPES = ("TAL", "TRL", "InfoNCE", "SDM")
+# RDE clamps the sum of exp(S / tau) over the negatives before its log (fp16 overflow guard); kept for the numbers.
+TAL_NEG_SUM_MAX = 10e35
+
+
+def _same_pid(scores: torch.Tensor, pid: torch.Tensor) -> torch.Tensor:
+    """pid [B] -> [B, B] float, 1 where text i and image j share the identity (on ``scores``' device)."""
+    pid = pid.reshape((-1, 1)).to(scores.device)  # [B] -> [B, 1]
+    return (pid - pid.t() == 0).to(scores.dtype)
+
+
+def _positive_attention(scores: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """alpha [B, B]: softmax of ``scores / tau`` over each row's positives (``labels``), detached (RDE's alpha)."""
+    w = (scores / tau).exp() * labels
+    return (w / w.sum(dim=1, keepdim=True)).detach()
+
+
+def compute_TAL_per(scores: torch.Tensor, pid: torch.Tensor, tau: float, margin: float) -> torch.Tensor:
+    """Triplet Alignment Loss per sample (RDE eq. 9): scores [B, B] (texts x images), pid [B] -> [B].
+
+    For each direction (text -> images: rows; image -> texts: columns):
+    ``[margin - sum_pos alpha * S + tau * log sum_neg exp(S / tau)]_+`` with alpha = softmax over the positives of
+    ``S / tau`` (detached); the two directions are summed.
+    """
+    labels = _same_pid(scores, pid)
+    mask = 1 - labels
+    alpha_i2t = _positive_attention(scores, labels, tau)
+    alpha_t2i = _positive_attention(scores.t(), labels, tau)
+    neg_1 = tau * ((scores / tau).exp() * mask).sum(1).clamp(max=TAL_NEG_SUM_MAX).log()
+    neg_2 = tau * ((scores.t() / tau).exp() * mask).sum(1).clamp(max=TAL_NEG_SUM_MAX).log()
+    loss_1 = (-(alpha_i2t * scores).sum(1) + neg_1 + margin).clamp(min=0)
+    loss_2 = (-(alpha_t2i * scores.t()).sum(1) + neg_2 + margin).clamp(min=0)
+    return loss_1 + loss_2
+
+
+def compute_TRL_per(scores: torch.Tensor, pid: torch.Tensor, margin: float = 0.2, tau: float = 0.02) -> torch.Tensor:
+    """Triplet Ranking Loss with the hardest negative, per sample: scores [B, B], pid [B] -> [B].
+
+    ``[margin + max_neg S - sum_pos alpha * S]_+`` in both directions, alpha as in :func:`compute_TAL_per`. As RDE,
+    the hardest negative is the max of ``mask * S`` (positives count as 0 there).
+    """
+    labels = _same_pid(scores, pid)
+    mask = 1 - labels
+    pos_1 = (_positive_attention(scores, labels, tau) * scores).sum(1)
+    pos_2 = (_positive_attention(scores.t(), labels, tau) * scores.t()).sum(1)
+    neg_1 = (mask * scores).max(1)[0]
+    neg_2 = (mask * scores.t()).max(1)[0]
+    return (margin + neg_1 - pos_1).clamp(min=0) + (margin + neg_2 - pos_2).clamp(min=0)
+
+
+def compute_InfoNCE_per(scores: torch.Tensor, logit_scale: Scale) -> torch.Tensor:
+    """InfoNCE per sample: scores [B, B] -> [B], ``(-log p_i2t[i, i] - log p_t2i[i, i]) / 2`` (pair i = diagonal)."""
+    logits_per_image = logit_scale * scores
+    logits_per_text = logits_per_image.t()
+    p1 = F.softmax(logits_per_image, dim=1)
+    p2 = F.softmax(logits_per_text, dim=1)
+    return (-p1.diag().log() - p2.diag().log()) / 2
+
+
+def compute_sdm_per(scores: torch.Tensor, pid: torch.Tensor, logit_scale: Scale, epsilon: float = 1e-8
+                    ) -> torch.Tensor:
+    """SDM (IRRA's similarity distribution matching) per sample: scores [B, B] (texts x images), pid [B] -> [B]:
+    row i's KL in the image->text direction plus row i's in the text->image direction (not averaged)."""
+    labels = _same_pid(scores, pid)
+    text_proj_image = logit_scale * scores
+    image_proj_text = logit_scale * scores.t()
+    labels_distribute = labels / labels.sum(dim=1)  # broadcast over columns as RDE / IRRA (labels are symmetric)
+    i2t_pred = F.softmax(image_proj_text, dim=1)
+    i2t_loss = i2t_pred * (F.log_softmax(image_proj_text, dim=1) - torch.log(labels_distribute + epsilon))
+    t2i_pred = F.softmax(text_proj_image, dim=1)
+    t2i_loss = t2i_pred * (F.log_softmax(text_proj_image, dim=1) - torch.log(labels_distribute + epsilon))
+    return torch.sum(i2t_loss, dim=1) + torch.sum(t2i_loss, dim=1)
+
+
+def rde_loss_type(loss_type: str) -> str:
+    """RDE's loss type named by ``loss_type`` (RDE matches by substring: 'TAL' in 'TAL+sr0.3' ...), or a ValueError
+    listing the valid ones (RDE called ``exit()``)."""
+    for name in RDE_LOSS_TYPES:
+        if name in str(loss_type):
+            return name
+    raise ValueError(f"RDE loss_type {loss_type!r}: unknown; valid: {list(RDE_LOSS_TYPES)}")
+
+
+def compute_per_loss(image_features: torch.Tensor, text_features: torch.Tensor, pid: torch.Tensor, tau: float = 0.02,
+                     margin: float = 0.2, loss_type: str = "TAL", logit_scale: Scale = 50):
+    """Per-sample RDE loss of matched pairs: image_features [B, D], text_features [B, D], pid [B] ->
+    ``(per_loss [B], diag [B])``, diag = the cosine of each matched pair. ``loss_type``: one of RDE_LOSS_TYPES."""
+    image_norm = image_features / image_features.norm(dim=-1, keepdim=True)
+    text_norm = text_features / text_features.norm(dim=-1, keepdim=True)
+    scores = text_norm @ image_norm.t()  # [B, B], rows are texts
+    kind = rde_loss_type(loss_type)
+    if kind == "TAL":
+        per_loss = compute_TAL_per(scores, pid, tau, margin=margin)
+    elif kind == "TRL":
+        per_loss = compute_TRL_per(scores, pid, tau=tau, margin=margin)
+    elif kind == "InfoNCE":
+        per_loss = compute_InfoNCE_per(scores, logit_scale)
+    else:
+        per_loss = compute_sdm_per(scores, pid, logit_scale)
+    return per_loss, scores.diag()
+
+
+def compute_rbs(i_feats: torch.Tensor, t_feats: torch.Tensor, i_tse_f: torch.Tensor, t_tse_f: torch.Tensor,
+                pid: torch.Tensor, label_hat: Optional[torch.Tensor] = None, tau: float = 0.02, margin: float = 0.1,
+                loss_type: str = "TAL", logit_scale: Scale = 50):
+    """RDE's robust loss of both branches: BGE features i_feats / t_feats [B, D], TSE features i_tse_f / t_tse_f
+    [B, D'], pid [B], label_hat [B] (1 = consensus clean, 0 = noisy; None = all clean) -> ``(loss_bge, loss_tse)``.
+
+    Per-sample losses weighted by ``label_hat``; reduced as RDE: a sum over samples for TAL and TRL, the
+    label_hat-weighted mean for InfoNCE and SDM (a batch without any clean pair gives 0/0 there, as RDE).
+    """
+    loss_bge, _ = compute_per_loss(i_feats, t_feats, pid, tau, margin, loss_type, logit_scale)
+    loss_tse, _ = compute_per_loss(i_tse_f, t_tse_f, pid, tau, margin, loss_type, logit_scale)
+    if label_hat is None:
+        label_hat = torch.ones_like(loss_bge)
+    label_hat = label_hat.to(loss_bge.dtype)
+    loss_bge = (label_hat * loss_bge).sum()
+    loss_tse = (label_hat * loss_tse).sum()
+    if rde_loss_type(loss_type) in ("TAL", "TRL"):
+        return loss_bge, loss_tse
+    return loss_bge / label_hat.sum(), loss_tse / label_hat.sum()

@@ -21,26 +21,19 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from datasets.build import set_train_epoch
+from model.rde import is_rde
+from processor.ccd import run_ccd, split_prob  # noqa: F401  (split_prob: RDE's name, re-exported)
 from processor.setup import set_seed
-from utils.comm import get_rank, get_world_size, is_main_process, reduce_dict, unwrap_model
+from utils.comm import autocast_context, get_rank, get_world_size, is_main_process, reduce_dict, unwrap_model
 from utils.meter import AverageMeter
 from utils.metrics import Evaluator
-from utils.run_dir import append_metrics, drop_metrics_from
+from utils.run_dir import CCD_FILE, append_metrics, drop_metrics_from
 
 # Offsets that separate the per-epoch seeds of different epochs and ranks.
 EPOCH_SEED_STRIDE = 1000
 RANK_SEED_STRIDE = 100003
 
 logger = logging.getLogger("IRRA.train")
-
-
-def autocast_context(precision: str, device: torch.device):
-    """``torch.autocast`` for the AMP precisions, a no-op context otherwise."""
-    if precision == "amp_bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if precision == "amp_fp16":
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 def check_finite_loss(stats: Dict[str, float], epoch: int, n_iter: int) -> None:
@@ -106,15 +99,23 @@ def train_step(model, batch: Dict[str, object], optimizer: torch.optim.Optimizer
 
 
 def train_one_epoch(args, model, train_loader, optimizer, scaler: Optional[torch.amp.GradScaler],
-                    epoch: int) -> Tuple[Dict[str, AverageMeter], Dict[str, torch.Tensor], int]:
-    """One pass over ``train_loader``; returns (meters of every loss/accuracy, the last step's outputs, samples)."""
+                    epoch: int, label_hat: Optional[torch.Tensor] = None, train_mode: bool = True
+                    ) -> Tuple[Dict[str, AverageMeter], Dict[str, torch.Tensor], int]:
+    """One pass over ``train_loader``; returns (meters of every loss/accuracy, the last step's outputs, samples).
+
+    RDE: ``label_hat`` [N] (CCD's consensus labels, by sample index) goes into each batch as ``batch["label_hat"]``;
+    ``train_mode=False`` trains in eval mode (``--rde_train_eval_mode``, RDE's published behaviour)."""
     device = next(model.parameters()).device
     meters: Dict[str, AverageMeter] = {"loss": AverageMeter()}  # then each loss / accuracy, as they come
-    model.train()
+    model.train(train_mode)
+    if label_hat is not None:
+        label_hat = label_hat.to(device)
     n_iter, num_samples, ret = -1, 0, {}
     steps_before = optimizer_step_count(optimizer) if scaler is not None else None
     for n_iter, batch in enumerate(train_loader):
         batch = prepare_batch(model, batch, device)
+        if label_hat is not None:  # RDE: CCD's consensus labels of these samples
+            batch["label_hat"] = label_hat[batch["index"]]
         ret, total_loss = train_step(model, batch, optimizer, scaler, args.precision)
         # every loss / accuracy, averaged over ranks under DDP, copied to the host at once (one sync per step,
         # after the whole step is queued)
@@ -181,6 +182,7 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
     logger.info("start training")
     if is_main_process():
         drop_metrics_from(args.output_dir, start_epoch)  # epochs redone on resume
+        drop_metrics_from(args.output_dir, start_epoch, CCD_FILE)
         if tb_writer is None:
             from torch.utils.tensorboard import SummaryWriter
             tb_writer = SummaryWriter(log_dir=args.output_dir)
@@ -188,9 +190,15 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
     for epoch in range(start_epoch, last_epoch + 1):
         set_seed(args.seed + epoch * EPOCH_SEED_STRIDE + get_rank() * RANK_SEED_STRIDE)
         set_train_epoch(train_loader, epoch)
+        label_hat = None
+        if is_rde(model):  # RDE: Consensus Clean Division before every epoch (processor/ccd.py)
+            label_hat, ccd_stats = run_ccd(model, train_loader.dataset, args, epoch)
+            if is_main_process():
+                append_metrics(args.output_dir, {"epoch": epoch, **ccd_stats}, CCD_FILE)
         start_time = time.time()
         lr = optimizer.param_groups[0]["lr"]
-        meters, ret, num_samples = train_one_epoch(args, model, train_loader, optimizer, scaler, epoch)
+        meters, ret, num_samples = train_one_epoch(args, model, train_loader, optimizer, scaler, epoch, label_hat,
+                                                   train_mode=not (label_hat is not None and args.rde_train_eval_mode))
         scheduler.step()
         _log_epoch(epoch, meters, ret, lr, num_samples, time.time() - start_time, len(train_loader), tb_writer)
         if epoch % args.eval_period == 0:

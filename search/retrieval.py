@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from datasets.build import build_transforms
 from model.build import build_model_from_checkpoint
+from model.rde import encode_for_retrieval  # IRRA: encode_image / encode_text; RDE: both branches
 from utils.checkpoint import read_model_state_dict
 from utils.comm import resolve_device
 from utils.options import load_config_args
@@ -267,7 +268,7 @@ class Retriever:
         out = []
         for start in range(0, len(tokenized), self.batch_size):
             ids = torch.stack([t.ids for t in tokenized[start:start + self.batch_size]])  # [B, L]
-            out.append(F.normalize(self.model.encode_text(ids.to(self.device)).float(), dim=-1).cpu())
+            out.append(F.normalize(encode_for_retrieval(self.model, text=ids.to(self.device)).float(), dim=-1).cpu())
         return torch.cat(out)
 
     @torch.no_grad()
@@ -286,7 +287,7 @@ class Retriever:
             for idx, imgs, bad in loader:
                 failed += bad
                 if imgs is not None:
-                    f = self.model.encode_image(imgs.to(self.device))  # [B, D]
+                    f = encode_for_retrieval(self.model, images=imgs.to(self.device))  # [B, D] (RDE: (S_bge + S_tse) / 2)
                     feats.append(F.normalize(f.float(), dim=-1).cpu())
                     kept += idx
                 bar.update(len(idx) + len(bad))

@@ -6,7 +6,8 @@ with a larger lr (``args.lr * args.lr_factor``). They are recognised by name: ke
 (ID head) and ``mlm_head``. Biases get ``args.lr * args.bias_lr_factor`` and ``args.weight_decay_bias``;
 the rules are applied in this order: ``cross`` -> ``bias`` -> ``classifier``/``mlm_head`` (so a bias of
 ``cross_attn`` ends up at ``lr * bias_lr_factor``, a bias of ``classifier`` at ``lr * lr_factor``, both with
-``weight_decay_bias``). A new random-init module should have ``cross`` in its name to get the larger lr.
+``weight_decay_bias``). RDE's TSE layers (``visul_emb_layer`` / ``texual_emb_layer``) get ``args.tse_lr`` last (RDE's
+hard-coded 1e-3; biases keep ``weight_decay_bias``). A new random-init module should have ``cross`` in its name to get the larger lr.
 """
 import logging
 from argparse import Namespace
@@ -23,6 +24,7 @@ logger = logging.getLogger("IRRA.solver")
 
 VALID_OPTIMIZERS = OPTIMIZERS
 RANDOM_INIT_KEYS = ("classifier", "mlm_head")  # get lr * lr_factor regardless of the bias rule
+TSE_KEYS = ("visul_emb_layer", "texual_emb_layer")  # RDE's TSE layers: --tse_lr, after every other rule
 
 
 def build_param_groups(args: Namespace, model: nn.Module) -> List[Dict]:
@@ -41,6 +43,8 @@ def build_param_groups(args: Namespace, model: nn.Module) -> List[Dict]:
             weight_decay = args.weight_decay_bias
         if any(k in key for k in RANDOM_INIT_KEYS):
             lr = args.lr * args.lr_factor
+        if any(k in key for k in TSE_KEYS):  # RDE: its TSE layers (biases too) at a fixed lr, 1e-3 in RDE
+            lr = args.tse_lr
         params.append({"params": [value], "lr": lr, "weight_decay": weight_decay})
     return params
 

@@ -37,6 +37,7 @@ CONFIGS: List[Tuple[str, str, bool, Tuple[int, int]]] = [
     ("itc", "itc", False, (0, 0)),
     ("cmpm+mlm", "cmpm+mlm", False, (0, 5)),  # no masked token at all on rank 0
     ("local", "sdm+itc+cmpm+id+mlm", True, (2, 5)),
+    ("tal", "tal", False, (0, 0)),  # RDE, in eval mode (its TSE BatchNorm layers use each rank's batch in train mode)
 ]
 
 
@@ -85,8 +86,28 @@ def build(loss_names: str, local_negatives: bool):
     torch.manual_seed(MODEL_SEED)
     args = model_args(loss_names, local_negatives)
     model = build_model(args, NUM_CLASSES)
-    model.train()
+    model.train(loss_names != "tal")
     return model, args
+
+
+class CCDDataset(torch.utils.data.Dataset):
+    """10 fixed training samples (dicts with "index", as RDE's train set) for CCD's per-sample loss pass."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int) -> Dict[str, object]:
+        g = torch.Generator().manual_seed(100 + i)
+        caption = torch.zeros(77, dtype=torch.long)
+        caption[:6] = torch.cat([torch.tensor([SOT]), torch.randint(1, MASK, (4,), generator=g), torch.tensor([EOT])])
+        return {"images": torch.randn(3, *IMG_SIZE, generator=g), "caption_ids": caption, "pids": i % 4, "index": i}
+
+
+def ccd_losses() -> Tuple[torch.Tensor, torch.Tensor]:
+    """CCD's per-sample losses of a tiny RDE over CCDDataset (batches of 3: the last one is short)."""
+    from processor.ccd import per_sample_losses
+    model, _ = build("tal", False)
+    return per_sample_losses(model, CCDDataset(), batch_size=3, seed=1, epoch=2)
 
 
 def step(model, args, forward_model, batches: Sequence[Dict[str, torch.Tensor]]) -> dict:
@@ -97,7 +118,7 @@ def step(model, args, forward_model, batches: Sequence[Dict[str, torch.Tensor]])
     total = sum(sum(v for k, v in ret.items() if "loss" in k) for ret in rets) / len(rets)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     optimizer.step()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     return {"losses": [losses_of(r) for r in rets], "grads": grads, "params": params}
@@ -114,5 +135,6 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             ddp = torch.nn.parallel.DistributedDataParallel(model)
             out = step(model, args, ddp, [rank_slice(global_batch(counts), rank, world)])
             torch.save(out, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
+        torch.save(ccd_losses(), os.path.join(out_dir, f"ccd_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

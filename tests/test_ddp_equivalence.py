@@ -1,7 +1,8 @@
 """Multi-process training equals one process: 2 gloo ranks on the CPU against one process on the whole batch.
 
 (1) One optimizer step on a fixed global batch (tests/ddp_step_worker.py): every loss term, every gradient and every
-    parameter after the AdamW step equal one process's, for sdm, itc, cmpm, id and mlm; ``--local_negatives`` gives
+    parameter after the AdamW step equal one process's, for sdm, itc, cmpm, id and mlm, and RDE's tal (eval mode);
+    RDE's CCD per-sample losses are gathered so that every rank holds one process's; ``--local_negatives`` gives
     each rank the losses of its slice alone (the original's per-GPU behaviour) instead.
 (2) ``torchrun --nproc_per_node 2 train.py`` for 2 epochs against ``train.main`` in one process: same parameters in
     ``last.pth`` and same ``metrics.jsonl``, to float noise.
@@ -92,14 +93,14 @@ def one_step(tmp_path_factory):
                 p.terminate()
     ranks = {name: [torch.load(os.path.join(out, f"{name}_rank{r}.pt"), weights_only=True) for r in range(WORLD)]
              for name, *_ in W.CONFIGS}
-    return reference, ranks
+    return reference, ranks, str(out)
 
 
 @pytest.mark.parametrize("name", [c[0] for c in W.CONFIGS if not c[2]])
 def test_one_step_over_two_ranks_equals_one_process(one_step, name):
     """Global losses on every rank, ID loss / accuracies averaged over the ranks, DDP-averaged gradients and the
     parameters after the step: all equal one process on the whole batch."""
-    reference, ranks = one_step
+    reference, ranks, _ = one_step
     ref = reference[name]
     (want,) = ref["losses"]
     for r, res in enumerate(ranks[name]):
@@ -125,7 +126,7 @@ def test_one_step_over_two_ranks_equals_one_process(one_step, name):
 def test_local_negatives_keep_the_per_rank_losses(one_step):
     """--local_negatives: each rank's losses are those of its slice alone, the step that of the mean of the ranks'
     losses; the contrastive and MLM losses then differ from the global ones."""
-    reference, ranks = one_step
+    reference, ranks, _ = one_step
     ref = reference["local"]
     for r, res in enumerate(ranks["local"]):
         (got,) = res["losses"]
@@ -138,6 +139,16 @@ def test_local_negatives_keep_the_per_rank_losses(one_step):
         g = assert_close_dict(res["grads"], ref["grads"], 0.0, f"local rank {r} gradient", GRAD_RTOL)
         worst = assert_close_dict(res["params"], ref["params"], PARAM_ATOL, f"local rank {r} parameter")
         print(f"local rank {r}: max difference: parameters {worst:.2e}, gradients {g:.2e} (relative)")
+
+
+def test_ccd_losses_gathered_equal_one_process(one_step, tmp_path):
+    """RDE's CCD pass under DDP: each rank computes every other batch, the per-sample losses are gathered, so both
+    ranks hold the one-process vectors (and hence the same division)."""
+    want = W.ccd_losses()
+    for r in range(WORLD):
+        got = torch.load(os.path.join(one_step[2], f"ccd_rank{r}.pt"), weights_only=True)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
 
 
 def read_metrics(run_dir):

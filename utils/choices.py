@@ -9,6 +9,10 @@ from __future__ import annotations
 from typing import Iterable, List, Sequence
 
 LOSSES = ("itc", "sdm", "cmpm", "id", "mlm")
+# RDE's losses (model/rde.py); one of them selects the RDE model and takes no other loss. RDE's spellings map to them.
+RDE_LOSSES = ("tal", "trl", "rde_infonce", "rde_sdm")
+RDE_LOSS_SPELLINGS = {"TAL": "tal", "TRL": "trl", "InfoNCE": "rde_infonce", "SDM": "rde_sdm"}
+GMM_SETTINGS = ("fast", "precise")
 PRECISIONS = ("auto", "fp32", "fp16", "amp_bf16", "amp_fp16")
 DATASETS = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid", "SynthPEDES")
 SAMPLERS = ("identity", "random")

@@ -1,6 +1,7 @@
 """Small helpers around torch.distributed (work the same without it) and device resolution."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Dict, List
 
@@ -141,7 +142,7 @@ def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x + (factor - 1) * (x - x.detach())
 
 
-__all__ = ["is_dist", "get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
+__all__ = ["autocast_context", "is_dist", "get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
            "resolve_device", "init_distributed", "all_gather", "reduce_dict", "broadcast_object", "unwrap_model",
            "gather_with_grad", "all_reduce_sum", "scale_grad"]
 
@@ -158,3 +159,12 @@ def init_distributed(device_spec: str = "auto") -> torch.device:
         dist.init_process_group(backend=dist.get_default_backend_for_device(device), init_method="env://")
         synchronize()
     return device
+
+
+def autocast_context(precision: str, device: torch.device):
+    """``torch.autocast`` for the AMP precisions, a no-op context otherwise."""
+    if precision == "amp_bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "amp_fp16":
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    return contextlib.nullcontext()

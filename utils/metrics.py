@@ -36,6 +36,7 @@ from prettytable import PrettyTable
 from torch.utils.data import DataLoader, Subset
 
 from utils import comm
+from model.rde import is_rde, joint_features
 
 logger = logging.getLogger("IRRA.eval")
 
@@ -313,13 +314,14 @@ class Evaluator:
             img_loader = _shard_loader(img_loader, rank_, world)
 
         qids, gids, qfeats, gfeats = [], [], [], []
+        rde = is_rde(model)  # RDE: [BGE | TSE] features side by side (see eval)
         for pid, caption in txt_loader:  # text
             caption = caption.to(device)
-            qfeats.append(model.encode_text(caption).float())
+            qfeats.append(torch.cat(model.encode_text_both(caption), 1) if rde else model.encode_text(caption).float())
             qids.append(pid.view(-1))
         for pid, img in img_loader:  # image
             img = img.to(device)
-            gfeats.append(model.encode_image(img).float())
+            gfeats.append(torch.cat(model.encode_image_both(img), 1) if rde else model.encode_image(img).float())
             gids.append(pid.view(-1))
         qfeats = _cat(qfeats, device)
         gfeats = _cat(gfeats, device)
@@ -330,8 +332,12 @@ class Evaluator:
         return qfeats, gfeats, qids, gids
 
     def eval(self, model: torch.nn.Module, i2t_metric: bool = False) -> Dict[str, float]:
-        """Encode, rank and log; returns {"R1","R5","R10","mAP","mINP"} for t2i (+ "i2t_R1".. if i2t_metric)."""
+        """Encode, rank and log; returns {"R1","R5","R10","mAP","mINP"} for t2i (+ "i2t_R1".. if i2t_metric).
+
+        An RDE model (``model/rde.py``) is ranked by RDE's score (S_bge + S_tse) / 2 (those are "R1".. here), and each
+        branch alone is reported too ("bge_R1".., "tse_R1"..)."""
         was_training = model.training
+        bge_dim = comm.unwrap_model(model).embed_dim if is_rde(model) else None
         try:
             qfeats, gfeats, qids, gids = self._compute_embedding(model)
         finally:
@@ -339,7 +345,8 @@ class Evaluator:
         result: object = None
         if comm.get_rank() == 0:
             try:
-                result = self._metrics(qfeats, gfeats, qids, gids, i2t_metric)
+                result = (self._metrics(qfeats, gfeats, qids, gids, i2t_metric) if bge_dim is None
+                          else self._rde_metrics(qfeats, gfeats, qids, gids, i2t_metric, bge_dim))
             except FloatingPointError as e:  # shared with every rank below, so that all of them stop
                 result = e
         if comm.get_world_size() > 1:
@@ -347,6 +354,18 @@ class Evaluator:
         if isinstance(result, FloatingPointError):
             raise result
         return result
+
+    def _rde_metrics(self, qfeats, gfeats, qids, gids, i2t_metric: bool, d: int) -> Dict[str, float]:
+        """RDE: metrics of the BGE branch (features [:, :d]), the TSE branch ([:, d:]) and BGE+TSE (the main ones)."""
+        out: Dict[str, float] = {}
+        for name, sl in (("bge", slice(0, d)), ("tse", slice(d, None))):
+            self.logger.info("%s branch:", name.upper())
+            out.update({f"{name}_{k}": v for k, v in self._metrics(qfeats[:, sl], gfeats[:, sl], qids, gids,
+                                                                    i2t_metric).items()})
+        self.logger.info("BGE+TSE, (S_bge + S_tse) / 2:")
+        out.update(self._metrics(joint_features(qfeats[:, :d], qfeats[:, d:]),
+                                 joint_features(gfeats[:, :d], gfeats[:, d:]), qids, gids, i2t_metric))
+        return out
 
     def _metrics(self, qfeats, gfeats, qids, gids, i2t_metric: bool) -> Dict[str, float]:
         check_finite(qfeats, f"{self.split} split: text query features")

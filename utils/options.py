@@ -17,15 +17,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Any, Dict, Optional, Sequence
 
 
-from utils.choices import (DATASETS, IMG_AUG_POOL, LOSSES, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, SAMPLERS, VAL_DATASETS,
-                           WARMUP_METHODS, check_choice, parse_loss_names)
+from utils.choices import (DATASETS, GMM_SETTINGS, IMG_AUG_POOL, LOSSES, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS,
+                           RDE_LOSS_SPELLINGS, RDE_LOSSES, SAMPLERS, VAL_DATASETS, WARMUP_METHODS, check_choice,
+                           parse_loss_names)
 from utils.iotools import load_train_configs
 from utils import run_dir
 from utils.run_dir import RUN_STATE_KEYS, FileReadError
 
+
+# The run-name suffix RDE's run_rde.sh puts into --loss_names (ignored beside an RDE loss).
+RDE_RUN_NAME = re.compile(r"^sr[0-9.]+_tau[0-9.]+_margin[0-9.]+_n[0-9.]+$")
 
 # Defaults of the options of the successors' augmentations that only matter when another option turns them on.
 WORD_DROP_APPLY_PROB = 1.0
@@ -91,6 +96,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss_names", default="sdm+id+mlm", help=f"'+'-separated subset of {list(LOSSES)}")
     parser.add_argument("--mlm_loss_weight", type=float, default=1.0, help="mlm loss weight")
     parser.add_argument("--id_loss_weight", type=float, default=1.0, help="id loss weight")
+
+    ######################## RDE (noisy correspondences, model/rde.py; README "Noisy correspondences: RDE") ####
+    parser.add_argument("--noisy_rate", type=float, default=0.0,
+                        help="fraction of train pairs whose captions are permuted among themselves (RDE's default 0.2; "
+                             "ours 0 = no noise)")
+    parser.add_argument("--noisy_file", default="",
+                        help="RDE noise index .npy (row i gets the caption of row noisy_index[i]); read if it exists, "
+                             "else drawn from --seed and --noisy_rate and written there")
+    parser.add_argument("--select_ratio", type=float, default=0.3, help="RDE TSE: fraction of tokens selected")
+    parser.add_argument("--tau", type=float, default=0.015, help="RDE TAL/TRL temperature")
+    parser.add_argument("--margin", type=float, default=0.1, help="RDE TAL/TRL margin")
+    parser.add_argument("--tse_embed_dim", type=int, default=1024, help="RDE TSE output width (RDE's 1024)")
+    parser.add_argument("--tse_lr", type=float, default=1e-3,
+                        help="lr of the TSE layers, biases included (RDE hard-codes 1e-3)")
+    parser.add_argument("--gmm_setting", default="fast", choices=GMM_SETTINGS,
+                        help="CCD GaussianMixture: fast (max_iter 10, tol 1e-2, reg_covar 5e-4) or precise (100, 1e-4, "
+                             "1e-6). RDE picked precise when noisy_rate > 0.4 or on RSTPReid (reading the true rate)")
+    parser.add_argument("--ccd_batch_size", type=int, default=None,
+                        help="batch of the CCD loss pass (default --batch_size: RDE's; the per-sample losses use the "
+                             "batch's other samples as negatives, so the batch size changes them)")
+    parser.add_argument("--rde_train_eval_mode", default=False, action="store_true",
+                        help="reproduce RDE's trap: training runs in eval mode after the CCD pass (TSE BatchNorm "
+                             "statistics frozen; RDE issue #8)")
+    parser.add_argument("--txt_aug", default=False, action="store_true",
+                        help="RDE's token augmentation: each token hit with p 0.2, then masked 60%% / replaced by a "
+                             "random token 20%% / deleted 20%%")
 
     ######################## vison trainsformer settings ########################
     parser.add_argument("--img_size", type=int, nargs=2, default=(384, 128), metavar=("H", "W"))
@@ -257,7 +288,15 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if len(args.img_size) != 2:
         raise ValueError(f"--img_size expects two ints H W, got {args.img_size}")
     args.milestones = tuple(int(v) for v in args.milestones)
-    tasks = parse_loss_names(args.loss_names)
+    tasks = [RDE_LOSS_SPELLINGS.get(n.strip(), n.strip()) for n in str(args.loss_names).split("+")]
+    if any(n in RDE_LOSSES for n in tasks):  # RDE's run_rde.sh appends its run name: TAL+sr0.3_tau0.015_margin0.1_n0.2
+        tasks = [n for n in tasks if not RDE_RUN_NAME.match(n)]
+    tasks = parse_loss_names("+".join(tasks), LOSSES + RDE_LOSSES)
+    rde = [n for n in tasks if n in RDE_LOSSES]
+    if rde and (len(tasks) != 1 or args.MLM):
+        raise ValueError(f"--loss_names {args.loss_names!r}: an RDE loss ({rde[0]}) takes no other loss"
+                         f"{' (and no --MLM)' if args.MLM else ''}; RDE silently ignored id / mlm (its issue #17), "
+                         f"here it is an error. Use one of {list(RDE_LOSSES)} alone")
     # --MLM (the dataset side) and 'mlm' in --loss_names (the model side) must agree: one implies the other.
     if "mlm" in tasks:
         args.MLM = True
@@ -274,7 +313,12 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
               ("stop_epoch", args.stop_epoch is None or args.stop_epoch >= 1, ">= 1 (or unset: train to --num_epoch)"),
               ("warmup_epochs", args.warmup_epochs >= 0, ">= 0"), ("num_instance", args.num_instance >= 1, ">= 1"),
               ("num_workers", args.num_workers >= 0, ">= 0"),
-              ("eval_period", args.eval_period >= 1, ">= 1"), ("lr", args.lr > 0, "> 0")]
+              ("eval_period", args.eval_period >= 1, ">= 1"), ("lr", args.lr > 0, "> 0"),
+              ("noisy_rate", 0.0 <= args.noisy_rate <= 1.0, "a fraction in [0, 1]"),
+              ("select_ratio", 0.0 < args.select_ratio <= 1.0, "in (0, 1]"), ("tau", args.tau > 0, "> 0"),
+              ("margin", args.margin >= 0, ">= 0"), ("tse_embed_dim", args.tse_embed_dim >= 2, ">= 2"),
+              ("tse_lr", args.tse_lr > 0, "> 0"),
+              ("ccd_batch_size", args.ccd_batch_size is None or args.ccd_batch_size >= 2, ">= 2 (or unset)")]
     for name in ("txt_aug_word_drop_rate", "txt_aug_word_drop_apply_prob", "txt_aug_backtrans_prob"):
         checks.append((name, 0.0 <= getattr(args, name) <= 1.0, "a probability in [0, 1]"))
     checks += [("txt_aug_word_drop_apply_prob",
@@ -292,7 +336,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{name} {getattr(args, name)}: expected {want}")
     for name, valid in (("optimizer", OPTIMIZERS), ("lrscheduler", LR_SCHEDULERS), ("warmup_method", WARMUP_METHODS),
                         ("sampler", SAMPLERS), ("dataset_name", DATASETS), ("val_dataset", VAL_DATASETS),
-                        ("precision", PRECISIONS)):
+                        ("precision", PRECISIONS), ("gmm_setting", GMM_SETTINGS)):
         check_choice(name, getattr(args, name), valid)
     return args
 

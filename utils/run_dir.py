@@ -36,6 +36,7 @@ CONFIG_FILE = "configs.yaml"
 LOG_FILE = "train_log.txt"
 TEST_LOG_FILE = "test_log.txt"
 METRICS_FILE = "metrics.jsonl"
+CCD_FILE = "ccd.jsonl"  # RDE: one line per epoch with CCD's clean / noisy split
 TEST_METRICS_FILE = "test_metrics.json"
 CHECKPOINT_SUFFIX = ".pth"
 BEST = "best"
@@ -330,10 +331,11 @@ def finite_number(value: Any) -> Optional[float]:
     return float(value)
 
 
-def append_metrics(run_dir: str, record: Dict[str, Any]) -> None:
-    """Append one evaluation record (one JSON line) to ``<run_dir>/metrics.jsonl``. A last line cut by an
-    interrupted append is ended first, so the new record stays on its own line."""
-    path = os.path.join(run_dir, METRICS_FILE)
+def append_metrics(run_dir: str, record: Dict[str, Any], name: str = METRICS_FILE) -> None:
+    """Append one evaluation record (one JSON line) to ``<run_dir>/metrics.jsonl`` (or another per-epoch JSON lines
+    file ``name``, e.g. ``CCD_FILE``). A last line cut by an interrupted append is ended first, so the new record
+    stays on its own line."""
+    path = os.path.join(run_dir, name)
     line = json.dumps(record) + "\n"
     with open(path, "a+b") as f:
         if f.tell() > 0:
@@ -361,13 +363,13 @@ def read_metrics(run_dir: str) -> Tuple[List[dict], List[int]]:
     return records, sorted(bad)
 
 
-def drop_metrics_from(run_dir: str, epoch: int) -> None:
+def drop_metrics_from(run_dir: str, epoch: int, name: str = METRICS_FILE) -> None:
     """Remove the records of ``epoch`` and later, and a last line cut by an interrupted append, from
-    ``<run_dir>/metrics.jsonl``: a resumed run evaluates those epochs again. Other lines are kept as they are."""
-    path = os.path.join(run_dir, METRICS_FILE)
+    ``<run_dir>/metrics.jsonl`` (or ``name``): a resumed run evaluates those epochs again. Other lines are kept."""
+    path = os.path.join(run_dir, name)
     if not os.path.isfile(path):
         return
-    lines = _jsonl_lines(path, METRICS_FILE)
+    lines = _jsonl_lines(path, name)
     kept = [raw for _, raw, rec in lines if rec is not _CUT and not (
         isinstance(rec, dict) and finite_number(rec.get("epoch")) is not None and rec["epoch"] >= epoch)]
     if len(kept) != len(lines):
