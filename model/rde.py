@@ -38,6 +38,7 @@ logger = logging.getLogger("IRRA.model.rde")
 # Our loss names that select RDE, and the RDE loss type each one means (RDE's spellings are accepted too).
 RDE_LOSS_NAMES = {"tal": "TAL", "trl": "TRL", "rde_infonce": "InfoNCE", "rde_sdm": "SDM"}
 from model.pretrained import RDE_PREFIXES, checkpoint_kind  # noqa: F401  (the weights module reads checkpoints)
+from utils.metrics import is_two_branch as is_rde, joint_features  # noqa: F401  (RDE's score, in the metrics' home)
 
 
 def rde_loss_name(names) -> Optional[str]:
@@ -237,18 +238,6 @@ class RDE(nn.Module):
             transformers.append(visual_transformer)
         for transformer in transformers:
             transformer.grad_checkpointing = bool(enable)
-
-
-def is_rde(model: nn.Module) -> bool:
-    """Whether ``model`` (or the model a DDP wrapper holds) is an RDE model (has the TSE encoders)."""
-    model = getattr(model, "module", model)
-    return hasattr(model, "encode_image_tse") and hasattr(model, "encode_text_tse")
-
-
-def joint_features(bge: torch.Tensor, tse: torch.Tensor) -> torch.Tensor:
-    """[N, D] BGE and [N, D'] TSE features -> [N, D + D'] unit rows whose dot products are (S_bge + S_tse) / 2, the
-    cosines of each branch averaged (RDE's retrieval score): ``cat(bge / |bge|, tse / |tse|) / sqrt(2)``."""
-    return torch.cat([F.normalize(bge.float(), dim=-1), F.normalize(tse.float(), dim=-1)], dim=-1) / math.sqrt(2)
 
 
 def encode_for_retrieval(model: nn.Module, images: Optional[torch.Tensor] = None,

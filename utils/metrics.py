@@ -27,6 +27,7 @@ warning with their number.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -36,13 +37,25 @@ from prettytable import PrettyTable
 from torch.utils.data import DataLoader, Subset
 
 from utils import comm
-from model.rde import is_rde, joint_features
 
 logger = logging.getLogger("IRRA.eval")
 
 DEFAULT_CHUNK_SIZE = 1024  # queries per chunk: memory ~ chunk_size * ng * 4 bytes per temporary
 RANKS_REPORTED = (1, 5, 10)
 NUMPY_COUNT_ON_CPU = True  # count with numpy on CPU tensors (faster); False = torch everywhere (tests use both)
+
+
+def is_two_branch(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or the model a DDP wrapper holds) ranks with two branches, as RDE (``model/rde.py``): it has
+    ``encode_image_tse`` / ``encode_text_tse`` and ``encode_image_both`` / ``encode_text_both`` giving (BGE, TSE)."""
+    model = getattr(model, "module", model)
+    return hasattr(model, "encode_image_tse") and hasattr(model, "encode_text_tse")
+
+
+def joint_features(bge: torch.Tensor, tse: torch.Tensor) -> torch.Tensor:
+    """[N, D] BGE and [N, D'] TSE features -> [N, D + D'] unit rows whose dot products are (S_bge + S_tse) / 2, the
+    cosines of each branch averaged (RDE's retrieval score): ``cat(bge / |bge|, tse / |tse|) / sqrt(2)``."""
+    return torch.cat([F.normalize(bge.float(), dim=-1), F.normalize(tse.float(), dim=-1)], dim=-1) / math.sqrt(2)
 
 
 def check_finite(values: torch.Tensor, what: str) -> None:
@@ -314,7 +327,7 @@ class Evaluator:
             img_loader = _shard_loader(img_loader, rank_, world)
 
         qids, gids, qfeats, gfeats = [], [], [], []
-        rde = is_rde(model)  # RDE: [BGE | TSE] features side by side (see eval)
+        rde = is_two_branch(model)  # RDE: [BGE | TSE] features side by side (see eval)
         for pid, caption in txt_loader:  # text
             caption = caption.to(device)
             qfeats.append(torch.cat(model.encode_text_both(caption), 1) if rde else model.encode_text(caption).float())
@@ -337,7 +350,7 @@ class Evaluator:
         An RDE model (``model/rde.py``) is ranked by RDE's score (S_bge + S_tse) / 2 (those are "R1".. here), and each
         branch alone is reported too ("bge_R1".., "tse_R1"..)."""
         was_training = model.training
-        bge_dim = comm.unwrap_model(model).embed_dim if is_rde(model) else None
+        bge_dim = comm.unwrap_model(model).embed_dim if is_two_branch(model) else None
         try:
             qfeats, gfeats, qids, gids = self._compute_embedding(model)
         finally:
