@@ -71,6 +71,25 @@ def test_no_import_cycles():
     assert "datasets.build" not in graph["datasets.check"]  # the image-check library needs no dataset registry
 
 
+# Layers, lowest first: a module may import its own layer and the ones below, never one above.
+LAYERS = (("utils",), ("model", "datasets", "solver"), ("processor", "search"), ("tools", "train", "test",
+                                                                                   "visualize", "benchmarks"))
+
+
+def layer_of(module):
+    top = module.split(".")[0]
+    return next(i for i, names in enumerate(LAYERS) if top in names)
+
+
+def test_nothing_imports_upward():
+    """utils/ imports no model, dataset, solver, processor or search code; model/, datasets/, solver/ import neither
+    each other's layer above them nor processor/ or search/ (lazily or not)."""
+    mods = project_modules()
+    upward = sorted(f"{m} -> {n}" for m, p in mods.items() for n in imports_of(m, p, mods)
+                    if layer_of(n) > layer_of(m))
+    assert upward == []
+
+
 def test_the_cycle_finder_finds_a_lazy_import(tmp_path):
     """The finder sees imports inside functions (as datasets.check's main did)."""
     mods = {"a": str(tmp_path / "a.py"), "b": str(tmp_path / "b.py")}

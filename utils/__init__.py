@@ -1,0 +1,2 @@
+"""The bottom layer (imports nothing else of the project): options, the run directory, files, metrics, DDP helpers,
+the tokenizer, logging, entry-point handling."""
