@@ -2,7 +2,7 @@
 # The synthetic noisy-correspondence experiment of README "Noisy correspondences: RDE": for each seed of SEEDS
 # (default "1 2"), the demo recipe clean, the demo recipe at 50 % noise, and the RDE demo recipe at 50 % noise, all
 # started at once in the background (nice, one thread each); each training is followed by test.py on best.pth and
-# last.pth; at the end, utils.summarize per setting.   EPOCHS (default 6) shortens the recipes (the demo's is 16).
+# last.pth; at the end, tools.summarize per setting.   EPOCHS (default 6) shortens the recipes (the demo's is 16).
 #   bash benchmarks/rde_noise_demo.sh [LOGS_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,5 +31,5 @@ done
 wait
 for name in irra_clean irra_noisy50 rde_noisy50; do
     echo "== $name"
-    "$PY" -m utils.summarize "$LOGS/$name"/SynthPEDES/*
+    "$PY" -m tools.summarize "$LOGS/$name"/SynthPEDES/*
 done

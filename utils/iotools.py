@@ -34,7 +34,7 @@ TUPLE_OPTIONS = ("img_size", "milestones")
 
 def open_image(img_path: str) -> "Image.Image":
     """Open ``img_path`` as an RGB PIL image in one try (no retry, no logging): errors reach the caller."""
-    from PIL import Image  # here, not at the top: reading configs (utils.summarize) needs no PIL
+    from PIL import Image  # here, not at the top: reading configs (tools.summarize) needs no PIL
 
     with Image.open(img_path) as img:
         return img.convert("RGB")
