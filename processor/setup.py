@@ -20,7 +20,7 @@ from model.build import build_model
 from solver import build_lr_scheduler, build_optimizer
 from utils.checkpoint import Checkpointer
 from utils.comm import broadcast_object, get_rank, get_world_size, init_distributed, is_main_process
-from utils.iotools import save_train_configs
+from utils.iotools import check_output_dir, make_output_dir, save_train_configs
 from utils.logger import setup_logger
 from utils.metrics import Evaluator
 from utils.options import warn_config_changes
@@ -62,9 +62,10 @@ def make_run_dir(args) -> str:
         base = os.path.join(args.output_dir, args.dataset_name, f"{stamp}_{args.name}")
         path, i = base, 1
         created = _missing_parents(base)
+        check_output_dir(args.output_dir, "--output_dir")  # a file in the way or a read-only folder: named
         while True:
             try:
-                os.makedirs(path, exist_ok=False)
+                make_output_dir(path, "--output_dir", exist_ok=False)
                 break
             except FileExistsError:
                 path, i = f"{base}_{i}", i + 1

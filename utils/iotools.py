@@ -68,6 +68,32 @@ def mkdir_if_missing(directory: str) -> None:
                 raise
 
 
+def check_output_dir(path: str, option: str) -> None:
+    """Raise an error naming ``option`` when ``path`` cannot be (created as) a writable folder: a file sits at
+    ``path`` or at one of its parents (NotADirectoryError), or the deepest existing folder is read-only
+    (PermissionError). Checked before any work, so nothing is computed for an output that cannot be written."""
+    probe = osp.abspath(path)
+    while not osp.exists(probe) and osp.dirname(probe) != probe:
+        probe = osp.dirname(probe)
+    if not osp.isdir(probe):
+        raise NotADirectoryError(f"{option} {path}: '{probe}' is a file, not a folder; pass another {option}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {path}: the folder '{probe}' is read-only; pass another {option}")
+
+
+def make_output_dir(path: str, option: str, exist_ok: bool = True) -> None:
+    """``os.makedirs(path)`` after :func:`check_output_dir`; an OSError it still raises (a read-only file system,
+    a race) names ``option``. ``FileExistsError`` with ``exist_ok=False`` passes through unchanged."""
+    check_output_dir(path, option)
+    try:
+        os.makedirs(path, exist_ok=exist_ok)
+    except FileExistsError:
+        if not exist_ok or not osp.isdir(path):
+            raise
+    except OSError as err:
+        raise type(err)(err.errno, f"{option} {path}: cannot create the folder: {err.strerror}") from None
+
+
 def check_isfile(path: str) -> bool:
     """True if ``path`` is an existing file; logs a warning otherwise."""
     isfile = osp.isfile(path)

@@ -16,6 +16,8 @@ validated, so library code reads ``args.x`` directly. Values read from YAML are 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import os
 from typing import Any, Dict, Optional, Sequence
 
@@ -23,6 +25,10 @@ from typing import Any, Dict, Optional, Sequence
 from utils.choices import (DATASETS, IMG_AUG_POOL, LOSSES, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, SAMPLERS, VAL_DATASETS,
                            WARMUP_METHODS, check_choice, parse_loss_names)
 from utils.iotools import load_train_configs
+
+logger = logging.getLogger("IRRA.options")
+# The losses that contrast a sample with the other samples of its batch (a batch of one has no negative).
+CONTRASTIVE_LOSSES = ("itc", "sdm", "cmpm")
 
 
 # Defaults of the options of the successors' augmentations that only matter when another option turns them on.
@@ -240,8 +246,32 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     return cfg
 
 
+def _warn_odd_values(args: argparse.Namespace) -> None:
+    """Warn (naming the option) about values that run but are probably not what was meant."""
+    if args.warmup_epochs >= args.num_epoch:
+        logger.warning(f"--warmup_epochs {args.warmup_epochs} >= --num_epoch {args.num_epoch}: the whole run is "
+                       f"warm-up, the lr never reaches --lr {args.lr:g}")
+    height, width = args.img_size
+    if height % args.stride_size or width % args.stride_size:
+        logger.warning(f"--img_size {height} {width} is not divisible by --stride_size {args.stride_size}: with a "
+                       f"ViT whose patch size is the stride, the last {height % args.stride_size} rows and "
+                       f"{width % args.stride_size} columns of every image are not seen by the model")
+
+
+def check_run_name(name: str) -> None:
+    """``--name`` becomes one folder name under ``<output_dir>/<dataset_name>/``: refuse path separators, a leading
+    dot (hidden folders, ``.`` and ``..``) and control characters, which would put the run somewhere else."""
+    bad = [why for why, hit in (("a path separator", any(sep in name for sep in ("/", "\\", os.sep))),
+                                ("a leading dot", name.startswith(".")), ("'..'", ".." in name),
+                                ("a control character", any(ord(c) < 32 for c in name))) if hit]
+    if bad:
+        raise ValueError(f"--name {name!r}: contains {' and '.join(bad)}; expected a plain folder name such as "
+                         f"'irra_sdm' (the run goes to <output_dir>/<dataset_name>/<time>_<name>)")
+
+
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Normalise and cross-check options (shared by the CLI and configs loaded from disk)."""
+    check_run_name(str(args.name))
     args.img_size = tuple(int(v) for v in args.img_size)
     if len(args.img_size) != 2:
         raise ValueError(f"--img_size expects two ints H W, got {args.img_size}")
@@ -263,7 +293,14 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
               ("stop_epoch", args.stop_epoch is None or args.stop_epoch >= 1, ">= 1 (or unset: train to --num_epoch)"),
               ("warmup_epochs", args.warmup_epochs >= 0, ">= 0"), ("num_instance", args.num_instance >= 1, ">= 1"),
               ("num_workers", args.num_workers >= 0, ">= 0"),
-              ("eval_period", args.eval_period >= 1, ">= 1"), ("lr", args.lr > 0, "> 0")]
+              ("eval_period", args.eval_period >= 1, ">= 1"), ("lr", math.isfinite(args.lr) and args.lr > 0,
+                                                                 "a finite number > 0"),
+              ("weight_decay", math.isfinite(args.weight_decay) and args.weight_decay >= 0, "a finite number >= 0"),
+              ("weight_decay_bias", math.isfinite(args.weight_decay_bias) and args.weight_decay_bias >= 0,
+               "a finite number >= 0"),
+              ("batch_size", args.batch_size >= 2 or not set(tasks) & set(CONTRASTIVE_LOSSES),
+               f">= 2 with a contrastive loss ({'+'.join(t for t in tasks if t in CONTRASTIVE_LOSSES)}): a batch of "
+               f"one sample has no negative, the loss would be a constant 0")]
     for name in ("txt_aug_word_drop_rate", "txt_aug_word_drop_apply_prob", "txt_aug_backtrans_prob"):
         checks.append((name, 0.0 <= getattr(args, name) <= 1.0, "a probability in [0, 1]"))
     checks += [("txt_aug_word_drop_apply_prob",
@@ -279,6 +316,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     for name, ok, want in checks:
         if not ok:
             raise ValueError(f"--{name} {getattr(args, name)}: expected {want}")
+    _warn_odd_values(args)
     for name, valid in (("optimizer", OPTIMIZERS), ("lrscheduler", LR_SCHEDULERS), ("warmup_method", WARMUP_METHODS),
                         ("sampler", SAMPLERS), ("dataset_name", DATASETS), ("val_dataset", VAL_DATASETS),
                         ("precision", PRECISIONS)):
