@@ -10,6 +10,7 @@ from datasets import build_dataloader
 from model.build import build_model_from_checkpoint
 from processor.processor import do_inference
 from utils.checkpoint import model_state_dict, read_checkpoint
+from utils.cli import run_main
 from utils.comm import resolve_device
 from utils.logger import setup_logger
 from utils.options import config_path, load_config_args
@@ -54,4 +55,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:], prog="test.py")

@@ -452,4 +452,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.cli import run_main
+
+    run_main(main, prog="python -m datasets.check")
