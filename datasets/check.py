@@ -16,8 +16,8 @@ Dataset report::
     python -m datasets.check --dataset_name CUHK-PEDES --root_dir data [--text_length 77]
 
 parses the annotation, fully decodes every image, names missing / zero-byte / unreadable images (exit code 1) and
-warns about tiny and huge (over ``HUGE_IMAGE_PIXELS``) images, duplicate image paths, identities in two splits; prints per-split counts, the caption
-length distribution in BPE tokens and how many captions ``--text_length`` cuts.
+warns about tiny and huge (over ``HUGE_IMAGE_PIXELS``) images, duplicate image paths, identities in two splits; prints
+per-split counts, the caption length distribution in BPE tokens and how many captions ``--text_length`` cuts.
 """
 from __future__ import annotations
 
