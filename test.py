@@ -12,6 +12,7 @@ from processor.processor import do_inference
 from utils.checkpoint import model_state_dict, read_checkpoint
 from utils.cli import run_main
 from utils.comm import resolve_device
+from utils.env import describe_environment, environment_info
 from utils.logger import setup_logger
 from utils.options import config_path, load_config_args
 from utils.summarize import write_test_metrics
@@ -41,6 +42,7 @@ def main(argv=None) -> dict:
     logger.info(f"config {config_file}, checkpoint {ckpt}")
 
     device = resolve_device(args.device)
+    logger.info(f"environment: {describe_environment(environment_info(device))}")
     # the checkpoint first: an unreadable file or one that does not fit the config fails before the data is read
     checkpoint = read_checkpoint(ckpt)  # read once: weights, classes, backbone and epoch all come from it
     weights = model_state_dict(checkpoint, ckpt)

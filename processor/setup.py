@@ -20,6 +20,7 @@ from model.build import build_model
 from solver import build_lr_scheduler, build_optimizer
 from utils.checkpoint import Checkpointer
 from utils.comm import broadcast_object, get_rank, get_world_size, init_distributed, is_main_process
+from utils.env import describe_environment, environment_info
 from utils.iotools import check_output_dir, make_output_dir, save_train_configs
 from utils.logger import setup_logger
 from utils.metrics import Evaluator
@@ -127,6 +128,8 @@ def build_training(args) -> TrainingParts:
 
 
 def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
+    args.environment = environment_info(device)  # saved in configs.yaml, ignored when that file is reused
+    logger.info(f"environment: {describe_environment(args.environment)}")
     logger.info(f"Using {get_world_size()} process(es) on {device}; run dir {args.output_dir}")
     logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     if is_main_process():

@@ -160,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Keys a saved configs.yaml carries that describe the run's state, not an option to reuse.
-RUN_STATE_KEYS = ("config", "distributed", "training", "resume", "resume_ckpt_file", "local_rank", "stop_epoch")
+RUN_STATE_KEYS = ("config", "distributed", "training", "resume", "resume_ckpt_file", "local_rank", "stop_epoch",
+                  "environment")
+# Keys of a configs.yaml that are no option (the run's state, not something to parse).
+NOT_OPTIONS = ("distributed", "environment")
 _BOOL_WORDS = {"true": True, "false": False}
 
 
@@ -218,7 +221,7 @@ def typed_config(parser: argparse.ArgumentParser, cfg: Dict[str, Any], where: st
     """Check every ``option: value`` of a YAML config against the parser: unknown names and values that do not fit
     the option's type raise a ValueError naming ``where`` and the option; returns the converted values."""
     actions = {a.dest: a for a in parser._actions if a.dest != "help"}
-    unknown = sorted(set(cfg) - set(actions) - {"distributed"})
+    unknown = sorted(set(cfg) - set(actions) - set(NOT_OPTIONS))
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {unknown}; valid options are {sorted(actions)}")
     return {k: (_typed_value(actions[k], v, where) if k in actions else v) for k, v in cfg.items()}
