@@ -22,7 +22,7 @@ def environment_info(device: Optional[torch.device] = None) -> Dict[str, Optiona
             gpu = str(torch.get_device_module(device).get_device_name(device))
         except (AttributeError, RuntimeError, AssertionError):  # a backend without device names
             gpu = device.type
-    return {"torch": torch.__version__, "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+    return {"torch": str(torch.__version__), "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
             "gpu": gpu, "python": platform.python_version()}
 
 
