@@ -389,3 +389,15 @@ def test_check_image_grid(arch, trained, ok, bad, implied):
     with pytest.raises(ValueError, match=rf"^c\.yaml does not fit w\.pth: .* grid of {4 * 2 if 'ViT' in arch else 2} "
                                          rf"patch positions, .*img_size 384x128.* implies a {implied} positions"):
         check_image_grid(sd, bad, 16, source="w.pth", config="c.yaml")
+
+
+def test_rank_accepts_huge_finite_values_whose_sum_overflows():
+    """The per-chunk check sums the chunk first: a sum that overflows (finite values near the float32 maximum) takes
+    the exact look and passes."""
+    sim = torch.full((4, 3), 3.0e38)
+    sim[:, 0] = 1.0
+    cmc, mAP, mINP, _ = rank(sim, torch.tensor([1, 1, 2, 2]), torch.tensor([0, 1, 2]), chunk_size=2)
+    assert torch.isfinite(cmc).all() and torch.isfinite(mAP)
+    sim[3, 2] = float("-inf")
+    with pytest.raises(FloatingPointError, match=r"first row 3 of 4"):
+        rank(sim, torch.tensor([1, 1, 2, 2]), torch.tensor([0, 1, 2]), chunk_size=2)
