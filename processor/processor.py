@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from typing import Dict, Optional, Tuple
 
@@ -24,7 +25,7 @@ import torch
 
 from datasets.build import set_train_epoch
 from processor.setup import set_seed
-from utils.cli import as_interrupted, interrupts_deferred
+from utils.cli import Interrupted, as_interrupted, interrupts_deferred
 from utils.comm import get_rank, get_world_size, is_main_process, reduce_dict, unwrap_model
 from utils.meter import AverageMeter
 from utils.metrics import Evaluator
@@ -184,6 +185,8 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
                 torch.accelerator.empty_cache()
     except BaseException as err:  # KeyboardInterrupt or utils.cli.Interrupted: report, stop; others: re-raised
         stop = as_interrupted(err)
+        if stop is None and isinstance(err, RuntimeError) and "killed by signal: Terminated" in str(err):
+            stop = Interrupted(signal.SIGTERM)  # a job's SIGTERM reached the loader workers before this process
         if stop is None:
             raise
         _report_interruption(stop, args, epoch, finished, counted)
