@@ -19,13 +19,13 @@ LINE = re.compile(r"interrupted by (SIGTERM|SIGINT \(Ctrl-C\)) (in epoch (\d+), 
                   r"last\.pth holds epoch (\d+); resume with: (python train\.py .*)$")
 
 
-def _train_until_second_epoch(argv, sig):
-    """Start train.py, wait until epoch 1's last.pth is written and epoch 2 has begun, send ``sig``; returns
-    (exit code, output)."""
+def _train_until_second_epoch(argv, sig, group=False):
+    """Start train.py, wait until epoch 1's last.pth is written and epoch 2 has begun, send ``sig`` (``group``: to
+    its whole process group, loader workers included, as a job scheduler does); returns (exit code, output)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("IRRA_DEBUG", None)
     proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=group)
     watchdog = threading.Timer(240, proc.kill)
     watchdog.start()
     lines, saved, sent = [], False, False
@@ -35,7 +35,10 @@ def _train_until_second_epoch(argv, sig):
             if "Saving checkpoint to" in line and line.rstrip().endswith("last.pth"):
                 saved = True
             elif saved and not sent and "Epoch[2] Iteration[" in line:
-                proc.send_signal(sig)
+                if group:
+                    os.killpg(proc.pid, sig)  # the new session holds train.py and its loader workers only
+                else:
+                    proc.send_signal(sig)
                 sent = True
         code = proc.wait()
     finally:
@@ -72,3 +75,15 @@ def test_signal_stops_training_with_a_resume_line(tiny_cuhk_root, tmp_path, sig,
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         assert f"continuing at epoch {held + 1}" in r.stdout
         assert read_checkpoint(str(last))["epoch"] == held + 1
+
+
+def test_sigterm_to_the_whole_job_with_loader_workers(tiny_cuhk_root, tmp_path):
+    """A scheduler signals every process of the job: the loader workers die too. Still exit 143, one line, no
+    traceback, last.pth intact."""
+    logs = tmp_path / "logs"
+    argv = tiny_train_argv(tiny_cuhk_root, str(logs), "--num_epoch", "30", "--num_workers", "1")
+    rc, out = _train_until_second_epoch(argv, signal.SIGTERM, group=True)
+    assert rc == 143, out[-3000:]
+    assert "Traceback" not in out and out.count("interrupted by SIGTERM") == 1, out[-3000:]
+    (run_dir,) = [p for p in (logs / "CUHK-PEDES").iterdir()]
+    assert read_checkpoint(str(run_dir / "last.pth"))["epoch"] >= 1

@@ -104,6 +104,16 @@ def debug_requested(argv: Sequence[str]) -> bool:
     return DEBUG_FLAG in argv or env not in ("", "0", "false", "no")
 
 
+def _quiet_worker_deaths() -> None:
+    """A job's SIGTERM kills the loader workers too; torch's SIGCHLD handler would then raise (with a traceback)
+    while the interpreter shuts down. The process is stopping on purpose: let the children's deaths pass."""
+    if hasattr(signal, "SIGCHLD"):
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        except ValueError:  # not the main thread
+            pass
+
+
 def run_main(main: Callable[[List[str]], Any], argv: Optional[Sequence[str]] = None, prog: Optional[str] = None,
              handle_signals: bool = False) -> None:
     """Run ``main(argv)`` (``argv`` default ``sys.argv[1:]``, ``--debug`` removed) and exit (module docstring):
@@ -123,6 +133,7 @@ def run_main(main: Callable[[List[str]], Any], argv: Optional[Sequence[str]] = N
             traceback.print_exc()
         if not getattr(stop, "reported", False) and not getattr(err, "reported", False):
             print(f"{prog}: {stop}", file=sys.stderr)
+        _quiet_worker_deaths()
         sys.exit(stop.exit_code)
     except EXPECTED_ERRORS as err:
         if debug:
