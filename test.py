@@ -11,7 +11,9 @@ from datasets import build_dataloader
 from model.build import build_model_from_checkpoint
 from processor.processor import do_inference
 from utils.checkpoint import model_state_dict, read_checkpoint
+from utils.cli import run_main
 from utils.comm import resolve_device
+from utils.env import describe_environment, environment_info
 from utils.logger import setup_logger
 from utils.options import load_config_args
 from utils.run_dir import BEST_CHECKPOINT, check_test_metrics_writable, resolve_run, write_test_metrics
@@ -41,6 +43,7 @@ def main(argv=None) -> dict:
     logger.info(f"config {config_file}, checkpoint {ckpt}")
 
     device = resolve_device(args.device)
+    logger.info(f"environment: {describe_environment(environment_info(device))}")
     # the checkpoint first: an unreadable file or one that does not fit the config fails before the data is read
     checkpoint = read_checkpoint(ckpt)  # read once: weights, classes, backbone and epoch all come from it
     weights = model_state_dict(checkpoint)
@@ -56,4 +59,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:], prog="test.py")

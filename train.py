@@ -1,5 +1,7 @@
 """Train IRRA.  Single process:  python train.py --config configs/cuhk_pedes.yaml
 DDP:  torchrun --nproc_per_node N train.py ...   (NCCL on GPUs, gloo on CPU; --batch_size is the global batch)
+--debug (or IRRA_DEBUG=1): the traceback of an expected error too. Ctrl-C / SIGTERM: one line saying how to resume,
+exit code 130 / 143 (utils/cli.py).
 """
 import os
 import sys
@@ -8,6 +10,7 @@ import torch
 
 from processor.processor import do_train
 from processor.setup import build_training
+from utils.cli import run_main
 from utils.options import get_args
 
 
@@ -23,7 +26,13 @@ def main(argv=None) -> dict:
     return {"run_dir": args.output_dir, **result}
 
 
+def _cli(argv) -> dict:
+    try:
+        return main(argv)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    run_main(_cli, sys.argv[1:], prog="train.py", handle_signals=True)

@@ -19,6 +19,8 @@ from pathlib import Path
 from search import split_queries as T
 from search.grid import draw_search_grid, save_new_png, slug, tile_size_for
 from search.retrieval import Retriever
+from utils.cli import run_main
+from utils.iotools import make_output_dir
 from utils.run_dir import VIS_DIR, check_writable
 
 
@@ -62,18 +64,16 @@ def main(argv=None) -> list[Path]:
 
     r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers)
     out = Path(a.out) if a.out else r.run_dir / VIS_DIR
-    try:  # checked before the (long) encoding: the grids must have somewhere to go
-        out.mkdir(parents=True, exist_ok=True)
-        check_writable(str(out), "grids")
-    except OSError as e:
-        p.error(f"--out {out}: cannot write the grids there ({e})")
+    option = "--out" if a.out else f"the run's {VIS_DIR}/ folder"
+    make_output_dir(str(out), option)  # checked before the (long) encoding: the grids must have somewhere to go
+    check_writable(str(out), f"grids ({option})")
     tile, saved = tile_size_for(r.args), []
     if a.query:
         gallery = r.encode_folder(a.gallery) if a.gallery else T.encode_test_gallery(r, T.load_test_split(r.args))
         for i, q in enumerate(a.query):
             scores, idx = r.search(q, gallery, a.topk)
             paths = [gallery.paths[j] for j in idx.tolist()]
-            out.mkdir(parents=True, exist_ok=True)
+            make_output_dir(str(out), option)
             grid = draw_search_grid(r.kept_text(q), paths, scores, tile)  # the header shows what the model saw
             saved.append(save_new_png(grid, out / f"search_{i:02d}_{slug(q)}.png"))
             print(f"\nquery: {q}\n" + "\n".join(f"{k:3d}  {s:7.4f}  {pth}" for k, (s, pth)
@@ -85,7 +85,7 @@ def main(argv=None) -> list[Path]:
         if not picked:
             print("no query to draw" + (" (every top-1 is correct)" if a.failures else ""))
         for res in picked:
-            out.mkdir(parents=True, exist_ok=True)
+            make_output_dir(str(out), option)
             saved.append(save_new_png(T.draw_query_grid(res, tile), out / f"query_{res.index:05d}.png"))
     print("\n" + "\n".join(f"saved {s}" for s in saved))
     return saved
@@ -113,4 +113,4 @@ def serve(a) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, prog="visualize.py")

@@ -1,7 +1,9 @@
 """Annotation parsing: ``BaseDataset`` reads ``<root>/<dataset_dir>/{imgs/, <annotation json>}`` into the splits.
 
 Annotation format (CUHK-PEDES ``reid_raw.json``, ICFG-PEDES ``ICFG-PEDES.json``, RSTPReid ``data_captions.json``):
-a json list of entries ``{"split": "train"|"test"|other (-> val), "id": int, <path_key>: str, "captions": [str]}``.
+a json list of entries ``{"split": "train"|"test"|"val", "id": int, <path_key>: str, "captions": [str]}``; any other
+split name is an error (the original filed it under val), an id must fit in int64, and the image path must stay
+inside ``imgs/`` (relative, no '..' component; a symlink inside imgs/ is followed).
 An entry may also hold ``"captions_bt": [str]``, the back-translations of its captions (the key TBPS-CLIP reads),
 aligned one-to-one: ``captions_bt[j]`` is the back-translation of ``captions[j]``, ``""`` where a caption has none; a
 list of another length is a DatasetFormatError naming the entry. Only the train split uses them
@@ -33,6 +35,12 @@ EvalSplit = Dict[str, list]
 
 # The annotation key of the captions' back-translations (TBPS-CLIP's name).
 BACKTRANS_KEY = "captions_bt"
+# The valid values of an entry's 'split'.
+SPLIT_NAMES = ("train", "test", "val")
+# Identity ids are stored in int64 tensors.
+ID_MIN, ID_MAX = -2 ** 63, 2 ** 63 - 1
+# How many dropped ids / entries a message names.
+MAX_DROPPED_SHOWN = 10
 
 
 class DatasetFormatError(ValueError):
@@ -98,6 +106,8 @@ class BaseDataset:
             raise DatasetFormatError(f"{anno_path}: expected a JSON list of entries, got {type(annos).__name__}")
         required = ("split", "id", self.path_key, "captions")
         cleaned, n_dropped, n_entries_dropped = [], 0, 0
+        dropped_entries: Dict[int, List[int]] = {}  # id -> indices of its entries dropped for having no caption
+        kept_ids: set = set()
         for i, anno in enumerate(annos):
             where = f"{anno_path}: entry {i}"
             if not isinstance(anno, dict):
@@ -108,9 +118,16 @@ class BaseDataset:
             pid = anno["id"]
             if isinstance(pid, bool) or not isinstance(pid, (int, str)) or not _is_int(pid):
                 raise DatasetFormatError(f"{where}: key 'id' must be an integer, got {pid!r}")
+            if not ID_MIN <= int(pid) <= ID_MAX:
+                raise DatasetFormatError(f"{where}: key 'id' is {int(pid)}, outside the 64-bit integer range "
+                                         f"[{ID_MIN}, {ID_MAX}] that identity ids are stored in")
+            if anno["split"] not in SPLIT_NAMES:
+                raise DatasetFormatError(f"{where}: key 'split' is {anno['split']!r}; valid: {list(SPLIT_NAMES)} "
+                                         f"(exact, lower case)")
             if not isinstance(anno[self.path_key], str) or not anno[self.path_key]:
                 raise DatasetFormatError(f"{where}: key '{self.path_key}' must be a non-empty string, "
                                          f"got {anno[self.path_key]!r}")
+            self._check_image_path(anno[self.path_key], where)
             caps = anno["captions"]
             if not isinstance(caps, list) or len(caps) == 0:
                 raise DatasetFormatError(f"{where}: key 'captions' must be a non-empty list of strings, got {caps!r}")
@@ -122,7 +139,9 @@ class BaseDataset:
             n_dropped += len(caps) - len(kept)
             if not kept:  # an image with no usable caption would add an identity with no training text
                 n_entries_dropped += 1
+                dropped_entries.setdefault(int(pid), []).append(i)
                 continue
+            kept_ids.add(int(pid))
             entry = {**anno, "id": int(pid), "captions": [caps[j] for j in kept]}
             if bts is not None:  # stays aligned with the kept captions
                 entry[BACKTRANS_KEY] = [bts[j] for j in kept]
@@ -130,7 +149,21 @@ class BaseDataset:
         if n_dropped:
             self.logger.warning("%s: dropped %d empty/whitespace-only captions (%d entries left without any caption "
                                 "were dropped too)", anno_path, n_dropped, n_entries_dropped)
+        # ids none of whose entries kept a caption: gone from the dataset (named, and named again by the pid check)
+        self.dropped_ids = {pid: idx for pid, idx in dropped_entries.items() if pid not in kept_ids}
+        if self.dropped_ids:
+            self.logger.warning("%s: %d ids have no entry with a non-empty caption and were dropped: %s", anno_path,
+                                len(self.dropped_ids), _describe_dropped(self.dropped_ids))
         return cleaned
+
+    def _check_image_path(self, path: str, where: str) -> None:
+        """An entry's image path must stay inside ``imgs/``: relative, without a '..' component or a NUL byte.
+        (A symlink inside imgs/ is followed: where it points is the user's choice.)"""
+        parts = path.replace("\\", "/").split("/")
+        if op.isabs(path) or path.startswith(("/", "\\")) or ".." in parts or "\x00" in path:
+            raise DatasetFormatError(
+                f"{where}: image path {path!r} ('{self.path_key}') is outside the image folder '{self.img_dir}': "
+                f"paths must be relative to imgs/, without '..'")
 
     @staticmethod
     def _check_backtrans(anno: dict, where: str) -> Optional[List[str]]:
@@ -150,7 +183,8 @@ class BaseDataset:
         return bts
 
     def _split_anno(self, annos: List[dict]) -> Tuple[List[dict], List[dict], List[dict]]:
-        """split 'train' -> train, 'test' -> test, anything else -> val (as the original)."""
+        """split 'train' -> train, 'test' -> test, 'val' -> val (the parser refuses any other name; the original
+        filed them under val)."""
         train, test, val = [], [], []
         for anno in annos:
             if anno["split"] == "train":
@@ -201,11 +235,15 @@ class BaseDataset:
         """Train pids index the ID classifier, so they must be exactly 0..N-1."""
         for expected, pid in enumerate(sorted(pid_container)):
             if pid != expected:
-                raw = pid + self.train_pid_offset
+                raw, missing = pid + self.train_pid_offset, expected + self.train_pid_offset
+                dropped = getattr(self, "dropped_ids", {}).get(missing)
+                why = (f"; id {missing} was dropped because every caption of its entries "
+                       f"{dropped[:MAX_DROPPED_SHOWN]} is empty" if dropped else "")
+                found = (f"id {raw} gives pid {pid} < 0 (ids start at {self.train_pid_offset})" if pid < 0 else
+                         f"id {missing} (pid {expected}) is missing, the next id is {raw} (pid {pid}){why}")
                 raise DatasetFormatError(
                     f"{self.anno_path}: train pids must be 0..{len(pid_container) - 1} without gaps "
-                    f"(pid = id - {self.train_pid_offset}); first offending id is {raw} (pid {pid}), "
-                    f"expected pid {expected} (id {expected + self.train_pid_offset})")
+                    f"(pid = id - {self.train_pid_offset}); {found}")
 
     # ------------------------------------------------------------------ info
     def show_dataset_info(self) -> None:
@@ -215,6 +253,12 @@ class BaseDataset:
         table.add_row(["test", len(self.test_id_container), len(self.test["img_paths"]), len(self.test["captions"])])
         table.add_row(["val", len(self.val_id_container), len(self.val["img_paths"]), len(self.val["captions"])])
         self.logger.info("%s statistics:\n%s", type(self).__name__, table)
+
+
+def _describe_dropped(dropped: Dict[int, List[int]]) -> str:
+    items = [f"id {pid} (entries {idx[:MAX_DROPPED_SHOWN]})" for pid, idx in list(dropped.items())[:MAX_DROPPED_SHOWN]]
+    more = f" and {len(dropped) - MAX_DROPPED_SHOWN} more" if len(dropped) > MAX_DROPPED_SHOWN else ""
+    return ", ".join(items) + more + " (every caption empty or whitespace)"
 
 
 def _is_int(value: Any) -> bool:

@@ -238,10 +238,13 @@ def build_eval_loaders(args: argparse.Namespace, split: Dict[str, list], split_n
     """``(image loader, text loader)`` over an evaluation split dict (``img_paths``, ``image_pids``, ``captions``,
     ``caption_pids``); ``transform`` defaults to the test transform."""
     if not split["img_paths"] or not split["captions"]:
+        counts = f"({len(split['img_paths'])} images, {len(split['captions'])} captions)"
+        if not getattr(args, "training", True):  # test.py: it evaluates the test split and has no --val_dataset
+            raise ValueError(f"{args.dataset_name} under --root_dir {args.root_dir} has no {split_name} split "
+                             f"{counts}: test.py evaluates the annotation's '{split_name}' entries")
         other = "test" if split_name == "val" else "val"
         raise ValueError(f"--val_dataset {split_name}: {args.dataset_name} has no {split_name} split "
-                         f"({len(split['img_paths'])} images, {len(split['captions'])} captions); use "
-                         f"--val_dataset {other}")
+                         f"{counts}; use --val_dataset {other}")
     transform = transform if transform is not None else build_transforms(img_size=args.img_size, is_train=False)
     img_set = ImageDataset(split["image_pids"], split["img_paths"], transform)
     txt_set = TextDataset(split["caption_pids"], split["captions"], text_length=args.text_length)

@@ -26,6 +26,7 @@ import logging
 import os
 import os.path as op
 import stat
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -42,6 +43,10 @@ IMAGE_CHECK_FILE = "verified.json"
 CACHE_VERSION = 1
 # How many bad files an error / the report names (the rest are counted).
 MAX_BAD_SHOWN = 20
+# Images with more pixels than this (4096 x 4096) are reported as huge (a warning naming them): each read decodes all
+# of them, so one 144-Mpx image slows a whole training down. PIL refuses files above 2 * Image.MAX_IMAGE_PIXELS
+# (about 179 Mpx) outright (DecompressionBombError: reported as unreadable).
+HUGE_IMAGE_PIXELS = 4096 * 4096
 # The splits a parsed dataset has (BaseDataset.train / .test / .val).
 SPLITS = ("train", "test", "val")
 
@@ -101,6 +106,15 @@ class ImageFilesMissingError(ImageCheckError, FileNotFoundError):
         super().__init__(problems, total, what, EXISTS_HINT)
 
 
+def format_problems_text(lines: Sequence[str], max_shown: int = MAX_BAD_SHOWN, indent: str = "  ") -> str:
+    """One indented line per item, at most ``max_shown`` (0: all), then ``... and N more``."""
+    shown = lines if max_shown <= 0 else lines[:max_shown]
+    out = [indent + line for line in shown]
+    if len(lines) > len(shown):
+        out.append(f"{indent}... and {len(lines) - len(shown)} more")
+    return "\n".join(out)
+
+
 def format_problems(problems: Sequence[ImageProblem], max_shown: int = MAX_BAD_SHOWN, indent: str = "  ") -> str:
     """One line per problem, at most ``max_shown`` (0: all), then ``... and N more``."""
     shown = problems if max_shown <= 0 else problems[:max_shown]
@@ -129,12 +143,14 @@ def _stat(path: str) -> Tuple[Optional[os.stat_result], Optional[ImageProblem]]:
 def _open(path: str, level: str) -> Tuple[Optional[Tuple[int, int]], Optional[ImageProblem]]:
     """Open ``path`` with PIL at ``level`` (``verify`` or ``load``); returns ``(width, height)`` or the problem."""
     try:
-        with Image.open(path) as img:
-            size = img.size
-            if level == LOAD:
-                img.load()
-            else:
-                img.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # names no file: we report huge ones
+            with Image.open(path) as img:
+                size = img.size
+                if level == LOAD:
+                    img.load()
+                else:
+                    img.verify()
         return size, None
     except Exception as err:  # noqa: BLE001 - any failure to read the file makes it unusable; the reason is kept
         return None, ImageProblem(path, UNREADABLE, f"{type(err).__name__}: {err}")
@@ -203,9 +219,9 @@ def _write_cache(cache_file: str, files: Dict[str, list]) -> None:
 
 
 def _cache_hit(entry: Optional[list], st: os.stat_result, level: str) -> bool:
-    if not isinstance(entry, list) or len(entry) != 3:
+    if not isinstance(entry, list) or len(entry) not in (3, 4):  # [size, mtime_ns, level(, pixels)]
         return False
-    size, mtime_ns, cached_level = entry
+    size, mtime_ns, cached_level = entry[:3]
     return (size == st.st_size and mtime_ns == st.st_mtime_ns and cached_level in LEVELS
             and LEVELS.index(cached_level) >= LEVELS.index(level))
 
@@ -244,23 +260,33 @@ def verify_images(paths: Iterable[str], cache_dir: Optional[str] = None, show_pr
     problems: Dict[str, ImageProblem] = {}
     to_open: List[Tuple[str, os.stat_result]] = []
     n_cached = 0
+    huge: List[str] = []
     for path in unique:
         st, problem = _stat(path)
         if problem is not None:
             problems[path] = problem
         elif _cache_hit(cache.get(_cache_key(path)), st, level):
             n_cached += 1
+            entry = cache[_cache_key(path)]
+            if len(entry) == 4 and isinstance(entry[3], int) and entry[3] > HUGE_IMAGE_PIXELS:
+                huge.append(f"{path}: {entry[3] / 1e6:.1f} Mpx")
         else:
             to_open.append((path, st))
     verified = 0
     for path, st in tqdm(to_open, desc=f"Checking images ({what})", disable=not show_progress or not to_open,
                          leave=False, unit="img"):
-        _, problem = _open(path, level)
+        size, problem = _open(path, level)
         if problem is not None:
             problems[path] = problem
         else:
-            cache[_cache_key(path)] = [st.st_size, st.st_mtime_ns, level]
+            cache[_cache_key(path)] = [st.st_size, st.st_mtime_ns, level, size[0] * size[1]]
             verified += 1
+            if size[0] * size[1] > HUGE_IMAGE_PIXELS:
+                huge.append(f"{path}: {size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.1f} Mpx)")
+    if huge:
+        logger.warning("%d images of the %s are huge (over %.1f Mpx, HUGE_IMAGE_PIXELS); each read decodes every "
+                       "pixel, which slows loading down; downscale them:\n%s", len(huge), what,
+                       HUGE_IMAGE_PIXELS / 1e6, format_problems_text(huge))
     if cache_file and verified:
         _write_cache(cache_file, cache)
     if problems:

@@ -12,9 +12,10 @@ What changed from the original, behaviour otherwise identical:
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
+import os
+import signal
 import time
 from typing import Dict, Optional, Tuple
 
@@ -24,10 +25,11 @@ from datasets.build import set_train_epoch
 from model.rde import is_rde
 from processor.ccd import run_ccd, split_prob  # noqa: F401  (split_prob: RDE's name, re-exported)
 from processor.setup import set_seed
+from utils.cli import Interrupted, as_interrupted, interrupts_deferred
 from utils.comm import autocast_context, get_rank, get_world_size, is_main_process, reduce_dict, unwrap_model
 from utils.meter import AverageMeter
 from utils.metrics import Evaluator
-from utils.run_dir import CCD_FILE, append_metrics, drop_metrics_from
+from utils.run_dir import CCD_FILE, CONFIG_FILE, LAST_CHECKPOINT, append_metrics, drop_metrics_from
 
 # Offsets that separate the per-epoch seeds of different epochs and ranks.
 EPOCH_SEED_STRIDE = 1000
@@ -187,32 +189,93 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
             from torch.utils.tensorboard import SummaryWriter
             tb_writer = SummaryWriter(log_dir=args.output_dir)
 
-    for epoch in range(start_epoch, last_epoch + 1):
-        set_seed(args.seed + epoch * EPOCH_SEED_STRIDE + get_rank() * RANK_SEED_STRIDE)
-        set_train_epoch(train_loader, epoch)
-        label_hat = None
-        if is_rde(model):  # RDE: Consensus Clean Division before every epoch (processor/ccd.py)
-            label_hat, ccd_stats = run_ccd(model, train_loader.dataset, args, epoch)
-            if is_main_process():
-                append_metrics(args.output_dir, {"epoch": epoch, **ccd_stats}, CCD_FILE)
-        start_time = time.time()
-        lr = optimizer.param_groups[0]["lr"]
-        meters, ret, num_samples = train_one_epoch(args, model, train_loader, optimizer, scaler, epoch, label_hat,
-                                                   train_mode=not (label_hat is not None and args.rde_train_eval_mode))
-        scheduler.step()
-        _log_epoch(epoch, meters, ret, lr, num_samples, time.time() - start_time, len(train_loader), tb_writer)
-        if epoch % args.eval_period == 0:
-            best_top1, best_epoch = evaluate_and_checkpoint(args, model, evaluator, checkpointer, epoch, best_top1,
-                                                            best_epoch, tb_writer)
-        extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
-        save_checkpoint(checkpointer, model, "last", epoch=epoch, best_top1=best_top1, best_epoch=best_epoch, **extra)
-        if device.type != "cpu":
-            torch.accelerator.empty_cache()
+    counted = _CountingLoader(train_loader)  # its count names the iteration an interruption stopped
+    epoch, finished = start_epoch, start_epoch - 1
+    try:
+        for epoch in range(start_epoch, last_epoch + 1):
+            set_seed(args.seed + epoch * EPOCH_SEED_STRIDE + get_rank() * RANK_SEED_STRIDE)
+            set_train_epoch(train_loader, epoch)
+            label_hat = None
+            if is_rde(model):  # RDE: Consensus Clean Division before every epoch (processor/ccd.py)
+                label_hat, ccd_stats = run_ccd(model, train_loader.dataset, args, epoch)
+                if is_main_process():
+                    append_metrics(args.output_dir, {"epoch": epoch, **ccd_stats}, CCD_FILE)
+            start_time = time.time()
+            lr = optimizer.param_groups[0]["lr"]
+            meters, ret, num_samples = train_one_epoch(
+                args, model, counted, optimizer, scaler, epoch, label_hat,
+                train_mode=not (label_hat is not None and args.rde_train_eval_mode))
+            scheduler.step()
+            _log_epoch(epoch, meters, ret, lr, num_samples, time.time() - start_time, len(train_loader), tb_writer)
+            if epoch % args.eval_period == 0:
+                best_top1, best_epoch = evaluate_and_checkpoint(args, model, evaluator, checkpointer, epoch,
+                                                                best_top1, best_epoch, tb_writer)
+            extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
+            with interrupts_deferred():  # a signal during the write waits for it: the epoch is kept
+                save_checkpoint(checkpointer, model, "last", epoch=epoch, best_top1=best_top1,
+                                best_epoch=best_epoch, **extra)
+            finished, counted.count = epoch, 0
+            if device.type != "cpu":
+                torch.accelerator.empty_cache()
+    except BaseException as err:  # KeyboardInterrupt or utils.cli.Interrupted: report, stop; others: re-raised
+        stop = as_interrupted(err)
+        if stop is None and isinstance(err, RuntimeError) and "killed by signal: Terminated" in str(err):
+            stop = Interrupted(signal.SIGTERM)  # a job's SIGTERM reached the loader workers before this process
+        if stop is None:
+            raise
+        _report_interruption(stop, args, epoch, finished, counted)
+        raise stop from None
 
     if tb_writer is not None:
         tb_writer.flush()
     logger.info(f"best R1: {best_top1} at epoch {best_epoch}")
     return {"best_top1": best_top1, "best_epoch": best_epoch}
+
+
+class _CountingLoader:
+    """``loader`` as ``train_one_epoch`` uses it (iteration, ``len``), counting the batches handed out this pass."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.count = loader, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.count = 0
+        for batch in self.loader:
+            self.count += 1
+            yield batch
+
+
+def resume_command(run_dir: str) -> str:
+    """The command that continues the run in ``run_dir`` from its ``last.pth`` (shell-quoted)."""
+    import shlex
+
+    return (f"python train.py --config {shlex.quote(os.path.join(run_dir, CONFIG_FILE))} --resume "
+            f"--resume_ckpt_file {shlex.quote(os.path.join(run_dir, LAST_CHECKPOINT))}")
+
+
+def _report_interruption(stop, args, epoch: int, finished: int, counted: _CountingLoader) -> None:
+    """Log the one line of an interrupted training: where it stopped, the epoch last.pth holds, how to resume."""
+    from utils.checkpoint import read_checkpoint
+
+    last = os.path.join(args.output_dir, LAST_CHECKPOINT)
+    held = None
+    if os.path.isfile(last):
+        try:
+            held = read_checkpoint(last).get("epoch")  # memory-mapped: cheap even for a large model
+        except Exception:  # noqa: BLE001 - only the message depends on it
+            held = "unknown"
+    where = (f"in epoch {epoch}, iteration {counted.count}/{len(counted)}" if counted.count
+             else f"after epoch {finished}" if finished >= 1 else "before the first iteration")
+    if held is None:
+        saved = "no last.pth yet (no epoch finished): nothing to resume, start the training again"
+    else:
+        saved = f"last.pth holds epoch {held}; resume with: {resume_command(args.output_dir)}"
+    if is_main_process():
+        logger.warning(f"{stop} {where}; {saved}")
+    stop.reported = True
 
 
 def do_inference(model, test_img_loader, test_txt_loader, i2t_metric: bool = False) -> Dict[str, float]:

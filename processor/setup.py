@@ -20,7 +20,8 @@ from model.build import build_model
 from solver import build_lr_scheduler, build_optimizer
 from utils.checkpoint import Checkpointer, OptimizerStateError
 from utils.comm import broadcast_object, get_rank, get_world_size, init_distributed, is_main_process
-from utils.iotools import save_train_configs
+from utils.env import describe_environment, environment_info
+from utils.iotools import check_output_dir, make_output_dir, save_train_configs
 from utils.logger import setup_logger
 from utils.metrics import Evaluator
 from utils.options import warn_config_changes
@@ -61,9 +62,10 @@ def make_run_dir(args) -> str:
         base = os.path.join(args.output_dir, args.dataset_name, f"{stamp}_{args.name}")
         path, i = base, 1
         created = _missing_parents(base)
+        check_output_dir(args.output_dir, "--output_dir")  # a file in the way or a read-only folder: named
         while True:
             try:
-                os.makedirs(path, exist_ok=False)
+                make_output_dir(path, "--output_dir", exist_ok=False)
                 break
             except FileExistsError:
                 path, i = f"{base}_{i}", i + 1
@@ -138,6 +140,8 @@ def build_training(args) -> TrainingParts:
 
 
 def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
+    args.environment = environment_info(device)  # saved in configs.yaml, ignored when that file is reused
+    logger.info(f"environment: {describe_environment(args.environment)}")
     logger.info(f"Using {get_world_size()} process(es) on {device}; run dir {args.output_dir}")
     logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     if is_main_process():

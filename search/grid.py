@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from utils.iotools import open_image
+
 # Grid colours (RGB).
 MATCH_COLOR = (0, 170, 0)        # gallery image has the query's identity
 MISMATCH_COLOR = (210, 0, 0)     # gallery image of another identity
@@ -92,8 +94,15 @@ def cap_lines(lines: Sequence[str], font: ImageFont.ImageFont, max_width: int,
     return kept
 
 
+def printable(text: str) -> str:
+    """``text`` with each control character (newline, tab, ...) written as its escape, e.g. ``a\\nb.jpg``."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def _fit_label(text: str, font: ImageFont.ImageFont, max_width: int) -> str:
-    """Cut a tile label with an ellipsis to fit under the tile (labels only, never the caption)."""
+    """Cut a tile label with an ellipsis to fit under the tile (labels only, never the caption). Control
+    characters (a newline in a file name) are shown escaped (``\\n``): one label is one line."""
+    text = printable(text)
     if _text_width(font, text) <= max_width:
         return text
     while text and _text_width(font, ELLIPSIS + text) > max_width:
@@ -145,8 +154,7 @@ def _paste_letterboxed(canvas: Image.Image, path: str | None, box: tuple[int, in
     w, h = x1 - x0 + 1, y1 - y0 + 1
     cell = Image.new("RGB", (w, h), TILE_BACKGROUND)
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        img = open_image(path)  # EXIF orientation and 16-bit images as everywhere else
         s = min(w / img.width, h / img.height)
         img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BICUBIC)
         cell.paste(img, ((w - img.width) // 2, (h - img.height) // 2))

@@ -44,9 +44,21 @@ def sha256(path) -> str:
 # ------------------------------------------------------------------------------------------------ 1. NaN features
 def test_rank_refuses_an_all_nan_similarity_matrix():
     sim = torch.full((3, 5), float("nan"))
-    with pytest.raises(FloatingPointError, match=r"rank: the similarity matrix: 3 of 3 rows hold NaN/inf values "
-                                                 r"\(first row 0\)"):
+    with pytest.raises(FloatingPointError, match=r"rank: the similarity matrix: 3 of 3 rows of a chunk hold NaN/inf "
+                                                 r"values \(first row 0 of 3\)"):
         rank(sim, torch.arange(3), torch.arange(5))
+
+
+@pytest.mark.parametrize("get_mAP", [True, False])
+def test_rank_checks_every_chunk(get_mAP):
+    """The finiteness check runs per chunk (no whole-matrix temporary): a NaN in the last chunk only is found, named
+    by its row in the whole matrix; an inf too."""
+    for bad_value in (float("nan"), float("inf")):
+        sim = torch.randn(10, 6)
+        sim[9, 4] = bad_value
+        with pytest.raises(FloatingPointError, match=r"1 of \d rows of a chunk hold NaN/inf values \(first row 9 of 10\)"):
+            rank(sim, torch.arange(10) % 6, torch.arange(6), get_mAP=get_mAP, chunk_size=3)
+    rank(torch.randn(10, 6), torch.arange(10) % 6, torch.arange(6), get_mAP=get_mAP, chunk_size=3)  # finite: fine
 
 
 def test_rank_from_features_refuses_nan_features():
@@ -397,3 +409,15 @@ def test_check_image_grid(arch, trained, ok, bad, implied):
     with pytest.raises(ValueError, match=rf"^c\.yaml does not fit w\.pth: .* grid of {4 * 2 if 'ViT' in arch else 2} "
                                          rf"patch positions, .*img_size 384x128.* implies a {implied} positions"):
         check_image_grid(sd, bad, 16, source="w.pth", config="c.yaml")
+
+
+def test_rank_accepts_huge_finite_values_whose_sum_overflows():
+    """The per-chunk check sums the chunk first: a sum that overflows (finite values near the float32 maximum) takes
+    the exact look and passes."""
+    sim = torch.full((4, 3), 3.0e38)
+    sim[:, 0] = 1.0
+    cmc, mAP, mINP, _ = rank(sim, torch.tensor([1, 1, 2, 2]), torch.tensor([0, 1, 2]), chunk_size=2)
+    assert torch.isfinite(cmc).all() and torch.isfinite(mAP)
+    sim[3, 2] = float("-inf")
+    with pytest.raises(FloatingPointError, match=r"first row 3 of 4"):
+        rank(sim, torch.tensor([1, 1, 2, 2]), torch.tensor([0, 1, 2]), chunk_size=2)

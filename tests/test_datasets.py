@@ -175,12 +175,12 @@ def test_rstp_requires_img_path_key(tmp_path):
 def test_train_pid_gap_names_first_offending_id(tmp_path):
     data = [_cuhk(id=1), _cuhk(id=2), _cuhk(id=4), _cuhk(id=5), _cuhk(split="test", id=9)]
     write_dataset(tmp_path, "CUHK-PEDES", data)
-    with pytest.raises(DatasetFormatError, match=r"pids must be 0\.\.3 without gaps.*first offending id is 4 "
-                                                 r"\(pid 3\), expected pid 2 \(id 3\)"):
+    with pytest.raises(DatasetFormatError, match=r"pids must be 0\.\.3 without gaps.*id 3 \(pid 2\) is missing, "
+                                                 r"the next id is 4 \(pid 3\)"):
         CUHKPEDES(root=str(tmp_path), verbose=False)
     # CUHK ids are 1-based: an id 0 gives pid -1
     write_dataset(tmp_path, "CUHK-PEDES", [_cuhk(id=0), _cuhk(id=1)])
-    with pytest.raises(DatasetFormatError, match=r"first offending id is 0 \(pid -1\)"):
+    with pytest.raises(DatasetFormatError, match=r"id 0 gives pid -1 < 0 \(ids start at 1\)"):
         CUHKPEDES(root=str(tmp_path), verbose=False)
 
 

@@ -142,9 +142,9 @@ def test_each_caption_tokenized_once(tmp_path):
     calls = []
 
     class CountingTok(SimpleTokenizer):
-        def encode(self, text):
+        def encode(self, text, **kwargs):
             calls.append(text)
-            return super().encode(text)
+            return super().encode(text, **kwargs)
 
     ds = ImageTextMLMDataset(rows, lambda im: torch.zeros(1), tokenizer=CountingTok())
     assert sorted(calls) == sorted({r[3] for r in rows})

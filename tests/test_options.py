@@ -100,7 +100,8 @@ def test_original_configs_yaml_loads(tmp_path):
 @pytest.mark.parametrize("opt,value,want", [
     ("--temperature", "0", "expected > 0"), ("--text_length", "2", "expected >= 3"),
     ("--stride_size", "0", "expected >= 1"), ("--cmt_depth", "0", "expected >= 1 when the mlm loss is on"),
-    ("--batch_size", "0", "expected >= 1"), ("--eval_period", "0", "expected >= 1"), ("--lr", "-1", "expected > 0")])
+    ("--batch_size", "0", "expected >= 1"), ("--eval_period", "0", "expected >= 1"),
+    ("--lr", "-1", "expected a finite number > 0")])
 def test_out_of_range_values_are_rejected(opt, value, want):
     with pytest.raises(ValueError, match=f"{opt} {value}.*{want}"):
         get_args([opt, value, "--loss_names", "sdm+mlm"])

@@ -150,3 +150,67 @@ def test_epoch_random_sampler():
     assert sorted(e0) == list(range(30)) and e0 != e1
     s.set_epoch(0)
     assert list(s) == e0 == torch.randperm(30, generator=torch.Generator().manual_seed(4)).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- batches per epoch
+def _chunks_available(counts, k):
+    """Chunks of K rows each id offers in an epoch (an id with fewer than K rows offers one, with replacement)."""
+    return {pid: max(n, k) // k for pid, n in enumerate(counts)}
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_identity_epoch_yields_every_full_batch(world):
+    """Iterate the loaders as datasets/build.py builds them and count the batches an epoch yields: every batch is
+    full, their number is what len() promises, and the epoch stops only when fewer than N ids have a chunk left
+    (a sampler that drops its last batch leaves N ids with chunks)."""
+    data, K, B = rows(COUNTS), 4, 16
+    n_ids_per_batch = B // K
+    per_rank = B // world
+    loaders, samplers = [], []
+    for r in range(world):
+        if world == 1:
+            s = RandomIdentitySampler(data, B, K, seed=5)
+            loaders.append(torch.utils.data.DataLoader(range(len(data)), batch_size=B, sampler=s))
+        else:
+            s = RandomIdentitySampler_DDP(data, B, K, rank=r, world_size=world, seed=5)
+            loaders.append(torch.utils.data.DataLoader(range(len(data)), batch_sampler=BatchSampler(s, per_rank,
+                                                                                                   drop_last=True)))
+        samplers.append(s)
+    for epoch in (0, 3):
+        used = Counter()
+        per_loader = []
+        for loader, s in zip(loaders, samplers):
+            s.set_epoch(epoch)
+            batches = [b.tolist() for b in loader]
+            per_loader.append(batches)
+            assert len(batches) == len(loader) > 0
+            assert all(len(b) == per_rank for b in batches)
+        assert len({len(b) for b in per_loader}) == 1  # every rank steps the same number of times
+        for g in range(len(per_loader[0])):  # the global batch g: the ranks' slices joined
+            batch = [i for rank_batches in per_loader for i in rank_batches[g]]
+            for c in range(0, B, K):
+                used[data[batch[c]][0]] += 1
+        left = [pid for pid, n in _chunks_available(COUNTS, K).items() if n - used[pid] > 0]
+        assert len(left) < n_ids_per_batch, f"{len(left)} ids still hold a chunk at the epoch's end: a batch was dropped"
+        assert sum(used.values()) * K == len(per_loader[0]) * B
+
+
+def test_random_epoch_yields_ceil_n_over_b_batches():
+    """Single process: every row once per epoch, ceil(n / B) batches (the last one partial); DDP: the full global
+    batches only (n // B), sliced equally over the ranks."""
+    data = list(range(50))
+    B = 8
+    s = EpochRandomSampler(data, seed=2)
+    loader = torch.utils.data.DataLoader(data, batch_size=B, sampler=s)
+    batches = [b.tolist() for b in loader]
+    assert len(batches) == -(-len(data) // B) == 7
+    assert sorted(i for b in batches for i in b) == data
+    for world in (2, 4):
+        counts = []
+        for r in range(world):
+            d = DistributedRandomSampler(data, B, rank=r, world_size=world, seed=2)
+            dl = torch.utils.data.DataLoader(data, batch_size=B // world, sampler=d, drop_last=True)
+            got = [b.tolist() for b in dl]
+            assert all(len(b) == B // world for b in got)
+            counts.append(len(got))
+        assert counts == [len(data) // B] * world

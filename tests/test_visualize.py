@@ -307,3 +307,31 @@ def test_long_query_cut_with_warning_and_header_shows_the_kept_text(run_dir, tmp
     assert img.crop(header).tobytes() == want.crop(header).tobytes()
     as_typed = G.draw_search_grid(query, [str(tmp_path / "gal" / "img0.png")] * 2, [0.0, 0.0], (128, 256))
     assert as_typed.size == size and as_typed.crop(header).tobytes() != want.crop(header).tobytes()  # not as typed
+
+
+def test_out_that_is_a_file_is_named_before_any_encoding(run_dir, tmp_path, monkeypatch):
+    """--out pointing at a file (or below one) stops before the model or the gallery is touched, naming --out."""
+    blocker = tmp_path / "grids"
+    blocker.write_text("a file")
+    monkeypatch.setattr(R.Retriever, "encode_folder", lambda *a, **k: pytest.fail("encoded before checking --out"))
+    for out in (blocker, blocker / "sub"):
+        with pytest.raises(NotADirectoryError, match=rf"^--out {re.escape(str(out))}: .* is a file, not a folder"):
+            visualize.main(["--config_file", str(run_dir), "--query", "a man", "--gallery", str(tmp_path),
+                            "--out", str(out), "--device", "cpu", "--num_workers", "0"])
+    assert blocker.read_text() == "a file"
+
+
+def test_gallery_photo_with_exif_orientation_is_encoded_upright(run_dir, tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 encodes as the same picture stored upright."""
+    gallery = tmp_path / "phone"
+    gallery.mkdir()
+    upright = Image.new("RGB", (32, 64), (20, 40, 60))
+    upright.paste((230, 10, 10), (0, 0, 32, 20))  # red top
+    upright.save(gallery / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the stored pixels are the upright ones turned 90 CCW
+    upright.transpose(Image.Transpose.ROTATE_90).save(gallery / "sideways.png", exif=exif.tobytes())
+    r = R.Retriever.from_run(str(run_dir), None, "cpu", 4, 0)
+    g = r.encode_folder(str(gallery))
+    feats = {Path(p).name: f for p, f in zip(g.paths, g.embeddings)}
+    assert torch.allclose(feats["upright.png"], feats["sideways.png"], atol=1e-5)

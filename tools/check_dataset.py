@@ -1,7 +1,7 @@
 """Dataset report:  python -m tools.check_dataset --dataset_name CUHK-PEDES --root_dir data [--text_length 77]
 
 Parses the annotation, fully decodes every image, names missing / zero-byte / unreadable images (exit code 1) and
-warns about tiny images, duplicate image paths, identities in two splits; prints per-split counts, the caption
+warns about tiny and huge (over ``datasets.check.HUGE_IMAGE_PIXELS``) images, duplicate image paths, identities in two splits; prints per-split counts, the caption
 length distribution in BPE tokens and how many captions ``--text_length`` cuts. Exit code 2: the dataset cannot be
 parsed. The image check itself is the library ``datasets/check.py``.
 """
@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from datasets.build import DATASET_REGISTRY, build_dataset
+from datasets import check as image_check
 from datasets.check import LOAD, MAX_BAD_SHOWN, SPLITS, scan_images
 from utils.simple_tokenizer import get_tokenizer
 
@@ -91,6 +92,12 @@ def report(dataset, text_length: int = 77, max_shown: int = MAX_BAD_SHOWN, show_
     if tiny:
         print(f"  WARNING: {len(tiny)} images are tiny (under {TINY_IMAGE_SIDE} px on a side, width x height):")
         _print_list(tiny, max_shown)
+    huge_pixels = image_check.HUGE_IMAGE_PIXELS  # read at call time (one home, datasets/check.py)
+    huge = [f"{p}: {w}x{h} ({w * h / 1e6:.1f} Mpx)" for p, (w, h) in scan.sizes.items() if w * h > huge_pixels]
+    if huge:
+        print(f"  WARNING: {len(huge)} images are huge (over {huge_pixels / 1e6:.1f} Mpx; every read decodes "
+              f"all of them, which slows training down: downscale them):")
+        _print_list(huge, max_shown)
 
     for s, (_, paths, _) in splits.items():
         dup = [f"{p} ({n} times)" for p, n in Counter(paths).items() if n > 1]
@@ -160,4 +167,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.cli import run_main
+
+    run_main(main, prog="python -m tools.check_dataset")

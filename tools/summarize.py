@@ -304,7 +304,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except FileNotFoundError as e:
-        sys.exit(f"tools.summarize: {e}")
+    from utils.cli import run_main
+
+    run_main(main, sys.argv[1:], prog="python -m tools.summarize")

@@ -32,12 +32,48 @@ CONFIG_FILE_NAME = CONFIG_FILE  # the original's spelling of the name
 TUPLE_OPTIONS = ("img_size", "milestones")
 
 
+# EXIF tag of the orientation a camera recorded (1 = upright; 2..8 = mirrored and / or rotated).
+EXIF_ORIENTATION = 0x0112
+# Modes whose pixels are wider than 8 bits: PIL's convert("RGB") clips them at 255 (16-bit images turn white).
+WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
 def open_image(img_path: str) -> "Image.Image":
-    """Open ``img_path`` as an RGB PIL image in one try (no retry, no logging): errors reach the caller."""
-    from PIL import Image  # here, not at the top: reading configs (tools.summarize) needs no PIL
+    """Open ``img_path`` as an RGB PIL image in one try (no retry, no logging): errors reach the caller.
+
+    Every image read of the project comes here (training, evaluation, gallery search, grids):
+    - the EXIF orientation of phone photos is applied (an image without one, as every benchmark image, is unchanged);
+    - 16-bit and 32-bit images (modes ``I;16``, ``I``, ``F``) are scaled by their range, see :func:`to_rgb`;
+    - every other mode PIL opens (1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, LAB, ...) is ``convert("RGB")``, as the
+      original (alpha dropped).
+    """
+    from PIL import Image, ImageOps  # here, not at the top: reading configs (tools.summarize) needs no PIL
 
     with Image.open(img_path) as img:
+        if img.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):
+            img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+
+
+def to_rgb(img: "Image.Image") -> "Image.Image":
+    """``img`` as 8-bit RGB. Wide modes are scaled by their range instead of clipped at 255: 16-bit integers
+    (``I;16*``, and ``I`` holding values up to 65535) by 255 / 65535, ``I`` with larger or negative values and ``F``
+    beyond [0, 255] from their own min..max, ``F`` within [0, 1] by 255; ``I`` / ``F`` already within [0, 255] as
+    they are."""
+    if img.mode not in WIDE_MODES:
         return img.convert("RGB")
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(img, dtype=np.float64)  # [H, W]
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if img.mode.startswith("I;16") or (img.mode == "I" and hi > 255 and lo >= 0 and hi <= 65535):
+        arr = arr * (255.0 / 65535.0)
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        arr = arr * 255.0
+    elif lo < 0 or hi > 255:  # no known range: stretch what is there
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L").convert("RGB")
 
 
 def read_image(img_path: str, retries: int = 3, retry_delay: float = 0.1) -> "Image.Image":
@@ -71,6 +107,32 @@ def mkdir_if_missing(directory: str) -> None:
         except OSError as e:
             if e.errno != errno.EEXIST:
                 raise
+
+
+def check_output_dir(path: str, option: str) -> None:
+    """Raise an error naming ``option`` when ``path`` cannot be (created as) a writable folder: a file sits at
+    ``path`` or at one of its parents (NotADirectoryError), or the deepest existing folder is read-only
+    (PermissionError). Checked before any work, so nothing is computed for an output that cannot be written."""
+    probe = osp.abspath(path)
+    while not osp.exists(probe) and osp.dirname(probe) != probe:
+        probe = osp.dirname(probe)
+    if not osp.isdir(probe):
+        raise NotADirectoryError(f"{option} {path}: '{probe}' is a file, not a folder; pass another {option}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {path}: the folder '{probe}' is read-only; pass another {option}")
+
+
+def make_output_dir(path: str, option: str, exist_ok: bool = True) -> None:
+    """``os.makedirs(path)`` after :func:`check_output_dir`; an OSError it still raises (a read-only file system,
+    a race) names ``option``. ``FileExistsError`` with ``exist_ok=False`` passes through unchanged."""
+    check_output_dir(path, option)
+    try:
+        os.makedirs(path, exist_ok=exist_ok)
+    except FileExistsError:
+        if not exist_ok or not osp.isdir(path):
+            raise
+    except OSError as err:
+        raise type(err)(err.errno, f"{option} {path}: cannot create the folder: {err.strerror}") from None
 
 
 def check_isfile(path: str) -> bool:

@@ -16,6 +16,8 @@ validated, so library code reads ``args.x`` directly. Values read from YAML are 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import os
 import re
 from typing import Any, Dict, Optional, Sequence
@@ -27,6 +29,10 @@ from utils.choices import (DATASETS, GMM_SETTINGS, IMG_AUG_POOL, LOSSES, LR_SCHE
 from utils.iotools import load_train_configs
 from utils import run_dir
 from utils.run_dir import RUN_STATE_KEYS, FileReadError
+
+logger = logging.getLogger("IRRA.options")
+# The losses that contrast a sample with the other samples of its batch (a batch of one has no negative).
+CONTRASTIVE_LOSSES = ("itc", "sdm", "cmpm") + RDE_LOSSES
 
 
 # The run-name suffix RDE's run_rde.sh puts into --loss_names (ignored beside an RDE loss).
@@ -195,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Keys of a configs.yaml that are no option (the run's state, not something to parse).
+NOT_OPTIONS = ("distributed", "environment")
 _BOOL_WORDS = {"true": True, "false": False}
 
 
@@ -252,7 +260,7 @@ def typed_config(parser: argparse.ArgumentParser, cfg: Dict[str, Any], where: st
     """Check every ``option: value`` of a YAML config against the parser: unknown names and values that do not fit
     the option's type raise a ValueError naming ``where`` and the option; returns the converted values."""
     actions = {a.dest: a for a in parser._actions if a.dest != "help"}
-    unknown = sorted(set(cfg) - set(actions) - {"distributed"})
+    unknown = sorted(set(cfg) - set(actions) - set(NOT_OPTIONS))
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {unknown}; valid options are {sorted(actions)}")
     return {k: (_typed_value(actions[k], v, where) if k in actions else v) for k, v in cfg.items()}
@@ -282,8 +290,32 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     return cfg
 
 
+def _warn_odd_values(args: argparse.Namespace) -> None:
+    """Warn (naming the option) about values that run but are probably not what was meant."""
+    if args.warmup_epochs >= args.num_epoch:
+        logger.warning(f"--warmup_epochs {args.warmup_epochs} >= --num_epoch {args.num_epoch}: the whole run is "
+                       f"warm-up, the lr never reaches --lr {args.lr:g}")
+    height, width = args.img_size
+    if height % args.stride_size or width % args.stride_size:
+        logger.warning(f"--img_size {height} {width} is not divisible by --stride_size {args.stride_size}: with a "
+                       f"ViT whose patch size is the stride, the last {height % args.stride_size} rows and "
+                       f"{width % args.stride_size} columns of every image are not seen by the model")
+
+
+def check_run_name(name: str) -> None:
+    """``--name`` becomes one folder name under ``<output_dir>/<dataset_name>/``: refuse path separators, a leading
+    dot (hidden folders, ``.`` and ``..``) and control characters, which would put the run somewhere else."""
+    bad = [why for why, hit in (("a path separator", any(sep in name for sep in ("/", "\\", os.sep))),
+                                ("a leading dot", name.startswith(".")), ("'..'", ".." in name),
+                                ("a control character", any(ord(c) < 32 for c in name))) if hit]
+    if bad:
+        raise ValueError(f"--name {name!r}: contains {' and '.join(bad)}; expected a plain folder name such as "
+                         f"'irra_sdm' (the run goes to <output_dir>/<dataset_name>/<time>_<name>)")
+
+
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Normalise and cross-check options (shared by the CLI and configs loaded from disk)."""
+    check_run_name(str(args.name))
     args.img_size = tuple(int(v) for v in args.img_size)
     if len(args.img_size) != 2:
         raise ValueError(f"--img_size expects two ints H W, got {args.img_size}")
@@ -313,12 +345,19 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
               ("stop_epoch", args.stop_epoch is None or args.stop_epoch >= 1, ">= 1 (or unset: train to --num_epoch)"),
               ("warmup_epochs", args.warmup_epochs >= 0, ">= 0"), ("num_instance", args.num_instance >= 1, ">= 1"),
               ("num_workers", args.num_workers >= 0, ">= 0"),
-              ("eval_period", args.eval_period >= 1, ">= 1"), ("lr", args.lr > 0, "> 0"),
+              ("eval_period", args.eval_period >= 1, ">= 1"), ("lr", math.isfinite(args.lr) and args.lr > 0,
+                                                                 "a finite number > 0"),
               ("noisy_rate", 0.0 <= args.noisy_rate <= 1.0, "a fraction in [0, 1]"),
               ("select_ratio", 0.0 < args.select_ratio <= 1.0, "in (0, 1]"), ("tau", args.tau > 0, "> 0"),
               ("margin", args.margin >= 0, ">= 0"), ("tse_embed_dim", args.tse_embed_dim >= 2, ">= 2"),
               ("tse_lr", args.tse_lr > 0, "> 0"),
-              ("ccd_batch_size", args.ccd_batch_size is None or args.ccd_batch_size >= 2, ">= 2 (or unset)")]
+              ("ccd_batch_size", args.ccd_batch_size is None or args.ccd_batch_size >= 2, ">= 2 (or unset)"),
+              ("weight_decay", math.isfinite(args.weight_decay) and args.weight_decay >= 0, "a finite number >= 0"),
+              ("weight_decay_bias", math.isfinite(args.weight_decay_bias) and args.weight_decay_bias >= 0,
+               "a finite number >= 0"),
+              ("batch_size", args.batch_size >= 2 or not set(tasks) & set(CONTRASTIVE_LOSSES),
+               f">= 2 with a contrastive loss ({'+'.join(t for t in tasks if t in CONTRASTIVE_LOSSES)}): a batch of "
+               f"one sample has no negative, the loss would be a constant 0")]
     for name in ("txt_aug_word_drop_rate", "txt_aug_word_drop_apply_prob", "txt_aug_backtrans_prob"):
         checks.append((name, 0.0 <= getattr(args, name) <= 1.0, "a probability in [0, 1]"))
     checks += [("txt_aug_word_drop_apply_prob",
@@ -334,6 +373,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     for name, ok, want in checks:
         if not ok:
             raise ValueError(f"--{name} {getattr(args, name)}: expected {want}")
+    _warn_odd_values(args)
     for name, valid in (("optimizer", OPTIMIZERS), ("lrscheduler", LR_SCHEDULERS), ("warmup_method", WARMUP_METHODS),
                         ("sampler", SAMPLERS), ("dataset_name", DATASETS), ("val_dataset", VAL_DATASETS),
                         ("precision", PRECISIONS), ("gmm_setting", GMM_SETTINGS)):

@@ -9,7 +9,7 @@ import gzip
 import html
 import os
 from functools import lru_cache
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import ftfy
 import regex as re
@@ -21,6 +21,8 @@ MASK_TOKEN = "<|mask|>"
 # Number of BPE merges kept from the vocab file: CLIP keeps 49152 - 256 - 2 of them; we drop the last one more
 # so that the three special tokens still give a 49408 vocabulary.
 _NUM_MERGES = 49152 - 256 - 2 - 1
+# Longest pre-token (in byte symbols) merged as one word; longer ones are merged in pieces (SimpleTokenizer.bpe).
+MAX_BPE_WORD = 256
 
 
 def default_bpe() -> str:
@@ -92,13 +94,32 @@ class SimpleTokenizer:
         )
 
     def bpe(self, token: str) -> str:
-        """Apply the BPE merges to one pre-token; returns space-separated BPE symbols."""
+        """Apply the BPE merges to one pre-token; returns space-separated BPE symbols.
+
+        BPE's cost grows with the square of the word's length: a pre-token longer than ``MAX_BPE_WORD`` (no word of
+        a caption is) is cut into pieces of that length, each merged on its own (only the last ends the word), so a
+        40,000-letter "word" costs linear time. Words up to ``MAX_BPE_WORD`` get CLIP's merges exactly."""
+        return " ".join(self._bpe_parts(token))
+
+    def _bpe_parts(self, token: str) -> Iterator[str]:
+        """:meth:`bpe` of ``token`` piece by piece (one part for a word up to ``MAX_BPE_WORD``), lazily."""
         if token in self.cache:
-            return self.cache[token]
-        word = tuple(token[:-1]) + (token[-1] + "</w>",)
+            yield self.cache[token]
+            return
+        if len(token) > MAX_BPE_WORD:  # not cached: such a pre-token is no word
+            for i in range(0, len(token), MAX_BPE_WORD):
+                yield self._merge(tuple(token[i:i + MAX_BPE_WORD]), end=i + MAX_BPE_WORD >= len(token))
+            return
+        out = self._merge(tuple(token), end=True)
+        self.cache[token] = out
+        yield out
+
+    def _merge(self, chars: Tuple[str, ...], end: bool) -> str:
+        """CLIP's BPE loop over the symbols ``chars`` (the last one marked ``</w>`` when ``end``)."""
+        word = chars[:-1] + (chars[-1] + "</w>",) if end else chars
         pairs = get_pairs(word)
         if not pairs:
-            return token + "</w>"
+            return " ".join(word)
         while True:
             bigram = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, float("inf")))
             if bigram not in self.bpe_ranks:
@@ -124,17 +145,21 @@ class SimpleTokenizer:
             if len(word) == 1:
                 break
             pairs = get_pairs(word)
-        out = " ".join(word)
-        self.cache[token] = out
-        return out
+        return " ".join(word)
 
-    def encode(self, text: str) -> List[int]:
-        """Clean (ftfy, html unescape x2, whitespace, lower) and BPE-encode ``text`` (no SOT/EOT)."""
+    def encode(self, text: str, max_tokens: Optional[int] = None) -> List[int]:
+        """Clean (ftfy, html unescape x2, whitespace, lower) and BPE-encode ``text`` (no SOT/EOT).
+
+        ``max_tokens``: stop once that many ids are found and return the first ``max_tokens`` (the same ids as the
+        full encoding's first ones): the cost of a long text is that of its beginning."""
         bpe_tokens: List[int] = []
         text = whitespace_clean(basic_clean(text)).lower()
-        for token in re.findall(self.pat, text):
-            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
-            bpe_tokens.extend(self.encoder[t] for t in self.bpe(token).split(" "))
+        for match in re.finditer(self.pat, text):
+            token = "".join(self.byte_encoder[b] for b in match.group().encode("utf-8"))
+            for part in self._bpe_parts(token):
+                bpe_tokens.extend(self.encoder[t] for t in part.split(" "))
+                if max_tokens is not None and len(bpe_tokens) >= max_tokens:
+                    return bpe_tokens[:max_tokens]
         return bpe_tokens
 
     def decode(self, tokens: Iterable[int]) -> str:
@@ -157,7 +182,8 @@ def tokenize(caption: str, tokenizer: SimpleTokenizer, text_length: int = 77, tr
     """
     sot_token = tokenizer.encoder[SOT_TOKEN]
     eot_token = tokenizer.encoder[EOT_TOKEN]
-    tokens = [sot_token] + tokenizer.encode(caption) + [eot_token]
+    # with truncate only the first text_length - 1 ids can matter (one more than fit tells that the text is cut)
+    tokens = [sot_token] + tokenizer.encode(caption, max_tokens=text_length - 1 if truncate else None) + [eot_token]
     result = torch.zeros(text_length, dtype=torch.long)
     if len(tokens) > text_length:
         if not truncate:
