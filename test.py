@@ -40,10 +40,10 @@ def main(argv=None) -> dict:
         raise FileNotFoundError(f"checkpoint {ckpt} not found (pass --checkpoint PATH)")
     check_test_metrics_writable(ckpt)  # the result can be recorded: checked before minutes of evaluation
     logger = setup_logger("IRRA", save_dir=run_dir, if_train=False)
-    logger.info(f"config {config_file}, checkpoint {ckpt}")
+    logger.info("config %s, checkpoint %s", config_file, ckpt)
 
     device = resolve_device(args.device)
-    logger.info(f"environment: {describe_environment(environment_info(device))}")
+    logger.info("environment: %s", describe_environment(environment_info(device)))
     # the checkpoint first: an unreadable file or one that does not fit the config fails before the data is read
     checkpoint = read_checkpoint(ckpt)  # read once: weights, classes, backbone and epoch all come from it
     weights = model_state_dict(checkpoint)
@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     metrics = do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric)
     recorded = write_test_metrics(ckpt, metrics, epoch=epoch, split="test", dataset_name=args.dataset_name,
                                   root_dir=os.path.abspath(args.root_dir))
-    logger.info(f"results of {os.path.basename(ckpt)} (epoch {epoch}) recorded in {recorded}")
+    logger.info("results of %s (epoch %s) recorded in %s", os.path.basename(ckpt), epoch, recorded)
     return metrics
 
 

@@ -131,9 +131,8 @@ def train_one_epoch(args, model, train_loader, optimizer, scaler: Optional[torch
             meters.setdefault(k, AverageMeter()).update(v, batch_size)
 
         if (n_iter + 1) % args.log_period == 0:
-            logger.info(f"Epoch[{epoch}] Iteration[{n_iter + 1}/{len(train_loader)}]"
-                        + "".join(f", {k}: {m.avg:.4f}" for k, m in meters.items())
-                        + f", Base Lr: {optimizer.param_groups[0]['lr']:.2e}")
+            logger.info("Epoch[%d] Iteration[%d/%d]%s, Base Lr: %.2e", epoch, n_iter + 1, len(train_loader),
+                        "".join(f", {k}: {m.avg:.4f}" for k, m in meters.items()), optimizer.param_groups[0]["lr"])
     if n_iter < 0:
         raise RuntimeError(f"the train loader yielded no batch in epoch {epoch} "
                            f"(--batch_size {args.batch_size} larger than the training set?)")
@@ -141,14 +140,14 @@ def train_one_epoch(args, model, train_loader, optimizer, scaler: Optional[torch
         steps_after = optimizer_step_count(optimizer)
         skipped = (f"{n_iter + 1 - (steps_after - steps_before)} of {n_iter + 1} steps skipped (inf/NaN gradients), "
                    if steps_before is not None and steps_after is not None else "")
-        logger.info(f"Epoch[{epoch}] GradScaler: {skipped}scale now {scaler.get_scale():g}")
+        logger.info("Epoch[%d] GradScaler: %sscale now %g", epoch, skipped, scaler.get_scale())
     return meters, ret, num_samples
 
 
 def evaluate_and_checkpoint(args, model, evaluator: Evaluator, checkpointer, epoch: int, best_top1: float,
                             best_epoch: Optional[int], tb_writer=None) -> Tuple[float, Optional[int]]:
     """Evaluate (every rank takes part), record the metrics, save ``best.pth`` on a new best R1; returns the best."""
-    logger.info(f"Validation Results - Epoch: {epoch}")
+    logger.info("Validation Results - Epoch: %d", epoch)
     metrics = evaluator.eval(unwrap_model(model).eval(), i2t_metric=args.i2t_metric)
     model.train()
     if is_main_process():
@@ -228,7 +227,7 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
 
     if tb_writer is not None:
         tb_writer.flush()
-    logger.info(f"best R1: {best_top1} at epoch {best_epoch}")
+    logger.info("best R1: %s at epoch %s", best_top1, best_epoch)
     return {"best_top1": best_top1, "best_epoch": best_epoch}
 
 
@@ -274,7 +273,7 @@ def _report_interruption(stop, args, epoch: int, finished: int, counted: _Counti
     else:
         saved = f"last.pth holds epoch {held}; resume with: {resume_command(args.output_dir)}"
     if is_main_process():
-        logger.warning(f"{stop} {where}; {saved}")
+        logger.warning("%s %s; %s", stop, where, saved)
     stop.reported = True
 
 
@@ -292,9 +291,9 @@ def _log_epoch(epoch: int, meters: Dict[str, AverageMeter], ret: Dict[str, torch
         tb_writer.add_scalar("temperature", float(ret["temperature"]), epoch)
         for k, m in meters.items():
             tb_writer.add_scalar(k, m.avg, epoch)
-    logger.info(f"Epoch {epoch} done. Time per batch: {elapsed / num_batches:.3f}[s] "
-                f"Speed: {num_samples * get_world_size() / elapsed:.1f}[samples/s] Lr: {lr:.2e} "
-                + ", ".join(f"{k}: {m.avg:.4f}" for k, m in meters.items()))
+    logger.info("Epoch %d done. Time per batch: %.3f[s] Speed: %.1f[samples/s] Lr: %.2e %s", epoch,
+                elapsed / num_batches, num_samples * get_world_size() / elapsed, lr,
+                ", ".join(f"{k}: {m.avg:.4f}" for k, m in meters.items()))
 
 
 __all__ = ["do_train", "do_inference", "train_one_epoch", "train_step", "prepare_batch", "evaluate_and_checkpoint",

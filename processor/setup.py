@@ -141,8 +141,8 @@ def build_training(args) -> TrainingParts:
 
 def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
     args.environment = environment_info(device)  # saved in configs.yaml, ignored when that file is reused
-    logger.info(f"environment: {describe_environment(args.environment)}")
-    logger.info(f"Using {get_world_size()} process(es) on {device}; run dir {args.output_dir}")
+    logger.info("environment: %s", describe_environment(args.environment))
+    logger.info("Using %d process(es) on %s; run dir %s", get_world_size(), device, args.output_dir)
     logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     if is_main_process():
         if args.resume:
@@ -152,7 +152,7 @@ def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
 
     train_loader, val_img_loader, val_txt_loader, num_classes = build_dataloader(args)
     model = build_model(args, num_classes, device=device)
-    logger.info(f"Total params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
+    logger.info("Total params: %.2fM", sum(p.numel() for p in model.parameters()) / 1e6)
     model.to(device)
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -167,7 +167,7 @@ def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
         parts.start_epoch = int(ckpt["epoch"]) + 1  # the original restarted the saved epoch
         parts.best_top1, parts.best_epoch = float(ckpt.get("best_top1", 0.0)), ckpt.get("best_epoch")
         parts.scaler_state = ckpt.get("scaler")
-        logger.info(f"Resumed from {args.resume_ckpt_file}: continuing at epoch {parts.start_epoch}")
+        logger.info("Resumed from %s: continuing at epoch %d", args.resume_ckpt_file, parts.start_epoch)
     return parts
 
 

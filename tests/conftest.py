@@ -85,3 +85,40 @@ def make_batch(bs=4, length=77, img=(64, 32), seed=0, varied=False):
     mlm_ids = torch.where(labels != 0, torch.full_like(caps, 49405), caps)
     return dict(images=torch.randn(bs, 3, *img, generator=g), caption_ids=caps, pids=torch.tensor([0, 0, 1, 3])[:bs],
                 image_ids=torch.arange(bs), mlm_ids=mlm_ids, mlm_labels=labels)
+
+
+# A tiny trained run, shared by tests/test_visualize.py and tests/test_search_page.py (module-scoped: each module
+# trains its own, so the two never share a gallery cache).
+TINY = dict(num_train_ids=6, num_val_ids=0, num_test_ids=5, images_per_id=2, img_height=64, img_width=32, seed=3,
+            show_progress=False)
+TINY_RUN = ["--pretrain_choice", "scratch:ViT-Micro", "--img_size", "64", "32", "--loss_names", "sdm+id"]
+
+
+@pytest.fixture(scope="module")
+def tiny_synth(tmp_path_factory):
+    """Registry entry SynthPEDES -> a tiny generated set (5 test identities, 10 images, 20 captions; the default one
+    is 1440 images)."""
+    import functools
+
+    from datasets import build as dbuild
+    from datasets.synthpedes import SynthPEDES
+
+    mp = pytest.MonkeyPatch()
+    mp.setitem(dbuild.DATASET_REGISTRY, "SynthPEDES", functools.partial(SynthPEDES, **TINY))
+    yield tmp_path_factory.mktemp("data")
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_synth, tmp_path_factory):
+    """A real run: train.main for one epoch of a scratch ViT-Micro (sdm+id) on the tiny SynthPEDES."""
+    from pathlib import Path
+
+    import train
+
+    out = train.main(TINY_RUN + ["--dataset_name", "SynthPEDES", "--root_dir", str(tiny_synth), "--output_dir",
+                                 str(tmp_path_factory.mktemp("logs")), "--num_epoch", "1", "--batch_size", "4",
+                                 "--test_batch_size", "8", "--num_workers", "0", "--device", "cpu", "--name", "tiny"])
+    run = Path(out["run_dir"])
+    assert (run / "configs.yaml").is_file() and (run / "best.pth").is_file()
+    return run

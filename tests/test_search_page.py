@@ -4,7 +4,6 @@ The run is a real one (train.main, one epoch of a scratch ViT-Micro on a tiny Sy
 makes it); rankings, R1/mAP and the failures are checked against values computed here without the page.
 The browser test (real headless Chromium) is tests/test_search_browser.py.
 """
-import functools
 import http.client
 import json
 import os
@@ -19,40 +18,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import train
 import visualize
 from datasets import build as dbuild
-from datasets.synthpedes import SynthPEDES
 from model.build import build_model
 from search import retrieval as R
 from search import server as S
 from utils.metrics import rank
 from utils.options import get_args
+from tests.conftest import TINY_RUN
 from utils.simple_tokenizer import SimpleTokenizer, tokenize
 
-TINY = dict(num_train_ids=6, num_val_ids=0, num_test_ids=5, images_per_id=2, img_height=64, img_width=32, seed=3,
-            show_progress=False)
-TINY_RUN = ["--pretrain_choice", "scratch:ViT-Micro", "--img_size", "64", "32", "--loss_names", "sdm+id"]
 QUERIES = ["a man in a blue jacket with a black backpack", "a woman with long blonde hair in a red skirt",
            "a person in white shoes", "someone wearing a green coat and grey trousers"]
-
-
-@pytest.fixture(scope="module")
-def tiny_synth(tmp_path_factory):
-    """Registry entry SynthPEDES -> a tiny generated set (5 test identities, 10 images, 20 captions)."""
-    mp = pytest.MonkeyPatch()
-    mp.setitem(dbuild.DATASET_REGISTRY, "SynthPEDES", functools.partial(SynthPEDES, **TINY))
-    yield tmp_path_factory.mktemp("data")
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_synth, tmp_path_factory):
-    """A real run: train.main for one epoch of a scratch ViT-Micro (sdm+id) on the tiny SynthPEDES."""
-    out = train.main(TINY_RUN + ["--dataset_name", "SynthPEDES", "--root_dir", str(tiny_synth), "--output_dir",
-                                 str(tmp_path_factory.mktemp("logs")), "--num_epoch", "1", "--batch_size", "4",
-                                 "--test_batch_size", "8", "--num_workers", "0", "--device", "cpu", "--name", "tiny"])
-    return Path(out["run_dir"])
 
 
 @pytest.fixture(scope="module")

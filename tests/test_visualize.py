@@ -3,7 +3,6 @@
 The run directory is built by hand (configs.yaml + best.pth of a from-scratch ViT-Micro), which is what train.py
 leaves behind; frame colours are checked against identities ranked independently here.
 """
-import functools
 import re
 import shutil
 from pathlib import Path
@@ -13,45 +12,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import train
 import visualize
 from datasets import build as dbuild
-from datasets.synthpedes import SynthPEDES
 from model.build import build_model
 from search import retrieval as R
 from search import split_queries as TQ
-from tests.conftest import retrieval_warnings
+from tests.conftest import TINY_RUN, retrieval_warnings
 from search import grid as G
 from utils.checkpoint import Checkpointer
 from utils.iotools import save_train_configs
 from utils.options import get_args
 from utils.simple_tokenizer import SimpleTokenizer, tokenize
 
-
-
-TINY = dict(num_train_ids=6, num_val_ids=0, num_test_ids=5, images_per_id=2, img_height=64, img_width=32, seed=3,
-            show_progress=False)
-TINY_RUN = ["--pretrain_choice", "scratch:ViT-Micro", "--img_size", "64", "32", "--loss_names", "sdm+id"]
-
-
-@pytest.fixture(scope="module")
-def tiny_synth(tmp_path_factory):
-    """Registry entry SynthPEDES -> a tiny generated set (the default one is 1440 images)."""
-    mp = pytest.MonkeyPatch()
-    mp.setitem(dbuild.DATASET_REGISTRY, "SynthPEDES", functools.partial(SynthPEDES, **TINY))
-    yield tmp_path_factory.mktemp("data")
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_synth, tmp_path_factory):
-    """A real run: train.main for one epoch of a scratch ViT-Micro (sdm+id) on the tiny SynthPEDES."""
-    out = train.main(TINY_RUN + ["--dataset_name", "SynthPEDES", "--root_dir", str(tiny_synth), "--output_dir",
-                                 str(tmp_path_factory.mktemp("logs")), "--num_epoch", "1", "--batch_size", "4",
-                                 "--test_batch_size", "8", "--num_workers", "0", "--device", "cpu", "--name", "tiny"])
-    run = Path(out["run_dir"])
-    assert (run / "configs.yaml").is_file() and (run / "best.pth").is_file()
-    return run
 
 
 def independent_ranking(run, split, topk):
@@ -213,10 +185,9 @@ def test_bad_inputs_give_clear_messages(run_dir, tmp_path, capsys):
         assert msg in capsys.readouterr().err
     # an --out that is a file: named before any image is encoded
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(SystemExit):
+    with pytest.raises(NotADirectoryError, match=f"^--out {tmp_path / 'a_file'}: .* is a file, not a folder"):
         visualize.main(base[:4] + ["--out", str(tmp_path / "a_file"), "--gallery", str(tmp_path / "empty"),
                                    "--device", "cpu"])
-    assert f"--out {tmp_path / 'a_file'}: cannot write the grids there" in capsys.readouterr().err
     # an unreadable image: skipped with one warning naming it, the others still ranked
     gal = tmp_path / "gal"
     gal.mkdir()

@@ -293,13 +293,13 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
 def _warn_odd_values(args: argparse.Namespace) -> None:
     """Warn (naming the option) about values that run but are probably not what was meant."""
     if args.warmup_epochs >= args.num_epoch:
-        logger.warning(f"--warmup_epochs {args.warmup_epochs} >= --num_epoch {args.num_epoch}: the whole run is "
-                       f"warm-up, the lr never reaches --lr {args.lr:g}")
+        logger.warning("--warmup_epochs %s >= --num_epoch %s: the whole run is warm-up, the lr never reaches --lr %g",
+                       args.warmup_epochs, args.num_epoch, args.lr)
     height, width = args.img_size
     if height % args.stride_size or width % args.stride_size:
-        logger.warning(f"--img_size {height} {width} is not divisible by --stride_size {args.stride_size}: with a "
-                       f"ViT whose patch size is the stride, the last {height % args.stride_size} rows and "
-                       f"{width % args.stride_size} columns of every image are not seen by the model")
+        logger.warning("--img_size %d %d is not divisible by --stride_size %d: with a ViT whose patch size is the "
+                       "stride, the last %d rows and %d columns of every image are not seen by the model", height,
+                       width, args.stride_size, height % args.stride_size, width % args.stride_size)
 
 
 def check_run_name(name: str) -> None:
@@ -384,7 +384,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 def warn_config_changes(args: argparse.Namespace, saved_config: str, logger) -> None:
     """On resume: log the options that differ from the run's saved configs.yaml (which is kept as it was)."""
     if not os.path.isfile(saved_config):
-        logger.warning(f"resuming a run without {saved_config}")
+        logger.warning("resuming a run without %s", saved_config)
         return
     saved = vars(load_train_configs(saved_config))
     skip = set(RUN_STATE_KEYS) | {"output_dir"}
