@@ -122,3 +122,25 @@ def run_dir(tiny_synth, tmp_path_factory):
     run = Path(out["run_dir"])
     assert (run / "configs.yaml").is_file() and (run / "best.pth").is_file()
     return run
+
+
+def independent_similarity(run, split):
+    """Caption x test-image cosine similarity computed without search/retrieval.py or the page."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from datasets import build as dbuild
+    from model.build import build_model
+    from utils.options import get_args
+    from utils.simple_tokenizer import SimpleTokenizer, tokenize
+
+    sd = torch.load(run / "best.pth", weights_only=True)["model"]
+    model = build_model(get_args(TINY_RUN), num_classes=sd["classifier.weight"].shape[0],
+                        device=torch.device("cpu")).eval()
+    model.load_state_dict(sd)
+    tf = dbuild.build_transforms((64, 32), is_train=False)
+    tok = SimpleTokenizer()
+    with torch.no_grad():
+        img = torch.stack([tf(Image.open(p).convert("RGB")) for p in split["img_paths"]])
+        txt = torch.stack([tokenize(c, tok, 77) for c in split["captions"]])
+        return F.normalize(model.encode_text(txt), dim=-1) @ F.normalize(model.encode_image(img), dim=-1).T

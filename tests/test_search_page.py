@@ -15,18 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import visualize
 from datasets import build as dbuild
-from model.build import build_model
 from search import retrieval as R
 from search import server as S
 from utils.metrics import rank
-from utils.options import get_args
-from tests.conftest import TINY_RUN
-from utils.simple_tokenizer import SimpleTokenizer, tokenize
+from tests.conftest import independent_similarity
 
 QUERIES = ["a man in a blue jacket with a black backpack", "a woman with long blonde hair in a red skirt",
            "a person in white shoes", "someone wearing a green coat and grey trousers"]
@@ -98,20 +94,6 @@ def live():
 def q(text: str) -> str:
     from urllib.parse import quote
     return quote(text, safe="")
-
-
-def independent_similarity(run, split):
-    """Caption x test-image cosine similarity computed without search/retrieval.py or the page."""
-    sd = torch.load(run / "best.pth", weights_only=True)["model"]
-    model = build_model(get_args(TINY_RUN), num_classes=sd["classifier.weight"].shape[0],
-                        device=torch.device("cpu")).eval()
-    model.load_state_dict(sd)
-    tf = dbuild.build_transforms((64, 32), is_train=False)
-    tok = SimpleTokenizer()
-    with torch.no_grad():
-        img = torch.stack([tf(Image.open(p).convert("RGB")) for p in split["img_paths"]])
-        txt = torch.stack([tokenize(c, tok, 77) for c in split["captions"]])
-        return F.normalize(model.encode_text(txt), dim=-1) @ F.normalize(model.encode_image(img), dim=-1).T
 
 
 def test_test_split_page_metrics_truth_and_failures(run_dir, retriever, split, live):

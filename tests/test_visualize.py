@@ -17,27 +17,18 @@ from datasets import build as dbuild
 from model.build import build_model
 from search import retrieval as R
 from search import split_queries as TQ
-from tests.conftest import TINY_RUN, retrieval_warnings
+from tests.conftest import TINY_RUN, independent_similarity, retrieval_warnings
 from search import grid as G
 from utils.checkpoint import Checkpointer
 from utils.iotools import save_train_configs
 from utils.options import get_args
-from utils.simple_tokenizer import SimpleTokenizer, tokenize
+from utils.simple_tokenizer import SimpleTokenizer
 
 
 
 def independent_ranking(run, split, topk):
     """Top-k scores and test pids per caption, computed without search/retrieval.py."""
-    sd = torch.load(run / "best.pth", weights_only=True)["model"]
-    model = build_model(get_args(TINY_RUN), num_classes=sd["classifier.weight"].shape[0],
-                        device=torch.device("cpu")).eval()
-    model.load_state_dict(sd)
-    tf = dbuild.build_transforms((64, 32), is_train=False)
-    tok = SimpleTokenizer()
-    with torch.no_grad():
-        img = torch.stack([tf(Image.open(p).convert("RGB")) for p in split["img_paths"]])
-        txt = torch.stack([tokenize(c, tok, 77) for c in split["captions"]])
-        sim = F.normalize(model.encode_text(txt), dim=-1) @ F.normalize(model.encode_image(img), dim=-1).T
+    sim = independent_similarity(run, split)
     scores, idx = sim.topk(topk, dim=1)
     pids = torch.tensor(split["image_pids"])
     return scores, pids[idx]
