@@ -8,7 +8,9 @@ and the tokens are max-pooled into one feature.
 What differs from RDE's code, numbers otherwise identical (tested against RDE's outputs):
 - the attention tensors given are never written into (RDE overwrote columns of them in place);
 - no ``.half()`` casts: the input follows each layer's weight dtype (fp32 or the converted fp16 weights);
-- the input width is a parameter derived from the backbone by the model (RDE hard-codes 512 -> 1024).
+- the input width is a parameter derived from the backbone by the model (RDE hard-codes 512 -> 1024);
+- the MLP's BatchNorm layers are :class:`GlobalBatchNorm1d`: under DDP in train mode they normalise over the global
+  batch (all ranks' tokens), so N processes train as one process on the whole batch; otherwise nn.BatchNorm1d.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from typing import Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+
+from utils.comm import get_world_size
 
 
 def l2norm(X: torch.Tensor, dim: int, eps: float = 1e-8) -> torch.Tensor:
@@ -48,11 +53,66 @@ def maxk_pool1d_var(x: torch.Tensor, dim: int, k: int, lengths: Union[torch.Tens
     return torch.stack(results, dim=0)
 
 
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """nn.BatchNorm1d whose batch statistics, under torch.distributed with more than one process, are those of the
+    global batch (every rank's rows); same state-dict keys (weight, bias, running_mean, running_var,
+    num_batches_tracked), so checkpoints of nn.BatchNorm1d load.
+
+    Where the batch statistics are not used (eval mode with running statistics) or there is one process,
+    ``forward`` is nn.BatchNorm1d's, unchanged. Otherwise (torch's SyncBatchNorm, which does not run on the CPU, done with
+    the differentiable all-reduces of torch.distributed.nn, which also run on gloo): the mean and the biased variance
+    over all ranks' rows (two passes: sum and count, then the sum of squared deviations), the gradient flowing back
+    to every rank's rows through them; the running statistics are updated as nn.BatchNorm1d's on the whole batch
+    (unbiased variance with the global count; momentum, or the cumulative average when momentum is None). Ranks may
+    hold different numbers of rows (none at all, even), and must all call it (it is a collective).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_batch_stats = self.training or self.running_mean is None
+        if not use_batch_stats or get_world_size() == 1:
+            return super().forward(x)
+        return self._global_forward(x)
+
+    def _global_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, C] or [n, C, L] (this rank's rows) -> normalised over the global batch, same shape and dtype."""
+        self._check_input_dim(x)
+        C = x.shape[1]
+        dtype = torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
+        flat = x.transpose(0, 1).reshape(C, -1).to(dtype)  # [n, C(, L)] -> [C, n(*L)]: a channel's values in a row
+        count = flat.new_tensor([flat.shape[1]])  # [1]
+        totals = differentiable_all_reduce(torch.cat([flat.sum(1), count]))  # [C + 1]: global sums, global count
+        n = float(totals[-1])
+        if n <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)} "
+                             f"(global count {n:g})")
+        mean = totals[:C] / n  # [C]
+        centred = flat - mean[:, None]  # [C, n(*L)]
+        var = differentiable_all_reduce((centred * centred).sum(1)) / n  # [C] biased variance over the global batch
+        y = centred * torch.rsqrt(var + self.eps)[:, None]
+        if self.weight is not None:
+            y = y * self.weight.to(dtype)[:, None] + self.bias.to(dtype)[:, None]
+        if self.training and self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach(), n)
+        shape = (C, x.shape[0]) + tuple(x.shape[2:])
+        return y.reshape(shape).transpose(0, 1).to(x.dtype)  # [C, n(*L)] -> [n, C(, L)]
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: float) -> None:
+        """nn.BatchNorm1d's update with the global batch's mean [C], biased variance [C] and row count ``n``."""
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        unbiased = var * (n / (n - 1))
+        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+        self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+
+
 class MLP(nn.Module):
     """``num_layers`` linear layers, BatchNorm + ReLU after each but the last (VSE-infinity's MLP, as RDE).
 
-    Keys: ``layers.{i}`` (Linear), ``bns.{i}`` (BatchNorm1d; the last one is built but unused, as RDE, and frozen).
-    forward: [B, N, input_dim] -> [B, N, output_dim] (BatchNorm over the B*N tokens).
+    Keys: ``layers.{i}`` (Linear), ``bns.{i}`` (:class:`GlobalBatchNorm1d`, BatchNorm1d's keys; the last one is built
+    but unused, as RDE, and frozen).
+    forward: [B, N, input_dim] -> [B, N, output_dim] (BatchNorm over the B*N tokens; of all ranks under DDP in train
+    mode).
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
@@ -61,7 +121,7 @@ class MLP(nn.Module):
         self.num_layers = num_layers
         h = [hidden_dim] * (num_layers - 1)
         self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip([input_dim] + h, h + [output_dim]))
-        self.bns = nn.ModuleList(nn.BatchNorm1d(k) for k in h + [output_dim])
+        self.bns = nn.ModuleList(GlobalBatchNorm1d(k) for k in h + [output_dim])
         self.bns[-1].requires_grad_(False)  # never used (kept for the keys): no gradient, so DDP does not wait for it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,4 +204,5 @@ class VisualEmbeddingLayer(nn.Module):
         return features.float()
 
 
-__all__ = ["l2norm", "maxk", "maxk_pool1d", "maxk_pool1d_var", "MLP", "TexualEmbeddingLayer", "VisualEmbeddingLayer"]
+__all__ = ["l2norm", "maxk", "maxk_pool1d", "maxk_pool1d_var", "GlobalBatchNorm1d", "MLP", "TexualEmbeddingLayer",
+           "VisualEmbeddingLayer"]
