@@ -59,12 +59,12 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     num_batches_tracked), so checkpoints of nn.BatchNorm1d load.
 
     Where the batch statistics are not used (eval mode with running statistics) or there is one process,
-    ``forward`` is nn.BatchNorm1d's, unchanged. Otherwise (torch's SyncBatchNorm, which does not run on the CPU, done with
-    the differentiable all-reduces of torch.distributed.nn, which also run on gloo): the mean and the biased variance
-    over all ranks' rows (two passes: sum and count, then the sum of squared deviations), the gradient flowing back
-    to every rank's rows through them; the running statistics are updated as nn.BatchNorm1d's on the whole batch
-    (unbiased variance with the global count; momentum, or the cumulative average when momentum is None). Ranks may
-    hold different numbers of rows (none at all, even), and must all call it (it is a collective).
+    ``forward`` is nn.BatchNorm1d's, unchanged. Otherwise it does what torch's SyncBatchNorm does (which does not run
+    on the CPU) with the differentiable all-reduces of torch.distributed.nn (which also run on gloo): the mean and the
+    biased variance over all ranks' rows (two passes: sum and count, then the sum of squared deviations), the gradient
+    flowing back to every rank's rows through them; the running statistics are updated as nn.BatchNorm1d's on the
+    whole batch (unbiased variance with the global count; momentum, or the cumulative average when momentum is None).
+    Ranks may hold different numbers of rows (none at all, even), and must all call it (it is a collective).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
