@@ -19,9 +19,16 @@ from typing import Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from utils.comm import get_world_size
+
+
+def differentiable_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over all ranks, the gradient summed over all ranks in backward (torch's functional collective;
+    torch.distributed.nn.functional.all_reduce does the same but is deprecated). Runs on gloo and NCCL alike."""
+    return funcol.wait_tensor(funcol.all_reduce(x, "sum", dist.group.WORLD))
 
 
 def l2norm(X: torch.Tensor, dim: int, eps: float = 1e-8) -> torch.Tensor:
@@ -60,11 +67,11 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
     Where the batch statistics are not used (eval mode with running statistics) or there is one process,
     ``forward`` is nn.BatchNorm1d's, unchanged. Otherwise it does what torch's SyncBatchNorm does (which does not run
-    on the CPU) with the differentiable all-reduces of torch.distributed.nn (which also run on gloo): the mean and the
-    biased variance over all ranks' rows (two passes: sum and count, then the sum of squared deviations), the gradient
-    flowing back to every rank's rows through them; the running statistics are updated as nn.BatchNorm1d's on the
-    whole batch (unbiased variance with the global count; momentum, or the cumulative average when momentum is None).
-    Ranks may hold different numbers of rows (none at all, even), and must all call it (it is a collective).
+    on the CPU) with differentiable all-reduces (:func:`differentiable_all_reduce`, which also run on gloo): the mean
+    and the biased variance over all ranks' rows (two passes: sum and count, then the sum of squared deviations), the
+    gradient flowing back to every rank's rows through them; the running statistics are updated as nn.BatchNorm1d's
+    on the whole batch (unbiased variance with the global count; momentum, or the cumulative average when momentum
+    is None). Ranks may hold different numbers of rows (none at all, even), and must all call it (a collective).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +88,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         flat = x.transpose(0, 1).reshape(C, -1).to(dtype)  # [n, C(, L)] -> [C, n(*L)]: a channel's values in a row
         count = flat.new_tensor([flat.shape[1]])  # [1]
         totals = differentiable_all_reduce(torch.cat([flat.sum(1), count]))  # [C + 1]: global sums, global count
-        n = float(totals[-1])
+        n = float(totals[-1].detach())
         if n <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)} "
                              f"(global count {n:g})")
@@ -204,5 +211,5 @@ class VisualEmbeddingLayer(nn.Module):
         return features.float()
 
 
-__all__ = ["l2norm", "maxk", "maxk_pool1d", "maxk_pool1d_var", "GlobalBatchNorm1d", "MLP", "TexualEmbeddingLayer",
-           "VisualEmbeddingLayer"]
+__all__ = ["differentiable_all_reduce", "l2norm", "maxk", "maxk_pool1d", "maxk_pool1d_var", "GlobalBatchNorm1d", "MLP",
+           "TexualEmbeddingLayer", "VisualEmbeddingLayer"]

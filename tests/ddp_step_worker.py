@@ -37,8 +37,10 @@ CONFIGS: List[Tuple[str, str, bool, Tuple[int, int]]] = [
     ("itc", "itc", False, (0, 0)),
     ("cmpm+mlm", "cmpm+mlm", False, (0, 5)),  # no masked token at all on rank 0
     ("local", "sdm+itc+cmpm+id+mlm", True, (2, 5)),
-    ("tal", "tal", False, (0, 0)),  # RDE, in eval mode (its TSE BatchNorm layers use each rank's batch in train mode)
+    ("tal", "tal", False, (0, 0)),  # RDE in eval mode (--rde_train_eval_mode)
+    ("tal_train", "tal", False, (0, 0)),  # RDE in train mode: the TSE BatchNorm layers normalise over the global batch
 ]
+EVAL_MODE_CONFIGS = ("tal",)  # the configs whose model is stepped in eval mode; all others in train mode
 
 
 def model_args(loss_names: str, local_negatives: bool):
@@ -81,12 +83,12 @@ def losses_of(ret: Dict[str, torch.Tensor]) -> Dict[str, float]:
     return {k: float(v.detach()) for k, v in ret.items() if "loss" in k or "acc" in k}
 
 
-def build(loss_names: str, local_negatives: bool):
-    """(model, options), the model's weights drawn from MODEL_SEED: the same in every process."""
+def build(loss_names: str, local_negatives: bool, train: bool = True):
+    """(model in train or eval mode, options), the model's weights drawn from MODEL_SEED: the same in every process."""
     torch.manual_seed(MODEL_SEED)
     args = model_args(loss_names, local_negatives)
     model = build_model(args, NUM_CLASSES)
-    model.train(loss_names != "tal")
+    model.train(train)
     return model, args
 
 
@@ -106,13 +108,14 @@ class CCDDataset(torch.utils.data.Dataset):
 def ccd_losses() -> Tuple[torch.Tensor, torch.Tensor]:
     """CCD's per-sample losses of a tiny RDE over CCDDataset (batches of 3: the last one is short)."""
     from processor.ccd import per_sample_losses
-    model, _ = build("tal", False)
+    model, _ = build("tal", False, train=False)
     return per_sample_losses(model, CCDDataset(), batch_size=3, seed=1, epoch=2)
 
 
 def step(model, args, forward_model, batches: Sequence[Dict[str, torch.Tensor]]) -> dict:
     """``forward_model`` (``model`` or its DDP wrapper) on each of ``batches``; one step of ``args``'s optimizer on
-    the mean of their total losses. Returns the losses of each forward, the gradients and the parameters after the step."""
+    the mean of their total losses. Returns the losses of each forward, the gradients, the parameters after the step
+    and the buffers (BatchNorm running statistics among them)."""
     optimizer = build_optimizer(args, forward_model)
     rets = [forward_model(b) for b in batches]
     total = sum(sum(v for k, v in ret.items() if "loss" in k) for ret in rets) / len(rets)
@@ -121,7 +124,8 @@ def step(model, args, forward_model, batches: Sequence[Dict[str, torch.Tensor]])
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     optimizer.step()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"losses": [losses_of(r) for r in rets], "grads": grads, "params": params}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    return {"losses": [losses_of(r) for r in rets], "grads": grads, "params": params, "buffers": buffers}
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -131,10 +135,63 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         for name, loss_names, local, counts in CONFIGS:
-            model, args = build(loss_names, local)
+            model, args = build(loss_names, local, train=name not in EVAL_MODE_CONFIGS)
             ddp = torch.nn.parallel.DistributedDataParallel(model)
             out = step(model, args, ddp, [rank_slice(global_batch(counts), rank, world)])
             torch.save(out, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
         torch.save(ccd_losses(), os.path.join(out_dir, f"ccd_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+# GlobalBatchNorm1d alone: 3 steps of 7 rows split unevenly over 2 ranks (the last: all rows on rank 0, none on rank 1)
+BN_CHANNELS = 6
+BN_SPLITS = ((5, 2), (1, 6), (7, 0))  # rows per rank, each step
+BN_MOMENTA = (0.1, None)  # None: cumulative average
+
+
+def bn_step_data(step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(input [7, C], upstream gradient [7, C]) of step ``step``: the whole batch, off-centre and scaled."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(sum(BN_SPLITS[0]), BN_CHANNELS, generator=g) * torch.linspace(0.5, 3.0, BN_CHANNELS) + 2.0
+    return x, torch.randn(x.shape, generator=g)
+
+
+def bn_run(bn: torch.nn.BatchNorm1d, rank: int, world: int, steps: int = len(BN_SPLITS)
+           ) -> List[Dict[str, torch.Tensor]]:
+    """``bn`` in train mode over the first ``steps`` BN_SPLITS steps, then in eval mode on the last step's input; rank ``rank`` of
+    ``world`` takes its rows of each step (world 1: all rows). Per step: output, input gradient and weight / bias
+    gradients of sum(output * upstream) over this rank's rows; running statistics after it."""
+    with torch.no_grad():  # a non-trivial affine part, the same in every process
+        bn.weight.copy_(torch.linspace(0.5, 1.5, BN_CHANNELS))
+        bn.bias.copy_(torch.linspace(-1.0, 1.0, BN_CHANNELS))
+    out = []
+    for step, split in enumerate(BN_SPLITS[:steps]):
+        x, up = bn_step_data(step)
+        start = sum(split[:rank]) if world > 1 else 0
+        rows = slice(start, start + split[rank]) if world > 1 else slice(None)
+        x = x[rows].clone().requires_grad_(True)  # [n_rank, C]
+        bn.train()
+        bn.zero_grad(set_to_none=False)
+        y = bn(x)
+        (y * up[rows]).sum().backward()
+        out.append({"y": y.detach(), "x_grad": x.grad, "weight_grad": bn.weight.grad.clone(),
+                    "bias_grad": bn.bias.grad.clone(), **{k: v.clone() for k, v in bn.named_buffers()}})
+    bn.eval()
+    with torch.no_grad():
+        out.append({"y": bn(bn_step_data(len(BN_SPLITS) - 1)[0])})
+    return out
+
+
+def bn_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank ``rank`` of ``world``: :func:`bn_run` of a GlobalBatchNorm1d for each of BN_MOMENTA, and of a plain
+    nn.BatchNorm1d (momentum 0.1, each rank's own rows, first step only: later ones give a rank < 2 rows); writes ``<out_dir>/bn_rank<rank>.pt``."""
+    from model.CrossEmbeddingLayer_tse import GlobalBatchNorm1d
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        res = {str(m): bn_run(GlobalBatchNorm1d(BN_CHANNELS, momentum=m), rank, world) for m in BN_MOMENTA}
+        res["plain"] = bn_run(torch.nn.BatchNorm1d(BN_CHANNELS), rank, world, steps=1)
+        torch.save(res, os.path.join(out_dir, f"bn_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -1,12 +1,15 @@
 """Multi-process training equals one process: 2 gloo ranks on the CPU against one process on the whole batch.
 
 (1) One optimizer step on a fixed global batch (tests/ddp_step_worker.py): every loss term, every gradient and every
-    parameter after the AdamW step equal one process's, for sdm, itc, cmpm, id and mlm, and RDE's tal (eval mode);
-    RDE's CCD per-sample losses are gathered so that every rank holds one process's; ``--local_negatives`` gives
-    each rank the losses of its slice alone (the original's per-GPU behaviour) instead.
+    parameter after the AdamW step equal one process's, for sdm, itc, cmpm, id and mlm, and RDE's tal in eval mode
+    and in train mode (its TSE BatchNorm layers, GlobalBatchNorm1d, normalise over the global batch: the running
+    statistics after the step equal one process's too); RDE's CCD per-sample losses are gathered so that every rank
+    holds one process's; ``--local_negatives`` gives each rank the losses of its slice alone (the original's per-GPU
+    behaviour) instead. GlobalBatchNorm1d alone against nn.BatchNorm1d on the whole batch, uneven rows per rank.
 (2) ``torchrun --nproc_per_node 2 train.py`` for 2 epochs against ``train.main`` in one process: same parameters in
     ``last.pth`` and same ``metrics.jsonl``, to float noise.
 """
+import copy
 import glob
 import json
 import os
@@ -29,6 +32,11 @@ WORLD = 2
 PARAM_ATOL = 1e-5  # fp32, one step / two epochs
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4  # relative to the largest gradient of the tensor (summation order differs)
+BUFFER_RTOL = 1e-5  # BatchNorm running statistics, relative to the tensor's largest value
+# The biases of the linear layers right before a BatchNorm (RDE's TSE MLPs): the normalisation removes them, so their
+# gradient is zero but for float noise (~1e-8), which is compared to this absolute tolerance instead.
+PRE_BN_BIAS = "mlp.layers.0.bias"
+PRE_BN_BIAS_GRAD_ATOL = 1e-6
 JOIN_TIMEOUT_S = 300
 RANK_MEAN_KEYS = ("id_loss", "img_acc", "txt_acc")  # per-rank means by design: their rank average is the global one
 
@@ -55,6 +63,12 @@ def assert_close_dict(got: dict, want: dict, atol: float, what: str, scale_rtol:
     return worst
 
 
+def split_pre_bn_biases(tensors: dict):
+    """(the tensors but the pre-BatchNorm biases, those biases) (see PRE_BN_BIAS)."""
+    pre = {k: v for k, v in tensors.items() if k.endswith(PRE_BN_BIAS)}
+    return {k: v for k, v in tensors.items() if k not in pre}, pre
+
+
 def rel_close(a: float, b: float, rtol: float = LOSS_RTOL) -> bool:
     """``a`` within ``rtol`` of ``b`` (a NaN is close to nothing)."""
     return abs(a - b) <= rtol * max(abs(b), 1e-6)
@@ -78,9 +92,10 @@ def one_step(tmp_path_factory):
         for name, loss_names, local, counts in W.CONFIGS:  # meanwhile, one process
             batch = W.global_batch(counts)
             slices = [W.rank_slice(batch, r, WORLD) for r in range(WORLD)]
-            model, args = W.build(loss_names, False)
+            model, args = W.build(loss_names, False, train=name not in W.EVAL_MODE_CONFIGS)
+            probe = copy.deepcopy(model)  # (in train mode, a forward updates the BatchNorm running statistics)
             with torch.no_grad():  # the initial weights' losses over the global batch and over each slice alone
-                global_losses, slice_losses = W.losses_of(model(batch)), [W.losses_of(model(s)) for s in slices]
+                global_losses, slice_losses = W.losses_of(probe(batch)), [W.losses_of(probe(s)) for s in slices]
             # local negatives: each rank's loss is its slice's own; DDP averages the ranks' gradients
             reference[name] = W.step(model, args, model, slices if local else [batch])
             reference[name].update({"global": global_losses, "slices": slice_losses})
@@ -98,8 +113,9 @@ def one_step(tmp_path_factory):
 
 @pytest.mark.parametrize("name", [c[0] for c in W.CONFIGS if not c[2]])
 def test_one_step_over_two_ranks_equals_one_process(one_step, name):
-    """Global losses on every rank, ID loss / accuracies averaged over the ranks, DDP-averaged gradients and the
-    parameters after the step: all equal one process on the whole batch."""
+    """Global losses on every rank, ID loss / accuracies averaged over the ranks, DDP-averaged gradients, the
+    parameters after the step and the buffers (RDE's TSE BatchNorm running statistics in train mode): all equal one
+    process on the whole batch."""
     reference, ranks, _ = one_step
     ref = reference[name]
     (want,) = ref["losses"]
@@ -109,9 +125,13 @@ def test_one_step_over_two_ranks_equals_one_process(one_step, name):
         for k, v in want.items():
             if k not in RANK_MEAN_KEYS:
                 assert rel_close(got[k], v), (name, r, k, got[k], v)
-        g = assert_close_dict(res["grads"], ref["grads"], 0.0, f"{name} rank {r} gradient", GRAD_RTOL)
+        (got_g, got_pre), (want_g, want_pre) = split_pre_bn_biases(res["grads"]), split_pre_bn_biases(ref["grads"])
+        g = assert_close_dict(got_g, want_g, 0.0, f"{name} rank {r} gradient", GRAD_RTOL)
+        assert_close_dict(got_pre, want_pre, PRE_BN_BIAS_GRAD_ATOL, f"{name} rank {r} pre-BatchNorm bias gradient")
         worst = assert_close_dict(res["params"], ref["params"], PARAM_ATOL, f"{name} rank {r} parameter")
-        print(f"{name} rank {r}: max difference: parameters {worst:.2e}, gradients {g:.2e} (relative)")
+        b = assert_close_dict(res["buffers"], ref["buffers"], 0.0, f"{name} rank {r} buffer", BUFFER_RTOL)
+        print(f"{name} rank {r}: max difference: parameters {worst:.2e}, gradients {g:.2e}, buffers {b:.2e} "
+              "(relative)")
     for k in set(want) & set(RANK_MEAN_KEYS):
         mean = sum(res["losses"][0][k] for res in ranks[name]) / WORLD
         assert rel_close(mean, want[k]), (name, k, mean, want[k])
@@ -195,3 +215,35 @@ def test_torchrun_two_epochs_equal_one_process(tiny_cuhk_root, tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k] == pytest.approx(b[k], abs=1e-4), (a["epoch"], k)
+
+
+def test_global_batchnorm_over_two_ranks_equals_one_process(tmp_path):
+    """GlobalBatchNorm1d over 2 gloo ranks holding 5 + 2, 1 + 6 and 7 + 0 rows of 3 batches against nn.BatchNorm1d on
+    each whole batch: outputs and input gradients (the ranks' rows in order), weight / bias gradients (summed over the
+    ranks, as DDP's average of the world-scaled losses), running statistics and num_batches_tracked on every rank,
+    for momentum 0.1 and None; then eval mode. nn.BatchNorm1d on each rank's own rows differs."""
+    mp.spawn(W.bn_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(os.path.join(tmp_path, f"bn_rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    for m in W.BN_MOMENTA:
+        want = W.bn_run(torch.nn.BatchNorm1d(W.BN_CHANNELS, momentum=m), 0, 1)
+        for step, ref in enumerate(want):
+            got = [res[str(m)][step] for res in ranks]
+            for k in ("y", "x_grad"):
+                if k in ref and "x_grad" in ref:  # train mode: the ranks' rows in order
+                    torch.testing.assert_close(torch.cat([g[k] for g in got]), ref[k], atol=1e-5, rtol=1e-5)
+                elif k in ref:  # eval mode: every rank on the whole batch
+                    for g in got:
+                        torch.testing.assert_close(g[k], ref[k], atol=1e-5, rtol=1e-5)
+            for k in ("weight_grad", "bias_grad"):
+                if k in ref:
+                    torch.testing.assert_close(sum(g[k] for g in got), ref[k], atol=1e-5, rtol=1e-5)
+            for g in got:
+                for k in buffers:
+                    if k in ref:
+                        torch.testing.assert_close(g[k], ref[k], atol=1e-6, rtol=1e-6)
+        assert int(want[len(W.BN_SPLITS) - 1]["num_batches_tracked"]) == len(W.BN_SPLITS)
+    want = W.bn_run(torch.nn.BatchNorm1d(W.BN_CHANNELS), 0, 1, steps=1)[0]
+    plain = torch.cat([res["plain"][0]["y"] for res in ranks])
+    assert not torch.allclose(plain, want["y"], atol=1e-3)
+    assert not torch.allclose(ranks[0]["plain"][0]["running_mean"], want["running_mean"], atol=1e-3)
