@@ -12,8 +12,8 @@ RDE's released checkpoints load. What differs from RDE's code:
 - the TSE input width is the backbone's embedding width (RDE: 512), its output width ``--tse_embed_dim`` (1024);
 - a ModifiedResNet image encoder works too: the image attention is its attention pool's (recomputed likewise);
 - captions are encoded at their full ``--text_length`` (the TSE text layer's k depends on the length, as RDE);
-- under DDP the losses are over the global batch (features, pids and label_hat gathered, as IRRA's here); the TSE
-  BatchNorm layers use each rank's own batch (SyncBatchNorm would make them global; not done).
+- under DDP the losses are over the global batch (features, pids and label_hat gathered, as IRRA's here), and the TSE
+  BatchNorm statistics in train mode too (GlobalBatchNorm1d: N processes train as one).
 Retrieval ranks by (S_bge + S_tse) / 2 (:func:`joint_features`).
 """
 from __future__ import annotations
