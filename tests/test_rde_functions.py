@@ -10,7 +10,8 @@ import torch
 
 from datasets.bases import draw_noisy_index, inject_noisy_correspondence
 from model import objectives
-from model.CrossEmbeddingLayer_tse import MLP, TexualEmbeddingLayer, VisualEmbeddingLayer, l2norm, maxk_pool1d_var
+from model.CrossEmbeddingLayer_tse import (MLP, GlobalBatchNorm1d, TexualEmbeddingLayer, VisualEmbeddingLayer, l2norm,
+                                          maxk_pool1d_var)
 from processor.ccd import consensus_labels, divide, gmm_clean_prob, min_max_normalise
 from processor.processor import split_prob
 
@@ -114,6 +115,25 @@ def test_tse_keys_and_helpers():
     pooled = maxk_pool1d_var(x, 1, 1, torch.tensor([5, 2, 3]))
     torch.testing.assert_close(pooled, torch.stack([x[0].max(0)[0], x[1, :2].max(0)[0], x[2, :3].max(0)[0]]))
     assert MLP(4, 6, 8, 2)(torch.randn(2, 3, 4)).shape == (2, 3, 8)
+
+
+def test_global_batchnorm_is_batchnorm_in_one_process():
+    """Without torch.distributed GlobalBatchNorm1d is nn.BatchNorm1d bit for bit, with its keys (the 2-rank case:
+    tests/test_ddp_equivalence.py)."""
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm1d(5)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-1, 1)
+    bn = GlobalBatchNorm1d(5)
+    bn.load_state_dict(ref.state_dict(), strict=True)  # the same keys
+    assert isinstance(bn, torch.nn.BatchNorm1d)
+    assert all(isinstance(m, GlobalBatchNorm1d) for m in MLP(4, 6, 8, 2).bns)
+    for train in (True, True, False):
+        x = torch.randn(7, 5) * 3 + 1
+        assert torch.equal(bn.train(train)(x), ref.train(train)(x))
+        for k, v in ref.state_dict().items():
+            assert torch.equal(bn.state_dict()[k], v), k
 
 
 def test_noise_injection_from_index_file(fx, tmp_path):
