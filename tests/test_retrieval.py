@@ -160,13 +160,18 @@ def test_unreadable_image_skipped_with_one_warning(tmp_path):
         r.encode_images([], progress=False)
 
 
-def test_gallery_cache_reused_and_invalidated(tmp_path):
+def gallery_and_run(tmp_path):
+    """A gallery folder ``g``, a run directory with a (fake) best.pth and a retriever of that run."""
     paths = write_gallery(tmp_path / "g")
     run = tmp_path / "run"
     run.mkdir()
     ckpt = run / "best.pth"
     ckpt.write_bytes(b"weights v1")
-    r = make_retriever(run_dir=run, checkpoint=ckpt)
+    return paths, run, ckpt, make_retriever(run_dir=run, checkpoint=ckpt)
+
+
+def test_gallery_cache_reused_and_invalidated(tmp_path):
+    paths, run, ckpt, r = gallery_and_run(tmp_path)
     g1 = r.encode_folder(tmp_path / "g", progress=False)
     assert r.model.images_seen == 5 and len(list((run / R.CACHE_DIRNAME).glob("*.pt"))) == 1
     # second call (and several queries) reuse the cache: no image is encoded again
@@ -206,12 +211,7 @@ def test_gallery_cache_reused_and_invalidated(tmp_path):
 def test_a_same_size_rewrite_with_only_a_new_mtime_re_encodes(tmp_path):
     """A retrained checkpoint of the same architecture, or an image rewritten in place, has the same size: the
     modification time alone must invalidate the cache."""
-    paths = write_gallery(tmp_path / "g")
-    run = tmp_path / "run"
-    run.mkdir()
-    ckpt = run / "best.pth"
-    ckpt.write_bytes(b"weights v1")
-    r = make_retriever(run_dir=run, checkpoint=ckpt)
+    paths, run, ckpt, r = gallery_and_run(tmp_path)
     r.encode_folder(tmp_path / "g", progress=False)
     assert r.model.images_seen == 5
     red = paths["red"]
