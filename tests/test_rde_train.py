@@ -88,7 +88,7 @@ def test_token_augment():
     assert counts["kept"] > 30 and counts["mask"] >= 1  # p 0.2 per token: most are kept
     # over many draws: hit rate 0.2, of which 60 % masked, 20 % deleted
     rng = random.Random(1)
-    hits = masked = deleted = 0
+    masked = deleted = 0
     for _ in range(200):
         o = rde_token_augment(tokens, rng, mask)
         masked += int((o == mask).sum())
