@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     ######################## scale ########################
     parser.add_argument("--local_negatives", default=False, action="store_true",
                         help="DDP: contrastive losses over each rank's own batch only (the original); by default the "
-                             "features of all ranks are gathered, so every loss is over the global --batch_size")
+                             "features of all ranks are gathered, so every loss is over the global --batch_size (RDE's "
+                             "TSE BatchNorm statistics are over the global batch either way)")
     parser.add_argument("--grad_checkpointing", default=False, action="store_true",
                         help="recompute the transformer blocks' activations in backward: less memory, more compute, "
                              "same numbers")
