@@ -18,6 +18,7 @@ from pathlib import Path
 
 from search import split_queries as T
 from search.grid import draw_search_grid, save_new_png, slug, tile_size_for
+from search.index import DEFAULT_INDEX_THRESHOLD, DEFAULT_SEARCH_INDEX, SEARCH_INDEXES
 from search.retrieval import Retriever
 from utils.cli import run_main
 from utils.iotools import make_output_dir
@@ -42,7 +43,14 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--host", default=None, help="--serve: address to listen on (default 127.0.0.1, this machine "
                    "only; another address makes the page reachable from the network)")
     p.add_argument("--port", type=int, default=None, help="--serve: port (default 7860; 0 = any free port)")
+    p.add_argument("--search_index", default=DEFAULT_SEARCH_INDEX, choices=SEARCH_INDEXES,
+                   help="how a gallery is ranked: auto = exact below --index_threshold images, else an int8 scan whose "
+                   "candidates are re-scored exactly (search/index.py); exact / int8 = always that")
+    p.add_argument("--index_threshold", type=int, default=DEFAULT_INDEX_THRESHOLD,
+                   help="--search_index auto: galleries of at least this many images use the int8 index")
     a = p.parse_args(argv)
+    if a.index_threshold < 1:
+        p.error(f"--index_threshold must be >= 1, got {a.index_threshold}")
     if a.topk < 1 or a.num_queries < 1:
         p.error("--topk and --num_queries must be >= 1")
     if any(not q.strip() for q in a.query):
@@ -62,7 +70,8 @@ def main(argv=None) -> list[Path]:
         serve(a)
         return []
 
-    r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers)
+    r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers, a.search_index,
+                          a.index_threshold)
     out = Path(a.out) if a.out else r.run_dir / VIS_DIR
     option = "--out" if a.out else f"the run's {VIS_DIR}/ folder"
     make_output_dir(str(out), option)  # checked before the (long) encoding: the grids must have somewhere to go
@@ -95,7 +104,8 @@ def serve(a) -> None:
     """--serve: load the run once, encode (or read from cache) the gallery, answer the page until Ctrl+C."""
     from search.server import DEFAULT_HOST, DEFAULT_PORT, SearchPage, make_server, page_url
 
-    r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers)
+    r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers, a.search_index,
+                          a.index_threshold)
     if a.gallery:
         page = SearchPage.for_folder(r, a.gallery)
     else:

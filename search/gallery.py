@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -111,3 +112,22 @@ def collate_skip_unreadable(batch: List[Tuple[int, Optional[torch.Tensor]]]
     return [i for i, _ in ok], torch.stack([x for _, x in ok]), failed
 
 
+
+
+@dataclass
+class Gallery:
+    """Encoded gallery: ``embeddings[j]`` belongs to ``paths[j]``, which was ``indices[j]`` in the input list."""
+
+    paths: list[str]
+    embeddings: torch.Tensor  # [N, D] float32, L2-normalised, CPU
+    indices: list[int]
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def warn_skipped(skipped: Sequence[str]) -> None:
+    """One warning listing the gallery files that could not be opened."""
+    if skipped:
+        logger.warning("skipped %d image(s) that could not be opened: %s", len(skipped), ", ".join(skipped))

@@ -15,10 +15,9 @@ kept; :meth:`Retriever.kept_text` gives the part the model saw. Empty or whitesp
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,14 +32,17 @@ from model.rde import encode_for_retrieval  # IRRA: encode_image / encode_text; 
 from utils.checkpoint import read_model_state_dict
 from utils.comm import resolve_device
 from utils.options import load_config_args
-from utils.run_dir import BEST_CHECKPOINT, GALLERY_CACHE_DIR, atomic_write, check_writable, resolve_run
-from search.gallery import IMAGE_EXTENSIONS, ImageFileDataset, collate_skip_unreadable, list_images  # noqa: F401
+from utils.run_dir import BEST_CHECKPOINT, GALLERY_CACHE_DIR, resolve_run
+from search.index import (DEFAULT_INDEX_THRESHOLD, DEFAULT_SEARCH_INDEX, ExactIndex, Int8Index,
+                          build_index, check_search_index)
+from search.cache import DEFAULT_FEATURE_SET, encode_gallery_cached, encode_texts_cached
+from search.gallery import (IMAGE_EXTENSIONS, Gallery, ImageFileDataset, collate_skip_unreadable,  # noqa: F401
+                            list_images, warn_skipped)
 from utils.simple_tokenizer import SimpleTokenizer, get_tokenizer, tokenize
 
 logger = logging.getLogger("IRRA.retrieval")
 
 CACHE_DIRNAME = GALLERY_CACHE_DIR
-CACHE_VERSION = 1
 # How many characters of a cut sentence the truncation warning quotes.
 QUOTE_CHARS = 80
 
@@ -113,73 +115,6 @@ def _warn_cut(tokenized: Sequence[TokenizedText]) -> None:
                        min(t.num_tokens for _, t in cut), max(t.num_tokens for _, t in cut))
 
 
-@dataclass
-class Gallery:
-    """Encoded gallery: ``embeddings[j]`` belongs to ``paths[j]``, which was ``indices[j]`` in the input list."""
-
-    paths: list[str]
-    embeddings: torch.Tensor  # [N, D] float32, L2-normalised, CPU
-    indices: list[int]
-    skipped: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def _file_stamp(path: str | os.PathLike) -> list:
-    """[absolute path, mtime_ns, size] of a file; what the cache key is made of."""
-    st = os.stat(path)
-    return [os.path.abspath(path), st.st_mtime_ns, st.st_size]
-
-
-STALE = "stale"  # cache_problem: a well-formed cache of other files, weights or image size (re-encoded quietly)
-CACHE_KEYS = ("key", "paths", "embeddings", "indices", "skipped")
-
-
-def cache_problem(c, key: str, paths: Sequence[str]) -> str | None:
-    """Why the loaded gallery cache ``c`` cannot stand for encoding ``paths`` now: None when it can, :data:`STALE`
-    when it is well-formed but its key differs, else what is wrong (type, keys, shapes, non-finite values, rows that
-    do not match the paths). Any doubt means re-encoding."""
-    if not isinstance(c, dict):
-        return f"expected a dict, got {type(c).__name__}"
-    missing = [k for k in CACHE_KEYS if k not in c]
-    if missing:
-        return f"missing keys {missing}"
-    if c["key"] != key:
-        return STALE
-    emb, kept, indices, skipped = c["embeddings"], c["paths"], c["indices"], c["skipped"]
-    if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or not emb.is_floating_point():
-        return f"embeddings must be a float [N, D] tensor, got {type(emb).__name__} {getattr(emb, 'shape', '')}"
-    if not all(isinstance(v, list) for v in (kept, indices, skipped)):
-        return "paths, indices and skipped must be lists"
-    if not (emb.shape[0] == len(kept) == len(indices)) or emb.shape[0] == 0:
-        return f"{emb.shape[0]} embedding rows for {len(kept)} paths and {len(indices)} indices"
-    if not all(isinstance(i, int) and 0 <= i < len(paths) and paths[i] == p for i, p in zip(indices, kept)):
-        return "its paths are not the gallery's files at their indices"
-    if len(kept) + len(skipped) != len(paths) or not set(skipped) <= set(paths):
-        return f"{len(kept)} kept + {len(skipped)} skipped images for a gallery of {len(paths)}"
-    if not bool(torch.isfinite(emb).all()):
-        return "embeddings hold NaN or infinite values"
-    return None
-
-
-def _usable_cache_dir(cache_dir: Path) -> bool:
-    """Create ``cache_dir`` and check that a file can be written there; False (with a warning: the search runs
-    without the cache) when it cannot, e.g. a file sits at its path."""
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        check_writable(str(cache_dir), "gallery cache")
-    except OSError as e:
-        logger.warning("gallery cache folder %s cannot be used (%s): searching without the cache", cache_dir, e)
-        return False
-    return True
-
-
-def _warn_skipped(skipped: Sequence[str]) -> None:
-    if skipped:
-        logger.warning("skipped %d image(s) that could not be opened: %s", len(skipped), ", ".join(skipped))
-
-
 class Retriever:
     """A trained IRRA model wrapped for retrieval: encode sentences and images, rank a gallery.
 
@@ -195,12 +130,17 @@ class Retriever:
         args: the run's options (``img_size`` is part of the cache key; the test split comes from them).
         batch_size: sentences / images per forward pass.
         num_workers: image loading processes.
+        search_index, index_threshold: how :meth:`search` ranks (``search.index.build_index``): exact below the
+            threshold, an int8 scan with exact re-scoring from it on (``auto``); or ``exact`` / ``int8`` always.
+        feature_set: a name for what ``encode_texts`` / ``encode_images`` return, part of every cache key: code that
+            makes a retriever encode other features gives them another name, so no cache of the old ones is reused.
     """
 
     def __init__(self, model: torch.nn.Module, transform: Callable, tokenize: Callable[[str], TokenizedText],
                  device: torch.device, run_dir: str | os.PathLike | None = None,
                  checkpoint: str | os.PathLike | None = None, args=None, batch_size: int = 64,
-                 num_workers: int = 0):
+                 num_workers: int = 0, search_index: str = DEFAULT_SEARCH_INDEX,
+                 index_threshold: int = DEFAULT_INDEX_THRESHOLD, feature_set: str = DEFAULT_FEATURE_SET):
         self.model = model.eval()
         self.transform = transform
         self.tokenize = tokenize
@@ -210,11 +150,19 @@ class Retriever:
         self.args = args
         self.batch_size = batch_size
         self.num_workers = num_workers
+        check_search_index(search_index, index_threshold)  # a bad name / threshold fails here, not at the first query
+        self.search_index = search_index
+        self.index_threshold = index_threshold
+        self.feature_set = feature_set
+        self._index: ExactIndex | Int8Index | None = None  # of the last gallery searched (see _index_for)
+        self._index_version = -1
 
     # ---------------------------------------------------------------- construction from a run directory
     @classmethod
     def from_run(cls, run: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-                 device: str | torch.device = "auto", batch_size: int = 64, num_workers: int = 0) -> "Retriever":
+                 device: str | torch.device = "auto", batch_size: int = 64, num_workers: int = 0,
+                 search_index: str = DEFAULT_SEARCH_INDEX, index_threshold: int = DEFAULT_INDEX_THRESHOLD
+                 ) -> "Retriever":
         """Load the model of a training run.
 
         Args:
@@ -223,6 +171,7 @@ class Retriever:
             device: "auto" | "cpu" | an accelerator spec understood by ``utils.comm.resolve_device``, or a device.
             batch_size: sentences / images per forward pass.
             num_workers: image loading processes.
+            search_index, index_threshold: how galleries are ranked (see the class).
         """
         run_dir, config_file = (Path(p) for p in resolve_run(run))
         ckpt = Path(checkpoint) if checkpoint is not None else run_dir / BEST_CHECKPOINT
@@ -242,7 +191,8 @@ class Retriever:
         img_size = tuple(int(s) for s in args.img_size)
         return cls(model, build_transforms(img_size=img_size, is_train=False),
                    QueryTokenizer(get_tokenizer(), int(args.text_length)), dev, run_dir=run_dir, checkpoint=ckpt,
-                   args=args, batch_size=batch_size, num_workers=num_workers)
+                   args=args, batch_size=batch_size, num_workers=num_workers, search_index=search_index,
+                   index_threshold=index_threshold)
 
     # ---------------------------------------------------------------- encoders
     def kept_text(self, text: str) -> str:
@@ -292,7 +242,7 @@ class Retriever:
                     kept += idx
                 bar.update(len(idx) + len(bad))
         skipped = [paths[i] for i in failed]
-        _warn_skipped(skipped)
+        warn_skipped(skipped)
         if not kept:
             raise ValueError(f"none of the {len(paths)} gallery images could be opened")
         return Gallery([paths[i] for i in kept], torch.cat(feats), kept, skipped)
@@ -302,24 +252,15 @@ class Retriever:
         """``<run_dir>/gallery_cache`` or None when the retriever has no run directory."""
         return self.run_dir / CACHE_DIRNAME if self.run_dir is not None else None
 
-    def _cache_key(self, paths: Sequence[str]) -> str:
-        """Hash of (file list with mtimes and sizes, checkpoint stamp, image size of the transform)."""
-        key = {
-            "version": CACHE_VERSION,
-            "files": [_file_stamp(p) for p in paths],
-            "checkpoint": _file_stamp(self.checkpoint) if self.checkpoint is not None else None,
-            "img_size": list(self.args.img_size) if self.args is not None else None,
-        }
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
     def encode_gallery(self, paths: Sequence[str], cache_name: str, cache_dir: str | os.PathLike | None = None,
                        progress: bool = True) -> Gallery:
-        """Like :meth:`encode_images`, reusing ``<cache_dir>/<cache_name>.pt`` while its key still matches.
+        """Like :meth:`encode_images`, with ``<cache_dir>/<cache_name>.pt`` cached per file
+        (``search.cache.encode_gallery_cached``).
 
-        The key covers every file's path, mtime and size and the checkpoint's, so adding/changing a file or
-        loading other weights re-encodes (and overwrites the cache). A cache is never trusted blindly: one of the
-        wrong type, keys or shapes, with non-finite embeddings or rows that do not match the paths is re-encoded
-        with a warning (:func:`cache_problem`). ``cache_dir`` defaults to :meth:`default_cache_dir`; with neither,
+        A file is re-encoded only when it is new or its mtime or size changed; a file no longer in ``paths`` drops
+        out of the cache; other weights (checkpoint path, mtime or size), image size or ``feature_set`` re-encode
+        everything. A cache is never trusted blindly: one of the wrong type, keys or shapes, or with non-finite
+        embeddings is re-encoded with a warning. ``cache_dir`` defaults to :meth:`default_cache_dir`; with neither,
         nothing is cached. A cache folder that cannot be created or written (a file at its path) is found before
         encoding: the search runs without the cache, with a warning.
         """
@@ -329,34 +270,16 @@ class Retriever:
         cache_dir = Path(cache_dir) if cache_dir is not None else self.default_cache_dir()
         if cache_dir is None:
             return self.encode_images(paths, progress=progress)
-        cache_file = cache_dir / f"{cache_name}.pt"
-        key = self._cache_key(paths)
-        if cache_file.is_file():
-            try:
-                c = torch.load(cache_file, map_location="cpu", weights_only=True)
-            except Exception as e:  # a corrupt cache is re-made, never fatal
-                logger.warning("ignoring unreadable gallery cache %s (%s)", cache_file, e)
-                c = None
-            if c is not None:
-                problem = cache_problem(c, key, paths)
-                if problem is None:
-                    logger.info("using cached gallery embeddings %s (%d images)", cache_file, len(c["paths"]))
-                    _warn_skipped(c["skipped"])
-                    return Gallery(list(c["paths"]), c["embeddings"], list(c["indices"]), list(c["skipped"]))
-                if problem != STALE:
-                    logger.warning("ignoring gallery cache %s: %s; encoding the gallery again", cache_file, problem)
-        # the cache folder is checked before the (long) encoding: a folder that cannot be written only loses the cache
-        writable = _usable_cache_dir(cache_dir)
-        gallery = self.encode_images(paths, progress=progress)
-        if writable:
-            data = {"key": key, "paths": gallery.paths, "embeddings": gallery.embeddings, "indices": gallery.indices,
-                    "skipped": gallery.skipped}
-            try:  # a concurrent reader sees the old or the new file
-                atomic_write(cache_file, lambda f: torch.save(data, f))
-                logger.info("cached gallery embeddings in %s", cache_file)
-            except OSError as e:
-                logger.warning("gallery embeddings not cached in %s (%s)", cache_file, e)
-        return gallery
+        return encode_gallery_cached(self, paths, cache_dir / f"{cache_name}.pt", progress=progress)
+
+    def encode_captions(self, texts: Sequence[str], cache_name: str, cache_dir: str | os.PathLike | None = None
+                        ) -> torch.Tensor:
+        """Like :meth:`encode_texts`, cached in ``<cache_dir>/<cache_name>.pt`` while the run, checkpoint,
+        ``feature_set``, text length and captions are the same (``search.cache.encode_texts_cached``)."""
+        cache_dir = Path(cache_dir) if cache_dir is not None else self.default_cache_dir()
+        if cache_dir is None:
+            return self.encode_texts(texts)
+        return encode_texts_cached(self, texts, cache_dir / f"{cache_name}.pt")
 
     def encode_folder(self, folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                       progress: bool = True) -> Gallery:
@@ -390,6 +313,14 @@ class Retriever:
             q = F.normalize(query.float().reshape(-1, query.shape[-1]), dim=-1)  # [D] -> [1, D]
         else:
             q = self.encode_texts(list(query))
-        sim = q @ g.float().T  # [Q, N]
-        scores, indices = sim.topk(min(topk, g.shape[0]), dim=1)
+        scores, indices = self._index_for(g).search(q, min(topk, g.shape[0]))  # [Q, k] each
         return (scores[0], indices[0]) if single else (scores, indices)
+
+    def _index_for(self, g: torch.Tensor) -> ExactIndex | Int8Index:
+        """The index of gallery embeddings ``g``, built once per gallery tensor (an int8 index of a million images
+        takes seconds) and rebuilt when another tensor, or this one changed in place, is searched."""
+        idx = self._index
+        if idx is None or idx.embeddings is not g or self._index_version != g._version:
+            idx = self._index = build_index(g, self.search_index, self.index_threshold)
+            self._index_version = g._version
+        return idx

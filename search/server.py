@@ -41,7 +41,7 @@ from urllib.parse import parse_qs, urlsplit
 import torch
 
 from search.retrieval import Gallery, Retriever
-from search.split_queries import encode_test_gallery
+from search.split_queries import encode_test_captions, encode_test_gallery
 from utils.metrics import rank
 
 logger = logging.getLogger("IRRA.search")
@@ -90,8 +90,11 @@ class TestQueries:
 
 
 def rank_test_split(retriever: Retriever, gallery: Gallery, captions: Sequence[str], caption_pids: Sequence[int],
-                    gallery_pids: Sequence[int], chunk: int = METRIC_CHUNK) -> TestQueries:
+                    gallery_pids: Sequence[int], chunk: int = METRIC_CHUNK,
+                    caption_embeddings: torch.Tensor | None = None) -> TestQueries:
     """R1/R5/R10/mAP/mINP and each caption's top-1, with the Retriever's own score (``Retriever.search``).
+
+    ``caption_embeddings`` [Q, D] (e.g. read from the caption cache) are ranked instead of encoding ``captions``.
 
     The captions are ranked ``chunk`` at a time over the whole gallery; the metrics are ``utils.metrics.rank``'s
     (the Evaluator's), averaged over chunks weighted by their number of captions (every metric is a mean over queries).
@@ -102,7 +105,8 @@ def rank_test_split(retriever: Retriever, gallery: Gallery, captions: Sequence[s
     cmc_sum, map_sum, minp_sum, top1 = torch.zeros(max_rank), 0.0, 0.0, []
     for s in range(0, len(captions), chunk):
         part = list(captions[s:s + chunk])
-        scores, idx = retriever.search(part, gallery, topk=n)  # [c, N] each, every image ranked
+        query = part if caption_embeddings is None else caption_embeddings[s:s + chunk]  # [c, D]
+        scores, idx = retriever.search(query, gallery, topk=n)  # [c, N] each, every image ranked
         sim = torch.empty_like(scores).scatter_(1, idx, scores)  # [c, N] back in gallery order
         q_pids = torch.as_tensor(list(caption_pids[s:s + chunk]), dtype=torch.long)
         cmc, mAP, mINP, _ = rank(sim, q_pids, g_pids, max_rank=max_rank, get_mAP=True, need_indices=False)
@@ -177,7 +181,8 @@ class SearchPage:
         g_pids = [int(split["image_pids"][i]) for i in gallery.indices]
         logger.info("ranking the %d test captions against %d images (R1/mAP, failures)", len(split["captions"]),
                     len(gallery))
-        test = rank_test_split(retriever, gallery, split["captions"], split["caption_pids"], g_pids)
+        test = rank_test_split(retriever, gallery, split["captions"], split["caption_pids"], g_pids,
+                               caption_embeddings=encode_test_captions(retriever, split))
         name = getattr(retriever.args, "dataset_name", "the dataset")
         return cls(retriever, gallery, _run_title(retriever), f"the test split of {name}", test=test,
                    start_view=start_view)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 from PIL import Image
 
 from datasets.build import build_dataset
@@ -48,6 +49,12 @@ def encode_test_gallery(retriever: Retriever, split: dict, progress: bool = True
     return retriever.encode_gallery(split["img_paths"], name, progress=progress)
 
 
+def encode_test_captions(retriever: Retriever, split: dict) -> torch.Tensor:
+    """The test split's captions [Q, D], cached next to the run beside its gallery (a second start reads them)."""
+    name = "test_" + slug(str(retriever.args.dataset_name)) + "_captions"
+    return retriever.encode_captions(list(split["captions"]), name)
+
+
 def rank_test_queries(retriever: Retriever, split: dict, topk: int = 10, progress: bool = True
                       ) -> list[QueryResult]:
     """Encode the whole test split (gallery cached next to the run) and rank every caption.
@@ -61,7 +68,7 @@ def rank_test_queries(retriever: Retriever, split: dict, topk: int = 10, progres
     for pid, path in zip(split["image_pids"], split["img_paths"]):
         first_of_pid.setdefault(int(pid), path)
     captions = list(split["captions"])
-    scores, indices = retriever.search(captions, gallery.embeddings, topk)  # [Q, k]
+    scores, indices = retriever.search(encode_test_captions(retriever, split), gallery, topk)  # [Q, k]
     results = []
     for q, (caption, pid) in enumerate(zip(captions, split["caption_pids"])):
         idx = indices[q].tolist()
