@@ -10,8 +10,17 @@ are synthesized (N random unit vectors of the model's width): that is what a cac
 encoding 10,000 images is the one-time cost the cache removes. Images are not requested (the browser then fetches
 the k thumbnails by index, static files).
 
+From ``--index_threshold`` images on (default 100,000) the gallery is ranked by the int8 index (search/index.py:
+int8 scan, candidates re-scored exactly); its recall@k against exact search is measured on the timed queries and
+printed, with both rankings' times.
+
 Usage: python -m benchmarks.bench_search_page [--gallery_size 10000] [--queries 40] [--topk 10] [--threads N]
+    [--search_index auto|exact|int8] [--index_threshold 100000]
 Prints medians and the 90th percentile in ms: the HTTP round trip, and the server's own time (encode + rank).
+
+Two more modes (benchmarks/bench_search_starts.py) time the page's starts and a growing gallery:
+    --mode starts   first and second start of the page on a generated split of CUHK-PEDES's test size
+    --mode grow     a cached 10,000-photo folder gallery, then the same with 10 photos added
 """
 from __future__ import annotations
 
@@ -31,6 +40,8 @@ import torch.nn.functional as F
 
 from datasets.build import build_transforms
 from model.build import build_model
+from search.index import (DEFAULT_INDEX_THRESHOLD, DEFAULT_SEARCH_INDEX, SEARCH_INDEXES, ExactIndex,
+                          recall_at_k)
 from search.retrieval import Gallery, QueryTokenizer, Retriever
 from search.server import SearchPage, make_server
 from utils.options import get_args
@@ -56,7 +67,17 @@ def main(argv=None) -> None:
     p.add_argument("--topk", type=int, default=10)
     p.add_argument("--arch", default="scratch:ViT-B/16", help="a scratch: architecture (random weights)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--search_index", default=DEFAULT_SEARCH_INDEX, choices=SEARCH_INDEXES)
+    p.add_argument("--index_threshold", type=int, default=DEFAULT_INDEX_THRESHOLD)
+    p.add_argument("--mode", default="query", choices=("query", "starts", "grow"),
+                   help="query: time queries (default); starts / grow: see benchmarks/bench_search_starts.py")
+    p.add_argument("--captions", type=int, default=6156, help="--mode starts: test captions (CUHK-PEDES: 6,156)")
+    p.add_argument("--images", type=int, default=3074, help="--mode starts: test images (CUHK-PEDES: 3,074)")
+    p.add_argument("--added", type=int, default=10, help="--mode grow: photos added to the --gallery_size ones")
     opt = p.parse_args(argv)
+    if opt.mode != "query":
+        from benchmarks.bench_search_starts import run_mode
+        return run_mode(opt)
     if opt.threads:
         torch.set_num_threads(opt.threads)
 
@@ -66,14 +87,18 @@ def main(argv=None) -> None:
     model = build_model(args, num_classes=11003, device=torch.device("cpu")).eval()
     build_s = time.perf_counter() - t0
     retriever = Retriever(model, build_transforms(img_size=tuple(args.img_size), is_train=False),
-                          QueryTokenizer(get_tokenizer(), int(args.text_length)), torch.device("cpu"))
+                          QueryTokenizer(get_tokenizer(), int(args.text_length)), torch.device("cpu"),
+                          search_index=opt.search_index, index_threshold=opt.index_threshold)
     dim = model.encode_text(torch.ones(1, 3, dtype=torch.long)).shape[-1]
     g = torch.Generator().manual_seed(0)
     embeddings = F.normalize(torch.randn(opt.gallery_size, dim, generator=g), dim=-1)  # [N, D], a loaded cache
     with tempfile.TemporaryDirectory() as root:
         paths = [os.path.join(root, f"{i:05d}.jpg") for i in range(opt.gallery_size)]
+        t0 = time.perf_counter()
         page = SearchPage(retriever, Gallery(paths, embeddings, list(range(opt.gallery_size))), "bench",
-                          f"{opt.gallery_size} synthesized embeddings", root=root)
+                          f"{opt.gallery_size} synthesized embeddings", root=root)  # builds the index
+        index_s = time.perf_counter() - t0
+        index = retriever.index_for(embeddings)
         server = make_server(page, "127.0.0.1", 0)
         port = server.server_address[1]
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -99,17 +124,20 @@ def main(argv=None) -> None:
             server_ms.append(b)
         # the parts, without HTTP: in a thread of their own, as the server answers each request (on a loaded machine
         # torch's intra-op threads in the main thread can be many times slower than in a fresh thread)
-        enc, rank = [], []
+        enc, rank, exact_ms, found, truth = [], [], [], [], []
+        exact_index = ExactIndex(embeddings)
 
         def parts():
             for i in range(opt.queries):
                 s = time.perf_counter()
                 q = retriever.encode_texts([SENTENCES[i % len(SENTENCES)]])
                 m = time.perf_counter()
-                (q @ embeddings.T).topk(opt.topk, dim=1)
+                found.append(index.search(q, opt.topk)[1])  # what the server ranks with
                 e = time.perf_counter()
+                truth.append(exact_index.search(q, opt.topk)[1])
                 enc.append((m - s) * 1000)
                 rank.append((e - m) * 1000)
+                exact_ms.append((time.perf_counter() - e) * 1000)
 
         worker = threading.Thread(target=parts)
         worker.start()
@@ -129,10 +157,16 @@ def main(argv=None) -> None:
     print(f"HTTP round trip (what the page waits for): median {statistics.median(trips):.1f} ms, "
           f"p90 {p90(trips):.1f} ms, min {min(trips):.1f} ms")
     print(f"  server time (encode + rank): median {statistics.median(server_ms):.1f} ms")
-    print(f"  text encoding alone: median {statistics.median(enc):.1f} ms; product + top-k alone: median "
-          f"{statistics.median(rank):.2f} ms")
-    verdict = "under" if statistics.median(trips) < 200 else "OVER"
-    print(f"target: under 200 ms -> median {statistics.median(trips):.1f} ms is {verdict}")
+    print(f"  text encoding alone: median {statistics.median(enc):.1f} ms; ranking alone ({index.kind} index): "
+          f"median {statistics.median(rank):.2f} ms; exact product + top-k: median {statistics.median(exact_ms):.2f} ms")
+    if index.kind != "exact":
+        print(f"  {index.kind} index built in {index_s:.1f} s at start; {index.num_candidates(opt.topk)} candidates "
+              f"re-scored exactly per query")
+    print(f"recall@{opt.topk} against exact search over the {opt.queries} timed queries: "
+          f"{recall_at_k(torch.cat(found), torch.cat(truth)):.4f}")
+    target = 100 if opt.gallery_size >= 1_000_000 else 200
+    verdict = "under" if statistics.median(trips) < target else "OVER"
+    print(f"target: under {target} ms -> median {statistics.median(trips):.1f} ms is {verdict}")
 
 
 if __name__ == "__main__":

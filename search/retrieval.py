@@ -154,7 +154,7 @@ class Retriever:
         self.search_index = search_index
         self.index_threshold = index_threshold
         self.feature_set = feature_set
-        self._index: ExactIndex | Int8Index | None = None  # of the last gallery searched (see _index_for)
+        self._index: ExactIndex | Int8Index | None = None  # of the last gallery searched (see index_for)
         self._index_version = -1
 
     # ---------------------------------------------------------------- construction from a run directory
@@ -313,12 +313,14 @@ class Retriever:
             q = F.normalize(query.float().reshape(-1, query.shape[-1]), dim=-1)  # [D] -> [1, D]
         else:
             q = self.encode_texts(list(query))
-        scores, indices = self._index_for(g).search(q, min(topk, g.shape[0]))  # [Q, k] each
+        scores, indices = self.index_for(g).search(q, min(topk, g.shape[0]))  # [Q, k] each
         return (scores[0], indices[0]) if single else (scores, indices)
 
-    def _index_for(self, g: torch.Tensor) -> ExactIndex | Int8Index:
-        """The index of gallery embeddings ``g``, built once per gallery tensor (an int8 index of a million images
-        takes seconds) and rebuilt when another tensor, or this one changed in place, is searched."""
+    def index_for(self, gallery: torch.Tensor | Gallery) -> ExactIndex | Int8Index:
+        """The index :meth:`search` ranks ``gallery`` with, built once per gallery tensor (an int8 index of a million
+        images takes seconds: call this at start) and rebuilt when another tensor, or this one changed in place, is
+        searched."""
+        g = gallery.embeddings if isinstance(gallery, Gallery) else gallery
         idx = self._index
         if idx is None or idx.embeddings is not g or self._index_version != g._version:
             idx = self._index = build_index(g, self.search_index, self.index_threshold)

@@ -160,6 +160,7 @@ class SearchPage:
         self.root = Path(root).resolve() if root is not None else None
         self.test = test
         self.start_view = start_view
+        retriever.index_for(gallery)  # an int8 index of a large gallery is built now, not at the first query
         self.token = secrets.token_hex(8)  # in image ETags: a restarted server on another gallery is not cached
         self._lock = threading.Lock()
         self._caption_index: dict[str, int] = {}

@@ -204,7 +204,7 @@ def test_retriever_switches_to_the_int8_index_at_the_threshold(tmp_path):
         assert r._index.kind == ("int8" if (name, threshold) in [("auto", 5), ("int8", 10**6)] else "exact")
         same = r._index
         r.search("red", g, 1)
-        assert r._index is same  # built once per gallery
+        assert r._index is same and r.index_for(g) is same  # built once per gallery
     for key, (scores, idx) in ranked.items():  # 5 images: every one is a candidate, so the same results
         assert torch.equal(idx, ranked["exact", 1][1]) and torch.allclose(scores, ranked["exact", 1][0])
     with pytest.raises(ValueError, match="unknown search index 'faiss'.*auto, exact, int8"):

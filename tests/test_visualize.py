@@ -141,10 +141,10 @@ def test_free_text_search_cache_and_reencode(tiny_synth, run_dir, tmp_path, caps
     visualize.main(argv)
     assert encoded == [] and parse_printed(capsys.readouterr().out) == printed
     assert len(list((run_dir / R.CACHE_DIRNAME).glob("folder_*.pt"))) == 1
-    # a new file -> the whole folder is re-encoded
+    # a new file -> that file alone is encoded (the cache is per file)
     shutil.copy(split["img_paths"][-1], gallery / "new.png")
     visualize.main(argv)
-    assert len(encoded) == 1 and len(encoded[0]) == 7
+    assert encoded == [[str(gallery / "new.png")]]
     capsys.readouterr()
     # no --gallery: the sentence searches the run's test images
     visualize.main(argv[:2] + ["--query", queries[0], "--topk", "3", "--out", str(tmp_path / "t"), "--device", "cpu",
