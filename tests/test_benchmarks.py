@@ -92,3 +92,24 @@ def test_bench_search_page_small():
     out = run("-m", "benchmarks.bench_search_page", "--arch", "scratch:ViT-Micro", "--gallery_size", "300",
               "--queries", "3", "--topk", "5")
     assert "HTTP round trip (what the page waits for): median" in out and "target: under 200 ms" in out
+
+
+def test_bench_search_page_int8_index_prints_recall():
+    out = run("-m", "benchmarks.bench_search_page", "--arch", "scratch:ViT-Micro", "--gallery_size", "2000",
+              "--queries", "3", "--topk", "5", "--index_threshold", "1000")
+    assert "ranking alone (int8 index)" in out and "100 candidates re-scored exactly" in out
+    recall = float(out.split("recall@5 against exact search over the 3 timed queries:")[1].split()[0])
+    assert recall == 1.0  # the top-5 of 2,000 lies far inside 100 candidates: the int8 error is ~1e-3
+
+
+def test_bench_search_starts_and_grow_small():
+    out = run("-m", "benchmarks.bench_search_page", "--mode", "starts", "--arch", "scratch:ViT-Micro", "--images",
+              "12", "--captions", "20")
+    assert "first start (no cache):" in out and "encoding 12 images" in out and "20 captions" in out
+    assert "second start (cached):" in out and "encoding 0 images 0.0 s + 0 captions" in out
+    r1 = [line.split("(R1 ")[1] for line in out.splitlines() if "(R1 " in line]
+    assert len(r1) == 2 and r1[0] == r1[1]  # the cached start ranks the same
+    out = run("-m", "benchmarks.bench_search_page", "--mode", "grow", "--arch", "scratch:ViT-Micro", "--gallery_size",
+              "40", "--added", "3")
+    assert "start with nothing new:" in out and "(0 images encoded, 40 in the gallery)" in out
+    assert "start with 3 photos added:" in out and "encoding 3 images" in out and "(43 in the gallery)" in out
