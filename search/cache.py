@@ -1,7 +1,7 @@
 """The run's ``gallery_cache/``: image embeddings cached per file, caption embeddings cached per caption list.
 
 Both are keyed by the model that made them (:func:`model_identity`: run folder, checkpoint path + mtime + size,
-feature-set name, model class, and the image size or text length) and never trusted blindly: a cache file that
+method and feature set, model class, and the image size or text length) and never trusted blindly: a cache file that
 cannot be read, is of the wrong shape or holds non-finite values is rebuilt with a warning; one of another model is
 rebuilt quietly. Writes are atomic (a concurrent reader sees the old or the new file).
 
@@ -31,7 +31,6 @@ logger = logging.getLogger("IRRA.retrieval")
 
 GALLERY_CACHE_VERSION = 2
 CAPTION_CACHE_VERSION = 1
-DEFAULT_FEATURE_SET = "default"
 STALE = "stale"  # cache_problem: a well-formed cache of another model (re-encoded quietly)
 GALLERY_KEYS = ("version", "model", "paths", "mtime_ns", "size", "rows", "embeddings")
 CAPTION_KEYS = ("version", "key", "embeddings")
@@ -52,13 +51,13 @@ def _hash(obj) -> str:
 
 
 def model_identity(retriever, **inputs) -> str:
-    """Hash of what makes an embedding: the run, the checkpoint's stamp, the retriever's ``feature_set`` name, the
-    model's class, plus ``inputs`` (the image size, or the text length and the captions)."""
+    """Hash of what makes an embedding: the run, the checkpoint's stamp, the retriever's method name and feature set,
+    the model's class, plus ``inputs`` (the image size, or the text length and the captions)."""
     ckpt = retriever.checkpoint
     return _hash({
         "run": os.path.abspath(retriever.run_dir) if retriever.run_dir is not None else None,
         "checkpoint": list(file_stamp(ckpt)) if ckpt is not None else None,
-        "feature_set": retriever.feature_set,
+        "features": [retriever.method.name, retriever.feature_set],
         "model": f"{type(retriever.model).__module__}.{type(retriever.model).__qualname__}",
         **inputs,
     })

@@ -184,7 +184,7 @@ class SearchPage:
                     len(gallery))
         test = rank_test_split(retriever, gallery, split["captions"], split["caption_pids"], g_pids,
                                caption_embeddings=encode_test_captions(retriever, split))
-        name = getattr(retriever.args, "dataset_name", "the dataset")
+        name = retriever.args.dataset_name if retriever.args is not None else "the dataset"
         return cls(retriever, gallery, _run_title(retriever), f"the test split of {name}", test=test,
                    start_view=start_view)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from search import cache as C
+from methods.base import Method
 from search import index as X
 from search import retrieval as R
 from tests.conftest import retrieval_warnings
@@ -87,9 +87,20 @@ def test_an_older_cache_format_is_re_encoded_quietly(tmp_path):
 CAPTIONS = ["a red coat", "blue blue jeans", "green bag and red shoes"]
 
 
-def caption_retriever(run, ckpt, tokenize=colour_tokenize, feature_set=C.DEFAULT_FEATURE_SET):
+class TwoSets(Method):
+    """A method with a second feature set (the colour counts reversed)."""
+
+    name = "two_sets"
+    feature_sets = ("global", "reversed")
+
+    def encode_texts(self, model, text):
+        f = model.encode_text(text).float()
+        return {"global": f, "reversed": f.flip(1)}
+
+
+def caption_retriever(run, ckpt, tokenize=colour_tokenize, method=None, feature_set=None):
     r = R.Retriever(ColourModel(), None, tokenize, torch.device("cpu"), run_dir=run, checkpoint=ckpt,
-                    feature_set=feature_set)
+                    method=method, feature_set=feature_set)
     calls, real = [], r.encode_texts
     r.encode_texts = lambda texts: calls.append(list(texts)) or real(texts)
     return r, calls
@@ -116,9 +127,11 @@ def test_caption_cache_reused_and_invalidated(tmp_path):
     os.utime(ckpt, ns=(os.stat(ckpt).st_mtime_ns + 10**9,) * 2)
     r2.encode_captions(CAPTIONS[::-1], "test_x_captions")
     assert len(calls2) == 1
-    r3, calls3 = caption_retriever(run, ckpt, feature_set="other features")
-    r3.encode_captions(CAPTIONS[::-1], "test_x_captions")
-    assert len(calls3) == 1
+    for method, feature_set, encoded in [(TwoSets(), "global", 1), (TwoSets(), "global", 0),
+                                         (TwoSets(), "reversed", 1)]:  # another method name, another feature set
+        r3, calls3 = caption_retriever(run, ckpt, method=method, feature_set=feature_set)
+        r3.encode_captions(CAPTIONS[::-1], "test_x_captions")
+        assert len(calls3) == encoded
     emb = {}
     for length in (10, 12, 10):
         r4, calls4 = caption_retriever(run, ckpt, tokenize=R.QueryTokenizer(get_tokenizer(), length))
