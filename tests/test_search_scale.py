@@ -224,3 +224,30 @@ def test_retriever_switches_to_the_int8_index_at_the_threshold(tmp_path):
         R.Retriever(ColourModel(), None, colour_tokenize, torch.device("cpu"), search_index="faiss")
     with pytest.raises(ValueError, match="threshold must be >= 1"):
         R.Retriever(ColourModel(), None, colour_tokenize, torch.device("cpu"), index_threshold=0)
+
+
+def test_a_second_start_of_the_test_split_page_encodes_nothing(tmp_path):
+    """SearchPage.for_test_split: the first start encodes the images and the captions, the second reads both caches
+    and ranks the same."""
+    from types import SimpleNamespace
+
+    from search.server import SearchPage
+
+    paths, run, ckpt, _ = gallery_and_run(tmp_path)
+    names = sorted(paths)
+    split = {"img_paths": [paths[n] for n in names], "image_pids": list(range(len(names))),
+             "captions": [f"a {n} shirt" for n in names] + ["red and blue"], "caption_pids": list(range(len(names))) + [0]}
+    args = SimpleNamespace(dataset_name="Colours", img_size=(16, 8))
+    metrics, seen = [], []
+    for start in range(2):
+        r = make_retriever(run_dir=run, checkpoint=ckpt)
+        r.args = args
+        calls = record_encoded(r)
+        texts, real = [], r.encode_texts
+        r.encode_texts = lambda t: texts.append(list(t)) or real(t)
+        page = SearchPage.for_test_split(r, split, progress=False)
+        metrics.append(page.test.metrics)
+        seen.append((sum(map(len, calls)), sum(map(len, texts))))
+    assert seen == [(5, 6), (0, 0)]
+    assert metrics[0] == metrics[1] and metrics[0]["R1"] > 0
+    assert sorted(p.name for p in (run / R.CACHE_DIRNAME).glob("*.pt")) == ["test_colours.pt", "test_colours_captions.pt"]
