@@ -74,6 +74,8 @@ def main(argv=None) -> None:
                    help="query: time queries (default); starts / grow: see benchmarks/bench_search_starts.py")
     p.add_argument("--captions", type=int, default=6156, help="--mode starts: test captions (CUHK-PEDES: 6,156)")
     p.add_argument("--images", type=int, default=3074, help="--mode starts: test images (CUHK-PEDES: 3,074)")
+    p.add_argument("--sample", type=int, default=0, help="--mode starts: estimate the first start's encoding from "
+                   "this many images (and twice as many captions) instead of encoding the whole split")
     p.add_argument("--added", type=int, default=10, help="--mode grow: photos added to the --gallery_size ones")
     opt = p.parse_args(argv)
     if opt.mode != "query":
