@@ -7,9 +7,10 @@ Started by ``visualize.py --serve`` (see README, "Searching in the browser"); fr
     server = make_server(page, "127.0.0.1", 7860)
     server.serve_forever()
 
-The gallery is encoded once (``Retriever.encode_gallery``'s cache next to the run) and the model is loaded once; a
-query costs one text encoding and one matrix product, both done by ``Retriever.search``, so a run whose Retriever
-scores differently (e.g. RDE) is ranked with its own score. Queries run one at a time under a lock; the HTTP server
+The gallery is encoded once (``Retriever.encode_gallery``'s per-file cache next to the run; on the test split the
+captions too, ``Retriever.encode_captions``) and the model is loaded once; a query costs one text encoding and one
+ranking, both done by ``Retriever.search`` (``search/index.py``: exact, or an int8 scan re-scored exactly for large
+galleries), so a run whose Retriever scores differently is ranked with its own score. Queries run one at a time under a lock; the HTTP server
 answers each tab in its own thread.
 
 What is served, and nothing else: the page (three files of ``search/static/``, read at start), ``/api/info``,
