@@ -109,6 +109,10 @@ def test_bench_search_starts_and_grow_small():
     assert "second start (cached):" in out and "encoding 0 images 0.0 s + 0 captions" in out
     r1 = [line.split("(R1 ")[1] for line in out.splitlines() if "(R1 " in line]
     assert len(r1) == 2 and r1[0] == r1[1]  # the cached start ranks the same
+    out = run("-m", "benchmarks.bench_search_page", "--mode", "starts", "--arch", "scratch:ViT-Micro", "--images",
+              "12", "--captions", "20", "--sample", "3")
+    assert "encoding rate measured on 3 images and 6 captions" in out and "first start (no cache), estimated" in out
+    assert "second start (cached):" in out and "encoding 0 images 0.0 s + 0 captions" in out
     out = run("-m", "benchmarks.bench_search_page", "--mode", "grow", "--arch", "scratch:ViT-Micro", "--gallery_size",
               "40", "--added", "3")
     assert "start with nothing new:" in out and "(0 images encoded, 40 in the gallery)" in out
