@@ -39,8 +39,8 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
     p.add_argument("--feature_set", default=None,
-                   help="the method's feature set ranked (default: the method's own, e.g. bge+tse for rde; "
-                        "methods/<name>/method.py: feature_sets)")
+                   help="the method's feature set ranked (default: the method's own; methods/<name>/method.py: "
+                        "feature_sets)")
     p.add_argument("--serve", action="store_true", help="start the search page in the browser instead of drawing")
     p.add_argument("--host", default=None, help="--serve: address to listen on (default 127.0.0.1, this machine "
                    "only; another address makes the page reachable from the network)")
