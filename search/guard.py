@@ -208,6 +208,8 @@ class ModelGate:
         self.timeout = timeout
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._busy_since: float | None = None
+        self._running: Future | None = None
+        self._stuck: Future | None = None  # a running call whose caller gave up waiting
         self._thread = threading.Thread(target=self._work, name="search-model", daemon=True)
         self._thread.start()
 
@@ -218,18 +220,19 @@ class ModelGate:
                 return
             if not fut.set_running_or_notify_cancel():
                 continue  # its caller gave up before its turn
-            self._busy_since = time.monotonic()
+            self._running, self._busy_since = fut, time.monotonic()
             try:
                 fut.set_result(fn(*args))
             except BaseException as e:  # noqa: BLE001 (handed to the caller)
                 fut.set_exception(e)
             finally:
-                self._busy_since = None
+                self._running = self._busy_since = None
 
     def call(self, fn: Callable, *args):
         """``fn(*args)`` on the worker; its result or exception, or ModelTimeout after ``timeout`` seconds."""
-        since = self._busy_since
-        if since is not None and time.monotonic() - since > self.timeout:
+        since, running = self._busy_since, self._running
+        stuck = running is not None and running is self._stuck
+        if since is not None and (stuck or time.monotonic() - since > self.timeout):
             raise ModelTimeout(f"the model has been busy for {time.monotonic() - since:.0f} s with an earlier query, "
                                f"longer than --model_timeout ({self.timeout:g} s): this query was not run. The "
                                f"server still answers; try again later, or restart it if this lasts")
@@ -239,6 +242,8 @@ class ModelGate:
             return fut.result(timeout=self.timeout)
         except FutureTimeout:
             if fut.cancel() or not fut.done():
+                if not fut.cancelled():
+                    self._stuck = fut
                 logger.warning("search page: a query found no answer from the model within %g s", self.timeout)
                 raise ModelTimeout(f"the model did not answer within {self.timeout:g} s (--model_timeout): this "
                                    f"query was dropped. The server still answers; try again in a moment") from None
