@@ -430,12 +430,13 @@ class _Server(G.CappedThreadingServer):
     request_queue_size = 64  # connections waiting to be accepted (several tabs, each fetching up to 100 images)
     host_check: G.HostCheck
     access_token: G.AccessToken | None
-    gate: G.ModelGate
+    gate: G.ModelGate | None = None  # set once bound (a failed bind closes the server before)
     max_image_bytes: int
 
     def server_close(self) -> None:
         super().server_close()
-        self.gate.close()
+        if self.gate is not None:
+            self.gate.close()
 
 
 class _Server6(_Server):
