@@ -94,6 +94,10 @@ class HostCheck:
 
     def __init__(self, bound: str, allowed: Iterable[str] = ()):
         self.bound = bound.strip("[]").lower()
+        try:
+            self.bound = str(ipaddress.ip_address(self.bound))  # as the allowed IP literals are compared
+        except ValueError:
+            pass
         self.wildcard = self.bound in WILDCARD
         self.allowed = tuple(check_allowed_host(a) for a in allowed)
         self.names = set(LOCAL_NAMES) | {a for a in self.allowed if not a.startswith(".")} | {self.bound}
@@ -262,11 +266,9 @@ class CappedThreadingServer(ThreadingHTTPServer):
     (no thread, a few ms) and closes. A slot is freed when its handler returns, which ``--request_timeout`` bounds
     for a client that never finishes its request."""
 
-    max_connections = DEFAULT_MAX_CONNECTIONS
-    _slots = threading.BoundedSemaphore(DEFAULT_MAX_CONNECTIONS)
-
-    def set_max_connections(self, n: int) -> None:
-        self.max_connections, self._slots = n, threading.BoundedSemaphore(n)
+    def __init__(self, *args, max_connections: int = DEFAULT_MAX_CONNECTIONS, **kwargs):
+        self.max_connections, self._slots = max_connections, threading.BoundedSemaphore(max_connections)
+        super().__init__(*args, **kwargs)
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):

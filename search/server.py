@@ -459,12 +459,11 @@ def make_server(page: SearchPage, host: str = DEFAULT_HOST, port: int = DEFAULT_
     handler = type("Handler", (_Handler,), {"page": page, "static": _read_static(), "timeout": request_timeout})
     cls = _Server6 if ":" in host else _Server
     try:
-        server = cls((host, port), handler)
+        server = cls((host, port), handler, max_connections=max_connections)
     except OSError as e:
         raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e}): pass another --port (or --port 0 for any "
                       f"free one)") from e
     server.host_check = host_check
-    server.set_max_connections(max_connections)
     server.max_image_bytes = int(max_image_mb * 2**20)
     server.gate = G.ModelGate(model_timeout)
     local = G.is_loopback(host)

@@ -98,6 +98,7 @@ def test_host_check_rules():
     assert not any(h.allows(x) for x in ["192.168.1.6", "mybox.lan.evil", "badexample.org", "[fd00::3]"])
     assert G.HostCheck("0.0.0.0").allows("10.1.2.3:7860") and not G.HostCheck("0.0.0.0").allows("evil.test")
     assert G.HostCheck("::").allows("[fd00::9]") and G.HostCheck("mybox.lan").allows("mybox.lan:1")
+    assert G.HostCheck("FD00:0::0002").allows("[fd00::2]:7860") and not G.HostCheck("fd00::2").allows("[fd00::3]")
     for bad_name in ["http://x", "x:80", "a/b", "", "a b", "x..y", "-x"]:
         with pytest.raises(ValueError, match="--allowed_host"):
             G.check_allowed_host(bad_name)
