@@ -15,15 +15,16 @@
   (``HttpOnly; SameSite=Strict``, named per port as Jupyter names its cookie) and the URL is redirected without it;
   scripts may send ``Authorization: token <t>`` (as Jupyter accepts). Compared with ``hmac.compare_digest``.
 - **Limits:** :class:`DeadlineReader` (a request must arrive within ``--request_timeout`` seconds, in total, not per
-  byte), a cap on concurrent connections (503 beyond it, see server.py), an image size cap (``--max_image_mb``) and
-  :class:`ModelGate` (a model call answers within ``--model_timeout`` seconds or the request gets 503 saying so).
+  byte), :class:`CappedThreadingServer` (at most ``--max_connections`` at once, 503 beyond), an image size cap
+  (``--max_image_mb``, checked in server.py) and :class:`ModelGate` (a query waits at most ``--model_timeout`` seconds
+  for the model, or gets 503 saying so). ``HEAD /api/search`` runs no search (server.py).
 """
 from __future__ import annotations
 
 import hmac
 import io
-import json
 import ipaddress
+import json
 import logging
 import queue
 import re
@@ -33,8 +34,8 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from http.cookies import CookieError, SimpleCookie
 from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -134,7 +135,10 @@ class AccessToken:
         return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
 
     def check(self, path: str, headers: Mapping[str, str]) -> str | None:
-        """"cookie" / "header" (valid, go on), "query" (valid in the URL: set the cookie, redirect) or None."""
+        """"query" (valid in the URL: set the cookie and redirect, even with a cookie, so that the token leaves the
+        address bar), "cookie" / "header" (valid: go on) or None."""
+        if any(k == "token" and self._same(v) for k, v in parse_qsl(urlsplit(path).query, keep_blank_values=True)):
+            return "query"
         try:
             jar = SimpleCookie(headers.get("Cookie") or "")
         except CookieError:
@@ -144,8 +148,6 @@ class AccessToken:
         auth = (headers.get("Authorization") or "").split()
         if len(auth) == 2 and auth[0].lower() in ("token", "bearer") and self._same(auth[1]):
             return "header"
-        if any(k == "token" and self._same(v) for k, v in parse_qsl(urlsplit(path).query, keep_blank_values=True)):
-            return "query"
         return None
 
     def set_cookie(self) -> str:
@@ -180,7 +182,9 @@ def check_limits(request_timeout: float, max_connections: int, max_image_mb: flo
 
 class DeadlineReader(io.RawIOBase):
     """A socket read that fails once ``deadline`` (time.monotonic) has passed: a client sending a byte every few
-    seconds cannot keep a thread longer than the deadline (a plain socket timeout restarts at each byte)."""
+    seconds cannot keep a thread longer than the deadline (a plain socket timeout restarts at each byte). As nginx's
+    ``client_header_timeout`` (the whole header); the answer is then written with the same timeout for each write, as
+    nginx's ``send_timeout`` (between two writes), so a large image is not cut off on a slow link."""
 
     def __init__(self, sock, deadline: float):
         self.sock, self.deadline = sock, deadline

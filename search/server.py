@@ -28,7 +28,6 @@ Standard library HTTP (``http.server.ThreadingHTTPServer``) and a hand-written p
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os

@@ -4,6 +4,7 @@ Over HTTP with raw requests (custom Host headers, slow and idle clients, HEAD, a
 and in headless Chromium (a rebound name, the token's cookie, the timeout message). Every server listens on
 127.0.0.1; Chromium maps the test names rebind.test / allowed.test to 127.0.0.1 itself (--host-resolver-rules).
 """
+import contextlib
 import hashlib
 import http.client
 import json
@@ -19,8 +20,9 @@ import pytest
 import visualize
 from search import guard as G
 from search import server as S
-from tests.test_search_page import (CHROMIUM_ARGS, CHROMIUM_INSTALL, QUERIES, chromium_path, expect,  # noqa: F401
-                                    make_photo_folder, q, retriever, split, wait_results)
+from tests.test_search_page import CHROMIUM_ARGS, CHROMIUM_INSTALL, QUERIES, chromium_path, expect, make_photo_folder, \
+    q, wait_results
+from tests.test_search_page import retriever, split  # noqa: F401 (fixtures: the tiny run's Retriever and test split)
 
 
 class Live:
@@ -56,6 +58,22 @@ class Live:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(10)
+
+
+@contextlib.contextmanager
+def search_log(level=logging.DEBUG):
+    """Records of the IRRA.search logger (a handler on it: train.main's setup_logger turns off propagation to the
+    root logger, where caplog listens)."""
+    records, handler, lg = [], logging.Handler(level), logging.getLogger("IRRA.search")
+    handler.emit = records.append
+    old = lg.level
+    lg.addHandler(handler)
+    lg.setLevel(level)
+    try:
+        yield records
+    finally:
+        lg.removeHandler(handler)
+        lg.setLevel(old)
 
 
 @pytest.fixture
@@ -125,8 +143,15 @@ def test_foreign_host_header_is_refused_over_http(folder_page, live, search_call
 
 
 # ------------------------------------------------------------------------------------------------ access token
-def test_token_flow_over_http(folder_page, live, caplog):
-    caplog.set_level(logging.DEBUG, logger="IRRA.search")
+def test_token_flow_over_http(folder_page, live):
+    with search_log() as records:
+        token = _token_flow(folder_page, live)
+    logged = "\n".join(r.getMessage() for r in records)
+    assert token not in logged and "token=[hidden]" in logged and "GET /?k=3&token=[hidden]" in logged
+
+
+def _token_flow(folder_page, live) -> str:
+    """The token's checks over HTTP (the log is read by the caller); returns the token."""
     srv = live(folder_page, token=True)
     token = srv.server.access_token.token
     assert srv.url == f"http://127.0.0.1:{srv.port}/?token={token}" and len(token) >= 40
@@ -150,9 +175,11 @@ def test_token_flow_over_http(folder_page, live, caplog):
     status, res = srv.json(f"/api/search?q={q(QUERIES[1])}&k=2", headers=jar)
     assert status == 200 and len(res["results"]) == 2
     assert srv.get("/api/info", headers={"Authorization": f"token {token}"})[0] == 200  # scripts, as Jupyter's
+    status, headers, _ = srv.get(f"/?token={token}", headers=jar)  # with the cookie too: still out of the URL
+    assert status == 303 and headers["Location"] == "/"
     # the Host check comes first: the token does not open the page to a rebound name
     assert srv.get("/api/info", headers=jar, host="attacker.example")[0] == 403
-    assert token not in caplog.text and "token=[hidden]" in caplog.text
+    return token
 
 
 @pytest.fixture
@@ -189,14 +216,8 @@ def test_non_loopback_address_needs_token(run_dir, split, tmp_path, folder_page,
     visualize.main(base)
     out = capsys.readouterr().out
     assert f"?token={seen[-1].access_token.token}" in out
-    warned = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = warned.append
-    logging.getLogger("IRRA.search").addHandler(handler)
-    try:
+    with search_log(logging.WARNING) as warned:
         visualize.main(base + ["--no_token"])
-    finally:
-        logging.getLogger("IRRA.search").removeHandler(handler)
     assert seen[-1].access_token is None and "?token=" not in capsys.readouterr().out
     assert any("without an access token (--no_token)" in r.getMessage() for r in warned)
 
