@@ -230,40 +230,37 @@ def test_slow_and_idle_clients_are_cut_off(folder_page, live):
     slow.sendall(b"GET /api/info HTTP/1.0\r\n")
     idle = socket.create_connection(("127.0.0.1", srv.port))
     cut = None
-    for _ in range(20):  # a header byte every 0.2 s: each read is quick, the whole request is not
+    while time.monotonic() - start < 8:  # a header byte every 0.2 s: each read is quick, the whole request is not
         try:
             slow.sendall(b"X")
-            time.sleep(0.2)
-        except OSError:
+        except OSError:  # the server closed: the next send fails
             cut = time.monotonic() - start
             break
-    if cut is None:
-        slow.settimeout(3)
-        assert slow.recv(100) in (b"",)  # closed by the server, nothing answered
-        cut = time.monotonic() - start
-    idle.settimeout(3)
-    assert idle.recv(100) == b""
-    assert 0.9 < cut < 3.0 and time.monotonic() - start < 3.5
+        time.sleep(0.2)
+    assert cut is not None and 0.9 < cut < 5, cut
+    idle.settimeout(5)
+    assert idle.recv(100) == b""  # closed by the server, nothing answered
     slow.close()
     idle.close()
     assert srv.json("/api/info")[0] == 200
 
 
+def wait_until(cond, seconds=10.0):
+    end = time.monotonic() + seconds
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.02)
+    assert cond()
+
+
 def test_connection_cap_answers_503(folder_page, live):
     srv = live(folder_page, max_connections=3, request_timeout=10)
     idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(3)]
-    for _ in range(100):  # the server has accepted the three
-        if srv.server._slots._value == 0:
-            break
-        time.sleep(0.02)
+    wait_until(lambda: srv.server._slots._value == 0)  # the server has accepted the three
     status, headers, body = srv.get("/api/info")
     assert status == 503 and "--max_connections" in json.loads(body)["error"] and headers["Retry-After"]
     for s in idle:
         s.close()
-    for _ in range(100):
-        if srv.server._slots._value == 3:
-            break
-        time.sleep(0.02)
+    wait_until(lambda: srv.server._slots._value == 3)
     assert srv.json("/api/info")[0] == 200
 
 
@@ -343,13 +340,10 @@ def test_hung_model_call_is_bounded(folder_page, live, hung_model):
     assert "did not answer within 0.5 s (--model_timeout)" in res["error"] and headers["Retry-After"]
     start = time.monotonic()  # while it hangs, a query is answered at once, and the rest of the page works
     status, res = srv.json(f"/api/search?q={q(QUERIES[1])}")
-    assert status == 503 and "busy" in res["error"] and time.monotonic() - start < 0.4
+    assert status == 503 and "has been busy" in res["error"] and time.monotonic() - start < 5  # not queued again
     assert srv.json("/api/info")[0] == 200 and srv.get("/image/0")[0] == 200
     release.set()
-    for _ in range(100):
-        if srv.server.gate._busy_since is None:
-            break
-        time.sleep(0.02)
+    wait_until(lambda: srv.server.gate._busy_since is None)
     status, res = srv.json(f"/api/search?q={q(QUERIES[1])}&k=3")
     assert status == 200 and [r["index"] for r in res["results"]] == \
         folder_page.retriever.search(QUERIES[1], folder_page.gallery, 3)[1].tolist()
@@ -450,10 +444,7 @@ def test_browser_shows_model_timeout(browser, folder_page, live, hung_model):
     expect(tab.locator("#status")).to_contain_text("the model did not answer within 0.5 s (--model_timeout)")
     assert "error" in tab.locator("#status").get_attribute("class")
     release.set()
-    for _ in range(100):
-        if srv.server.gate._busy_since is None:
-            break
-        time.sleep(0.02)
+    wait_until(lambda: srv.server.gate._busy_since is None)
     tab.locator("#query").fill(QUERIES[2])
     wait_results(tab, min(10, len(folder_page.gallery)))
     ctx.close()
