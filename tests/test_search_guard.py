@@ -448,3 +448,26 @@ def test_browser_shows_model_timeout(browser, folder_page, live, hung_model):
     tab.locator("#query").fill(QUERIES[2])
     wait_results(tab, min(10, len(folder_page.gallery)))
     ctx.close()
+
+
+def test_browser_marks_an_image_over_the_cap(browser, folder_page, live):
+    top1 = int(folder_page.retriever.search(QUERIES[3], folder_page.gallery, 1)[1][0])
+    big = Path(folder_page.gallery.paths[top1])
+    big.write_bytes(big.read_bytes() + b"\0" * (2 * 2**20))  # 2 MB: over a cap of 1 MB
+    srv = live(folder_page, max_image_mb=1)
+    ctx, tab = new_tab(browser)
+    tab.goto(srv.url)
+    expect(tab.locator("#about")).to_contain_text("images of")
+    tab.locator("#query").fill(QUERIES[3])
+    wait_results(tab, min(10, len(folder_page.gallery)))
+    first = tab.locator('#results .result[data-rank="1"]')
+    assert int(first.get_attribute("data-index")) == top1
+    expect(first).to_have_class("result unserved")
+    assert "image not served: over the server's size cap" in first.get_attribute("title")
+    second = tab.locator('#results .result[data-rank="2"]')
+    expect(second.locator("img")).to_have_js_property("complete", True)
+    assert "unserved" not in second.get_attribute("class") and second.locator("img").evaluate("i => i.naturalWidth")
+    got = tab.evaluate("async (i) => { const r = await fetch('/image/' + i); return [r.status, await r.text()]; }",
+                       top1)
+    assert got[0] == 413 and "(--max_image_mb)" in got[1]
+    ctx.close()
