@@ -9,7 +9,14 @@
 - a ``--noisy_file`` that contradicts ``--noisy_rate`` is warned about, naming both rates, and the measured rate is
   recorded in configs.yaml and shown by ``tools.summarize``;
 - ``python -m datasets.check`` (the report's old entry point) fails, naming ``tools.check_dataset``.
+
+The planted bug of issue 25 §4 (``ccd_order`` drawing ``torch.randperm(n)`` from torch's global generator) is caught
+by the three CCD-order tests, not by the whole-run ones: ``do_train`` reseeds the global generator at the start of
+every epoch from (seed, epoch, rank), so in one process the bug still gives the same order in two runs and across a
+resume. What it breaks is DDP, where each rank's generator is seeded differently: the ranks' batches then overlap and
+miss pairs (the two-rank test), and anything that drew from the global generator before the pass would change it.
 """
+import json
 import logging
 import os
 import pickle
@@ -283,6 +290,9 @@ def test_noise_files_at_their_rate_are_not_warned_about(caplog):
                     index = draw_noisy_index(n, rate, seed)
                     assert check_noisy_rate(index, rate, "drawn.npy") == pytest.approx(
                         float((index != np.arange(n)).mean()))
+        # the index RDE's own code drew (tests/fixtures/rde: 9 of 20 rows moved at 0.5)
+        rde = json.load(open(os.path.join(REPO, "tests", "fixtures", "rde", "rde_functions.json")))["noise"]
+        assert check_noisy_rate(np.array(rde["noisy_index"]), rde["noisy_rate"], "rde.npy") == 9 / 20
     assert _noise_warnings(caplog) == []
     # the bound: within NOISY_RATE_SLACK_ROWS rows of rate * N passes, one more row is warned about
     with caplog.at_level(logging.WARNING, logger="IRRA.dataset"):

@@ -6,7 +6,8 @@ test metrics of that checkpoint (``best.pth``) and of the last epoch (``last.pth
 ``test_metrics.json`` that ``test.py`` writes next to the checkpoints; then, for the runs whose ``configs.yaml`` differ
 only in the seed (and the name / output directory / run-state keys), a mean ± sample-std row. A missing or unreadable
 file becomes a note in the table, never an error; a run that cannot be read at all is skipped with a warning. A
-checkpoint tested on other data than its run trained on (``test.py --root_dir``) is flagged.
+checkpoint tested on other data than its run trained on (``test.py --root_dir``) is flagged. A run with noisy
+correspondences names the noise rate asked for and the one its training pairs had (``noisy_rate_measured``).
 
 Only the standard library, PyYAML and prettytable are imported (no torch): it runs anywhere the logs are. The
 files' names and readers are ``utils/run_dir.py``'s (where ``write_test_metrics``, used by ``test.py``, lives).
