@@ -240,8 +240,11 @@ def _raw_pickle(path, marker):
 def test_pickled_noise_file_is_refused_and_nothing_in_it_runs(tiny_cuhk_root, tmp_path, write):
     live, marker = tmp_path / "ran_live", tmp_path / "ran"
     write(tmp_path / "live.npy", live)  # the payload is live: loading it with pickles allowed runs it
-    np.load(tmp_path / "live.npy", allow_pickle=True) if write is _object_npy else pickle.load(
-        open(tmp_path / "live.npy", "rb"))
+    if write is _object_npy:
+        np.load(tmp_path / "live.npy", allow_pickle=True)
+    else:
+        with open(tmp_path / "live.npy", "rb") as f:
+            pickle.load(f)
     assert live.is_dir()
     evil = tmp_path / "noise.npy"
     write(evil, marker)
