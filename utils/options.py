@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Keys of a configs.yaml that are no option (the run's state, not something to parse).
-NOT_OPTIONS = ("distributed", "environment")
+NOT_OPTIONS = ("distributed", "environment", "noisy_rate_measured")
 _BOOL_WORDS = {"true": True, "false": False}
 
 
