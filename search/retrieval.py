@@ -33,11 +33,10 @@ from utils.checkpoint import read_model_state_dict
 from utils.comm import resolve_device
 from utils.options import load_config_args
 from utils.run_dir import BEST_CHECKPOINT, GALLERY_CACHE_DIR, resolve_run
-from search.index import (DEFAULT_INDEX_THRESHOLD, DEFAULT_SEARCH_INDEX, ExactIndex, Int8Index,
-                          build_index, check_search_index)
 from search.cache import encode_gallery_cached, encode_texts_cached
-from search.gallery import (IMAGE_EXTENSIONS, Gallery, ImageFileDataset, collate_skip_unreadable,  # noqa: F401
-                            list_images, warn_skipped)
+from search.gallery import Gallery, ImageFileDataset, collate_skip_unreadable, list_images, warn_skipped
+from search.index import (DEFAULT_INDEX_THRESHOLD, DEFAULT_SEARCH_INDEX, ExactIndex, Int8Index, build_index,
+                          check_search_index)
 from utils.simple_tokenizer import SimpleTokenizer, get_tokenizer, tokenize
 
 logger = logging.getLogger("IRRA.retrieval")
