@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from datasets.build import build_transforms
+from datasets.cuhkpedes import TRAIN_IDS  # CUHK-PEDES's identities: the full-size id head
 from model.build import build_model
 from search.gallery import Gallery
 from search.retrieval import QueryTokenizer, Retriever
@@ -70,7 +71,7 @@ def _setup(opt, root: Path):
     args = get_args(["--pretrain_choice", opt.arch, "--device", "cpu"])
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = build_model(args, num_classes=11003, device=torch.device("cpu")).eval()
+    model = build_model(args, num_classes=TRAIN_IDS, device=torch.device("cpu")).eval()
     build_s = time.perf_counter() - t0
     run = root / "run"
     run.mkdir()
