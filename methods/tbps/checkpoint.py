@@ -1,0 +1,127 @@
+"""TBPS-CLIP's weights: its saved checkpoints (``{"model": state_dict}``, keys ``visual.*`` / ``encode_text.*`` /
+``simclr_mlp.*`` / ``classifier.*`` / ``logit_scale``, what its ``ckpt_type: saved`` loads) and OpenAI CLIP weights
+mapped to TBPS's keys as its ``misc/build.py:load_checkpoint`` (``ckpt_type: original_clip``) does.
+
+The architecture is inferred from the weights; attention heads are width // ``head_width`` (CLIP's rule, 64).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from methods.tbps.functions import interpolate_text, resize_pos_embed
+from methods.tbps.model import TBPS, TBPSArch, vision_grid
+from model.pretrained import _pair, infer_image_grid
+from utils.checkpoint import CheckpointReadError, strip_prefix_if_present, torch_load
+
+logger = logging.getLogger("IRRA.model.tbps")
+
+HEAD_WIDTH = 64  # CLIP's (and TBPS's hard-coded) heads = width // 64
+TEXT_KEYS = ("positional_embedding", "token_embedding.weight", "ln_final.weight", "ln_final.bias", "text_projection")
+DROPPED_CLIP_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def is_tbps_state_dict(state_dict: Dict[str, Any]) -> bool:
+    """True for TBPS's layout: a ``visual.proj`` and an ``encode_text.text_projection`` (``module.`` stripped)."""
+    sd = strip_prefix_if_present(state_dict, "module.")
+    return "visual.proj" in sd and "encode_text.text_projection" in sd
+
+
+def read_tbps_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    """The state dict of a TBPS checkpoint file (``{"model": sd}`` or a bare sd; ``module.`` stripped), read with
+    ``weights_only=True``. Not TBPS's layout -> CheckpointReadError naming the file."""
+    obj = torch_load(path)
+    sd = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict):
+        raise CheckpointReadError(f"{path}: expected TBPS-CLIP's {{'model': state_dict}}, got {type(obj).__name__}")
+    sd = strip_prefix_if_present({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, "module.")
+    if not is_tbps_state_dict(sd):
+        raise CheckpointReadError(f"{path}: not a TBPS-CLIP checkpoint (expected keys visual.proj and "
+                                  f"encode_text.text_projection; found e.g. {sorted(sd)[:5]})")
+    return sd
+
+
+def _count_blocks(sd: Dict[str, torch.Tensor], prefix: str) -> int:
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in sd for m in [pat.match(k)] if m})
+
+
+def arch_from_state_dict(sd: Dict[str, torch.Tensor], image_size: Sequence[int], head_width: int = HEAD_WIDTH,
+                         context_length: Optional[int] = None) -> TBPSArch:
+    """The architecture of TBPS weights ``sd`` built for ``image_size`` (H, W); ``context_length`` None keeps the
+    weights'. simclr_mlp / num_classes come from the heads present (None when absent)."""
+    try:
+        conv = sd["visual.conv1.weight"]  # [width, 3, patch, patch]
+        vision_width, patch = conv.shape[0], conv.shape[-1]
+        embed_dim = sd["visual.proj"].shape[1]
+        text_width = sd["encode_text.ln_final.weight"].shape[0]
+        ctx = sd["encode_text.positional_embedding"].shape[0]
+        vocab = sd["encode_text.token_embedding.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not TBPS-CLIP weights: missing {e}") from None
+    mlp = None
+    if "simclr_mlp.0.weight" in sd and "simclr_mlp.2.weight" in sd:
+        hidden, d_in = sd["simclr_mlp.0.weight"].shape
+        mlp = (int(d_in), int(hidden), int(sd["simclr_mlp.2.weight"].shape[0]))
+    num_classes = int(sd["classifier.weight"].shape[0]) if "classifier.weight" in sd else None
+    return TBPSArch(embed_dim=int(embed_dim), image_size=_pair(tuple(image_size)), patch_size=int(patch),
+                    vision_width=int(vision_width), vision_layers=_count_blocks(sd, "visual.transformer.resblocks."),
+                    vision_heads=max(int(vision_width) // head_width, 1),
+                    context_length=int(context_length or ctx), vocab_size=int(vocab), text_width=int(text_width),
+                    text_layers=_count_blocks(sd, "encode_text.transformer.resblocks."),
+                    text_heads=max(int(text_width) // head_width, 1), simclr_mlp=mlp, num_classes=num_classes)
+
+
+def clip_to_tbps_state_dict(clip_sd: Dict[str, torch.Tensor], text_length: int = 77) -> Dict[str, torch.Tensor]:
+    """OpenAI CLIP keys -> TBPS's (``load_checkpoint``, original_clip): the text tower under ``encode_text.``, its
+    positional embedding through :func:`interpolate_text` to ``text_length``; everything else as it is, CLIP's
+    ``logit_scale`` included (so a fine-tuning from CLIP starts from CLIP's learned scale, exp = 100, not 1/0.07)."""
+    out: Dict[str, torch.Tensor] = {}
+    for name, params in clip_sd.items():
+        if name in DROPPED_CLIP_KEYS:
+            continue
+        if name == "positional_embedding":
+            out["encode_text." + name] = interpolate_text(params, text_length)
+        elif name.startswith("transformer") or name in TEXT_KEYS:
+            out["encode_text." + name] = params
+        else:
+            out[name] = params
+    return out
+
+
+def load_tbps_weights(model: TBPS, sd: Dict[str, torch.Tensor], source: str = "checkpoint",
+                      old_grid: Optional[Tuple[int, int]] = None) -> None:
+    """Copy TBPS weights into ``model``: the image positional embedding resized to the model's grid (bilinear, from
+    ``old_grid`` or the grid inferred from its length), the text one cut/interpolated to the context length. Keys the
+    model lacks are ignored (logged); a missing backbone weight or an irreconcilable shape raises naming ``source``;
+    heads the weights lack (simclr_mlp, classifier) keep their initialisation (logged)."""
+    own = model.state_dict()
+    grid = vision_grid(model.arch)
+    loaded, extra = set(), []
+    with torch.no_grad():
+        for k, v in sd.items():
+            if k not in own:
+                extra.append(k)
+                continue
+            target = own[k]
+            if k == "visual.positional_embedding" and v.shape != target.shape:
+                og = old_grid or infer_image_grid(v.shape[0] - 1, grid, source)
+                v = resize_pos_embed(v.float(), None, *grid, old_grid=og).to(v.dtype)
+            elif k == "encode_text.positional_embedding" and v.shape != target.shape:
+                v = interpolate_text(v, target.shape[0])
+            if v.shape != target.shape:
+                raise ValueError(f"{source}: weight {k!r} has shape {tuple(v.shape)}, the model's is "
+                                 f"{tuple(target.shape)} (another architecture?)")
+            target.copy_(v)
+            loaded.add(k)
+    missing = [k for k in own if k not in loaded]
+    backbone = [k for k in missing if k.startswith(("visual.", "encode_text.")) or k == "logit_scale"]
+    if backbone:
+        raise ValueError(f"{source}: lacks {len(backbone)} weights of the TBPS model, e.g. {backbone[:5]}")
+    if missing:
+        logger.info("%s: %d head weights not in it keep their initialisation: %s", source, len(missing), missing)
+    if extra:
+        logger.info("%s: %d weights the model does not use are ignored (e.g. %s)", source, len(extra), extra[:3])
