@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from methods.tbps.checkpoint import (arch_from_state_dict, clip_to_tbps_state_dict, is_tbps_state_dict,
+from methods.tbps.checkpoint import (arch_from_state_dict, build_tbps, clip_to_tbps_state_dict, is_tbps_state_dict,
                                      load_tbps_weights, read_tbps_checkpoint)
 from methods.tbps.model import TBPS, TBPSLossConfig, sum_losses
 from model.tbps_model import tokenize
@@ -150,3 +150,18 @@ def test_openai_clip_keys_map_to_tbps_keys(sd):
     model = TBPS(arch_from_state_dict(mapped, (64, 32), head_width=32), TBPSLossConfig(ss=False), dropout=0.0)
     load_tbps_weights(model, mapped)
     assert model.scale().item() == pytest.approx(math.exp(float(sd["logit_scale"])), rel=1e-6)
+
+
+def test_build_from_scratch_checkpoint_and_new_heads(sd):
+    with pytest.raises(ValueError, match="simclr_mlp"):
+        build_tbps("scratch:ViT-Micro", (64, 32), TBPSLossConfig())
+    arch_dim = build_tbps("scratch:ViT-Micro", (64, 32), TBPSLossConfig(ss=False)).embed_dim
+    m = build_tbps("scratch:ViT-Micro", (64, 32), TBPSLossConfig(id=True), simclr_mlp=(arch_dim, 16, arch_dim),
+                   num_classes=5)
+    assert m.classifier.out_features == 5 and not m.visual.conv1.weight.requires_grad
+    assert m.scale().item() == pytest.approx(1 / 0.07, rel=1e-6)
+    # a TBPS checkpoint: its weights; a classifier of another size is made anew
+    m = build_tbps(CKPT, (64, 32), TBPSLossConfig(id=True), head_width=32, num_classes=3, dropout=0.0)
+    assert m.classifier.out_features == 3
+    assert torch.equal(m.visual.proj, sd["visual.proj"])
+    assert torch.equal(m.simclr_mlp[0].weight, sd["simclr_mlp.0.weight"])

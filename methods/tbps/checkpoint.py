@@ -7,14 +7,16 @@ The architecture is inferred from the weights; attention heads are width // ``he
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from methods.tbps.functions import interpolate_text, resize_pos_embed
-from methods.tbps.model import TBPS, TBPSArch, vision_grid
-from model.pretrained import _pair, infer_image_grid
+from methods.tbps.model import TBPS, TBPSArch, TBPSLossConfig, vision_grid
+from model.pretrained import _pair, infer_image_grid, load_pretrained
 from utils.checkpoint import CheckpointReadError, strip_prefix_if_present, torch_load
 
 logger = logging.getLogger("IRRA.model.tbps")
@@ -125,3 +127,60 @@ def load_tbps_weights(model: TBPS, sd: Dict[str, torch.Tensor], source: str = "c
         logger.info("%s: %d head weights not in it keep their initialisation: %s", source, len(missing), missing)
     if extra:
         logger.info("%s: %d weights the model does not use are ignored (e.g. %s)", source, len(extra), extra[:3])
+
+
+def arch_from_clip_config(cfg: Dict[str, Any], image_size: Sequence[int], head_width: int = HEAD_WIDTH,
+                          context_length: Optional[int] = None, simclr_mlp: Optional[Sequence[int]] = None,
+                          num_classes: Optional[int] = None) -> TBPSArch:
+    """A TBPS architecture from a CLIP config (``model.pretrained.clip_config_from_state_dict`` / ``scratch_config``);
+    TBPS is a ViT: a ResNet image encoder raises."""
+    if isinstance(cfg["vision_layers"], (tuple, list)):
+        raise ValueError("TBPS-CLIP needs a ViT image encoder; a ModifiedResNet CLIP was given")
+    return TBPSArch(embed_dim=int(cfg["embed_dim"]), image_size=_pair(tuple(image_size)),
+                    patch_size=int(cfg["vision_patch_size"]), vision_width=int(cfg["vision_width"]),
+                    vision_layers=int(cfg["vision_layers"]), vision_heads=max(int(cfg["vision_width"]) // head_width, 1),
+                    context_length=int(context_length or cfg["context_length"]), vocab_size=int(cfg["vocab_size"]),
+                    text_width=int(cfg["transformer_width"]), text_layers=int(cfg["transformer_layers"]),
+                    text_heads=max(int(cfg["transformer_width"]) // head_width, 1),
+                    simclr_mlp=tuple(int(d) for d in simclr_mlp) if simclr_mlp else None,
+                    num_classes=int(num_classes) if num_classes else None)
+
+
+def build_tbps(pretrain: str, image_size: Sequence[int], losses: Optional[TBPSLossConfig] = None,
+               dropout: float = 0.05, text_length: int = 77, head_width: int = HEAD_WIDTH,
+               simclr_mlp: Optional[Sequence[int]] = None, num_classes: Optional[int] = None,
+               download_root: Optional[str] = None) -> TBPS:
+    """A TBPS model to train or evaluate, from ``pretrain``: a TBPS checkpoint file (architecture and weights from
+    it; its heads kept when their shapes fit), an OpenAI CLIP name / file (TBPS's ``original_clip`` loading) or
+    ``scratch:<arch>`` (random weights). ``simclr_mlp`` / ``num_classes`` size the SS head and ID classifier when
+    the weights do not have them (or have them at another size)."""
+    losses = losses if losses is not None else TBPSLossConfig()
+    sd = _try_read_tbps(pretrain) if os.path.isfile(pretrain) else None
+    if sd is not None:
+        arch = arch_from_state_dict(sd, image_size, head_width, text_length)
+        if simclr_mlp is not None and arch.simclr_mlp != tuple(simclr_mlp):
+            sd = {k: v for k, v in sd.items() if not k.startswith("simclr_mlp.")}
+            arch.simclr_mlp = tuple(int(d) for d in simclr_mlp)
+        if num_classes is not None and arch.num_classes != num_classes:
+            sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+            arch.num_classes = int(num_classes)
+        model = TBPS(arch, losses, dropout)
+        load_tbps_weights(model, sd, source=pretrain)
+        return model
+    cfg, clip_sd = load_pretrained(pretrain, tuple(image_size), 16, download_root)
+    arch = arch_from_clip_config(cfg, image_size, head_width, text_length, simclr_mlp, num_classes)
+    model = TBPS(arch, losses, dropout)
+    if clip_sd is not None:
+        n = clip_sd["visual.positional_embedding"].shape[0] - 1
+        side = math.isqrt(n)
+        load_tbps_weights(model, clip_to_tbps_state_dict(clip_sd, text_length), source=pretrain,
+                          old_grid=(side, side) if side * side == n else None)
+    return model
+
+
+def _try_read_tbps(path: str) -> Optional[Dict[str, torch.Tensor]]:
+    """The TBPS state dict of ``path``, or None when it is not a TBPS checkpoint (e.g. an OpenAI CLIP archive)."""
+    try:
+        return read_tbps_checkpoint(path)
+    except CheckpointReadError:
+        return None
