@@ -1,8 +1,3 @@
-"""TBPS-CLIP (Cao et al., AAAI 2024, "An Empirical Study of CLIP for Text-based Person Search";
-Flame-Chasers/TBPS-CLIP, commit ba090bc) as a method of this codebase."""
-from methods.tbps.functions import cosine_scheduler, interpolate_text, pre_caption, resize_pos_embed, tokenize
-from methods.tbps.losses import calc_contrastive, compute_simclr_loss
-from methods.tbps.model import TBPS, TBPSArch, TBPSLossConfig
-
-__all__ = ["TBPS", "TBPSArch", "TBPSLossConfig", "calc_contrastive", "compute_simclr_loss", "cosine_scheduler",
-           "interpolate_text", "pre_caption", "resize_pos_embed", "tokenize"]
+"""TBPS-CLIP (Cao et al., AAAI 2024, "An Empirical Study of CLIP for Text-based Person Search"; Flame-Chasers/TBPS-CLIP,
+commit ba090bc): ``functions.py`` / ``losses.py`` (TBPS's names and signatures, re-exported by ``model/tbps_model.py``),
+``model.py``, ``checkpoint.py``, ``data.py``. Empty of imports, as every method package's ``__init__``."""

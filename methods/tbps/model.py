@@ -202,10 +202,13 @@ class TBPS(nn.Module):
         logit_scale.data = torch.clamp(logit_scale.data, max=LOGIT_SCALE_MAX)
         return logit_scale
 
-    def forward(self, batch: Dict[str, torch.Tensor], alpha: float) -> Dict[str, torch.Tensor]:
+    def forward(self, batch: Dict[str, torch.Tensor], alpha: Optional[float] = None) -> Dict[str, torch.Tensor]:
         """batch: image, aug1, aug_ss_1, aug_ss_2 [B, 3, H, W] (the views used by the losses switched on),
-        caption_ids [B, L] (captions already augmented and tokenized), id [B]. alpha: N-ITC's soft-label weight."""
+        caption_ids [B, L] (captions already augmented and tokenized), id [B]. alpha: N-ITC's soft-label weight
+        (None: the batch's ``alpha``, which the training hook puts there)."""
         cfg = self.losses
+        if alpha is None:
+            alpha = float(batch["alpha"])
         ret: Dict[str, torch.Tensor] = {}
         world = 1 if cfg.local_negatives else get_world_size()
 
@@ -253,6 +256,12 @@ class TBPS(nn.Module):
             id_loss = L.compute_id(self.classifier(image_features), self.classifier(text_features), ids)
             ret["id_loss"] = id_loss * cfg.id_ratio
         return ret
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the image and text transformers' blocks (the text blocks' attention dropout
+        is recomputed with the same random state: torch.utils.checkpoint restores it)."""
+        self.visual.transformer.grad_checkpointing = bool(enable)
+        self.encode_text.transformer.grad_checkpointing = bool(enable)
 
     def set_fused_attention(self, enable: bool = True) -> None:
         """Fused attention kernels in the image and text transformers (text: outside dropout only)."""
