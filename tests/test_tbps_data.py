@@ -19,23 +19,23 @@ def ds(tiny_cuhk_root):
 def test_sample_has_tbps_views_and_ids(ds):
     train = TBPSTrainDataset(ds.train[:6], (64, 32), seed=1)
     s = train[3]
-    assert set(s) == {"image", "aug1", "aug_ss_1", "aug_ss_2", "caption_ids", "id"}
-    for k in ("image", "aug1", "aug_ss_1", "aug_ss_2"):
+    assert set(s) == {"images", "aug1", "aug_ss_1", "aug_ss_2", "caption_ids", "pids"}
+    for k in ("images", "aug1", "aug_ss_1", "aug_ss_2"):
         assert s[k].shape == (3, 64, 32) and s[k].dtype == torch.float32
     assert not torch.equal(s["aug_ss_1"], s["aug_ss_2"])  # two draws
-    assert s["id"] == ds.train[3][0]
+    assert s["pids"] == ds.train[3][0]
     assert torch.equal(s["caption_ids"], tokenize(pre_caption(ds.train[3][3], 77), 77)[0])
     again = TBPSTrainDataset(ds.train[:6], (64, 32), seed=1)[3]
-    assert all(torch.equal(s[k], again[k]) for k in s if k != "id")  # a function of (seed, epoch, index)
+    assert all(torch.equal(s[k], again[k]) for k in s if k != "pids")  # a function of (seed, epoch, index)
     train.set_epoch(1)
     assert not torch.equal(train[3]["aug_ss_1"], s["aug_ss_1"])
     b = collate([train[i] for i in range(4)])
-    assert b["image"].shape == (4, 3, 64, 32) and b["id"].dtype == torch.long and b["caption_ids"].shape == (4, 77)
+    assert b["images"].shape == (4, 3, 64, 32) and b["pids"].dtype == torch.long and b["caption_ids"].shape == (4, 77)
 
 
 def test_switched_off_views_are_not_made(ds):
     s = TBPSTrainDataset(ds.train[:2], (64, 32), with_ss=False, with_aug1=False)[0]
-    assert set(s) == {"image", "caption_ids", "id"}
+    assert set(s) == {"images", "caption_ids", "pids"}
 
 
 def test_backtranslation_without_captions_bt_is_off_with_a_warning(caplog):

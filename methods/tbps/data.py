@@ -1,10 +1,11 @@
 """TBPS-CLIP's data side (``misc/data.py``, ``misc/caption_dataset.py``) on this codebase's datasets.
 
-Training sample: ``image`` and ``aug1`` (two draws of TBPS's ``Choose`` pipeline: bilinear Resize, ToTensor, 2 ops
-of the ``--img_aug_pool``, ImageNet Normalize), ``aug_ss_1`` / ``aug_ss_2`` (two draws of its SimCLR pipeline:
-RandomResizedCrop scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, RandomGrayscale 0.2, GaussianBlur
-sigma U(0.1, 2) p 0.5, HorizontalFlip, ImageNet Normalize), ``caption_ids`` (the caption after ``pre_caption`` and
-the ``--txt_aug_*`` augmentation, back-translation then word deletion, tokenized) and ``id`` (the identity).
+Training sample (the core's key names ``images`` / ``pids`` stand for TBPS's ``image`` / ``id``): ``images`` and
+``aug1`` (two draws of TBPS's ``Choose`` pipeline: bilinear Resize, ToTensor, 2 ops of the ``--img_aug_pool``,
+ImageNet Normalize), ``aug_ss_1`` / ``aug_ss_2`` (two draws of its SimCLR pipeline: RandomResizedCrop scale (0.2, 1),
+ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, RandomGrayscale 0.2, GaussianBlur sigma U(0.1, 2) p 0.5, HorizontalFlip,
+ImageNet Normalize), ``caption_ids`` (the caption after ``pre_caption`` and the ``--txt_aug_*`` augmentation,
+back-translation then word deletion, tokenized) and ``pids`` (the identity).
 Every draw comes from generators seeded per (seed, epoch, sample) as in ``datasets/bases.py``, not from the global
 generators TBPS uses (its views differ from run to run with the number of loader workers).
 
@@ -131,10 +132,10 @@ class TBPSTrainDataset(ImageTextDataset):
     def __getitem__(self, index: int) -> Dict[str, Any]:
         pid, _, img_path, _ = self.dataset[index]
         img = read_image(img_path)
-        out: Dict[str, Any] = {"id": pid, "caption_ids": self._caption_ids(index)}
+        out: Dict[str, Any] = {"pids": pid, "caption_ids": self._caption_ids(index)}
         with torch.random.fork_rng(devices=[]):  # torchvision draws from the default generator: seed it per sample
             torch.default_generator.manual_seed(self.sample_rng(index, STREAM_IMAGE))
-            out["image"] = self.transform(img)
+            out["images"] = self.transform(img)
             if self.with_aug1:
                 out["aug1"] = self.transform(img)
             if self.ss_transform is not None:

@@ -203,9 +203,10 @@ class TBPS(nn.Module):
         return logit_scale
 
     def forward(self, batch: Dict[str, torch.Tensor], alpha: Optional[float] = None) -> Dict[str, torch.Tensor]:
-        """batch: image, aug1, aug_ss_1, aug_ss_2 [B, 3, H, W] (the views used by the losses switched on),
-        caption_ids [B, L] (captions already augmented and tokenized), id [B]. alpha: N-ITC's soft-label weight
-        (None: the batch's ``alpha``, which the training hook puts there)."""
+        """batch: ``images`` (TBPS's ``image``), ``aug1``, ``aug_ss_1``, ``aug_ss_2`` [B, 3, H, W] (the views the
+        losses switched on use), ``caption_ids`` [B, L] (captions already augmented and tokenized), ``pids`` (TBPS's
+        ``id``) [B]; TBPS's key names are accepted too. alpha: N-ITC's soft-label weight (None: the batch's
+        ``alpha``, which the training hook puts there)."""
         cfg = self.losses
         if alpha is None:
             alpha = float(batch["alpha"])
@@ -216,8 +217,8 @@ class TBPS(nn.Module):
             return gather_with_grad(x) if world > 1 else x
 
         text = cut_captions(batch["caption_ids"])
-        ids = batch["id"]
-        image_features = self.encode_image(batch["image"])  # [B, D]
+        ids = batch["pids"] if "pids" in batch else batch["id"]
+        image_features = self.encode_image(batch["images"] if "images" in batch else batch["image"])  # [B, D]
         text_features = self.encode_text(text)  # [B, D]
         image_norm = gather(F.normalize(image_features))  # [N, D]
         text_norm = gather(F.normalize(text_features))
