@@ -138,7 +138,8 @@ def arch_from_clip_config(cfg: Dict[str, Any], image_size: Sequence[int], head_w
         raise ValueError("TBPS-CLIP needs a ViT image encoder; a ModifiedResNet CLIP was given")
     return TBPSArch(embed_dim=int(cfg["embed_dim"]), image_size=_pair(tuple(image_size)),
                     patch_size=int(cfg["vision_patch_size"]), vision_width=int(cfg["vision_width"]),
-                    vision_layers=int(cfg["vision_layers"]), vision_heads=max(int(cfg["vision_width"]) // head_width, 1),
+                    vision_layers=int(cfg["vision_layers"]),
+                    vision_heads=max(int(cfg["vision_width"]) // head_width, 1),
                     context_length=int(context_length or cfg["context_length"]), vocab_size=int(cfg["vocab_size"]),
                     text_width=int(cfg["transformer_width"]), text_layers=int(cfg["transformer_layers"]),
                     text_heads=max(int(cfg["transformer_width"]) // head_width, 1),
