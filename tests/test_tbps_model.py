@@ -165,3 +165,46 @@ def test_build_from_scratch_checkpoint_and_new_heads(sd):
     assert m.classifier.out_features == 3
     assert torch.equal(m.visual.proj, sd["visual.proj"])
     assert torch.equal(m.simclr_mlp[0].weight, sd["simclr_mlp.0.weight"])
+
+
+EASYDICT = '''
+class EasyDict(dict):
+    def __init__(self, d=None):
+        for k, v in (d or {}).items():
+            setattr(self, k, v)
+
+    def __setattr__(self, name, value):
+        if isinstance(value, dict) and not isinstance(value, self.__class__):
+            value = self.__class__(value)
+        super().__setattr__(name, value)
+        super().__setitem__(name, value)
+'''
+
+
+def test_tbps_training_checkpoint_with_easydict_config_reads_safely(tmp_path, monkeypatch, sd):
+    """TBPS's main.py saves {"model", "optimizer", "config": EasyDict}: weights_only=True refuses it; the
+    whitelisting unpickler reads it (easydict need not be installed) and refuses any other global."""
+    import sys
+
+    from methods.tbps.safe_load import load_tbps_file
+    (tmp_path / "easydict.py").write_text(EASYDICT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import easydict
+    cfg = easydict.EasyDict({"model": {"embed_dim": 32}, "experiment": {"simclr_mlp": [32, 16, 32]}})
+    path = tmp_path / "checkpoint_best.pth"
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    torch.save({"model": sd, "optimizer": opt.state_dict(), "config": cfg}, path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": sd, "config": cfg, "x": Evil()}, bad)
+    monkeypatch.delitem(sys.modules, "easydict")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    got = read_tbps_checkpoint(str(path))
+    assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    assert load_tbps_file(str(path))["config"]["model"]["embed_dim"] == 32
+    with pytest.raises(CheckpointReadError, match="not allowed"):
+        read_tbps_checkpoint(str(bad))

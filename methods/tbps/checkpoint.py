@@ -17,7 +17,8 @@ import torch
 from methods.tbps.functions import interpolate_text, resize_pos_embed
 from methods.tbps.model import TBPS, TBPSArch, TBPSLossConfig, vision_grid
 from model.pretrained import _pair, infer_image_grid, load_pretrained
-from utils.checkpoint import CheckpointReadError, strip_prefix_if_present, torch_load
+from methods.tbps.safe_load import load_tbps_file
+from utils.checkpoint import CheckpointReadError, strip_prefix_if_present
 
 logger = logging.getLogger("IRRA.model.tbps")
 
@@ -33,9 +34,10 @@ def is_tbps_state_dict(state_dict: Dict[str, Any]) -> bool:
 
 
 def read_tbps_checkpoint(path: str) -> Dict[str, torch.Tensor]:
-    """The state dict of a TBPS checkpoint file (``{"model": sd}`` or a bare sd; ``module.`` stripped), read with
-    ``weights_only=True``. Not TBPS's layout -> CheckpointReadError naming the file."""
-    obj = torch_load(path)
+    """The state dict of a TBPS checkpoint file (``{"model": sd}``, TBPS's training checkpoint ``{"model", "optimizer",
+    "config"}`` or a bare sd; ``module.`` stripped), read with ``weights_only=True`` (TBPS's EasyDict config through
+    the whitelisting unpickler of ``methods/tbps/safe_load.py``). Not TBPS's layout -> CheckpointReadError."""
+    obj = load_tbps_file(path)
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict):
         raise CheckpointReadError(f"{path}: expected TBPS-CLIP's {{'model': state_dict}}, got {type(obj).__name__}")
