@@ -8,6 +8,7 @@ import os
 import sys
 
 from datasets import build_dataloader
+from methods.registry import get_method
 from model.build import build_model_from_checkpoint
 from processor.processor import do_inference
 from utils.checkpoint import model_state_dict, read_checkpoint
@@ -33,8 +34,8 @@ def main(argv=None) -> dict:
     cli = parser.parse_args(argv)
     run_dir, config_file = resolve_run(cli.config_file)
     args = load_config_args(config_file, device=cli.device, root_dir=cli.root_dir, num_workers=cli.num_workers,
-                            test_batch_size=cli.test_batch_size, skip_image_check=cli.skip_image_check or None)
-    args.training, args.output_dir = False, run_dir
+                            test_batch_size=cli.test_batch_size, skip_image_check=cli.skip_image_check or None,
+                            training=False, output_dir=run_dir)
     ckpt = cli.checkpoint or os.path.join(run_dir, BEST_CHECKPOINT)
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"checkpoint {ckpt} not found (pass --checkpoint PATH)")
@@ -51,7 +52,8 @@ def main(argv=None) -> dict:
     # the backbone is rebuilt from the checkpoint itself (no pretrained CLIP file), its grid checked against the config
     model = build_model_from_checkpoint(args, weights, source=ckpt, config=config_file, device=device)
     test_img_loader, test_txt_loader, _ = build_dataloader(args)
-    metrics = do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric)
+    metrics = do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric,
+                           method=get_method(args.method))
     recorded = write_test_metrics(ckpt, metrics, epoch=epoch, split="test", dataset_name=args.dataset_name,
                                   root_dir=os.path.abspath(args.root_dir))
     logger.info("results of %s (epoch %s) recorded in %s", os.path.basename(ckpt), epoch, recorded)

@@ -38,6 +38,9 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--device", default="auto", help="auto | cpu | an accelerator[:N]")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
+    p.add_argument("--feature_set", default=None,
+                   help="the method's feature set ranked (default: the method's own, e.g. bge+tse for rde; "
+                        "methods/<name>/method.py: feature_sets)")
     p.add_argument("--serve", action="store_true", help="start the search page in the browser instead of drawing")
     p.add_argument("--host", default=None, help="--serve: address to listen on (default 127.0.0.1, this machine "
                    "only; another address makes the page reachable from the network)")
@@ -62,7 +65,7 @@ def main(argv=None) -> list[Path]:
         serve(a)
         return []
 
-    r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers)
+    r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers, a.feature_set)
     out = Path(a.out) if a.out else r.run_dir / VIS_DIR
     option = "--out" if a.out else f"the run's {VIS_DIR}/ folder"
     make_output_dir(str(out), option)  # checked before the (long) encoding: the grids must have somewhere to go
@@ -95,7 +98,7 @@ def serve(a) -> None:
     """--serve: load the run once, encode (or read from cache) the gallery, answer the page until Ctrl+C."""
     from search.server import DEFAULT_HOST, DEFAULT_PORT, SearchPage, make_server, page_url
 
-    r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers)
+    r = Retriever.from_run(a.config_file, a.checkpoint, a.device, a.batch_size, a.num_workers, a.feature_set)
     if a.gallery:
         page = SearchPage.for_folder(r, a.gallery)
     else:

@@ -57,13 +57,13 @@ def tokenize_all(captions: Sequence[str], tokenizer: SimpleTokenizer, text_lengt
 # Streams of one sample's random draws (distinct seeds from the same (seed, epoch, index)): the image transform, the
 # MLM masks, the caption augmentation.
 STREAM_IMAGE, STREAM_TEXT, STREAM_CAPTION = 0, 1, 2
-STREAM_TOKEN_AUG = 3  # RDE's --txt_aug token augmentation
+STREAM_TOKEN_AUG = 3  # --txt_aug token augmentation
 
-# RDE's --txt_aug: each word token hit with this probability, then masked / replaced / deleted in these proportions.
+# --txt_aug (RDE's token augmentation): each word token hit with this probability, then masked / replaced / deleted in these proportions.
 TOKEN_AUG_PROB, TOKEN_AUG_MASK, TOKEN_AUG_REPLACE = 0.20, 0.6, 0.2  # deleted: the remaining 0.2
 
 
-def rde_token_augment(tokens: torch.Tensor, rng: random.Random, mask_token: int) -> torch.Tensor:
+def token_augment(tokens: torch.Tensor, rng: random.Random, mask_token: int) -> torch.Tensor:
     """RDE's token-level caption augmentation (``ImageTextDataset.txt_data_aug``): tokens [L] ids -> [L] ids.
 
     Each word token (``0 < id < mask_token``: not padding, SOT, EOT or the mask) is hit with probability 0.2; a hit
@@ -133,7 +133,8 @@ class ImageTextDataset(Dataset):
         self.captions_bt = captions_bt
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
         self.caption_ids = tokenize_all([row[3] for row in dataset], self.tokenizer, text_length, truncate)
-        # RDE (set by datasets.build): each sample also returns its "index"; ``token_aug`` turns on RDE's --txt_aug;
+        # set by datasets.build: each sample also returns its "index" (a method's hooks look samples up by it);
+        # ``token_aug`` turns on --txt_aug;
         # ``real_correspondences`` [N] (1 = the pair is true) when noise was injected
         self.with_index = False
         self.token_aug = False
@@ -167,7 +168,7 @@ class ImageTextDataset(Dataset):
         if ids is None:
             ids = self.caption_ids[index].long()  # .long() copies the cached row
         if self.token_aug:
-            ids = rde_token_augment(ids, random.Random(self.sample_rng(index, STREAM_TOKEN_AUG)),
+            ids = token_augment(ids, random.Random(self.sample_rng(index, STREAM_TOKEN_AUG)),
                                     self.tokenizer.encoder["<|mask|>"])
         return ids
 
@@ -216,7 +217,10 @@ class TextDataset(Dataset):
     """Query captions -> ``(pid, caption_ids [L])``."""
 
     def __init__(self, caption_pids: Sequence[int], captions: Sequence[str], text_length: int = 77,
-                 truncate: bool = True, tokenizer: Optional[SimpleTokenizer] = None) -> None:
+                 truncate: bool = True, tokenizer: Optional[SimpleTokenizer] = None,
+                 tokenize_fn: Optional[Callable[[str], torch.Tensor]] = None) -> None:
+        """``tokenize_fn``: caption -> ids [text_length] (a method's own test-time tokenization); default the CLIP
+        tokenization at ``text_length`` (cut with ``truncate``)."""
         if len(caption_pids) != len(captions):
             raise ValueError(f"TextDataset: {len(caption_pids)} pids but {len(captions)} captions")
         self.caption_pids = caption_pids
@@ -224,7 +228,11 @@ class TextDataset(Dataset):
         self.text_length = text_length
         self.truncate = truncate
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
-        self.caption_ids = tokenize_all(captions, self.tokenizer, text_length, truncate)
+        if tokenize_fn is None:
+            self.caption_ids = tokenize_all(captions, self.tokenizer, text_length, truncate)
+        else:
+            self.caption_ids = torch.stack([tokenize_fn(c) for c in captions]) if captions else \
+                torch.zeros(0, text_length, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.caption_pids)
@@ -360,8 +368,12 @@ def inject_noisy_correspondence(dataset: Sequence[TrainRow], noisy_rate: float, 
     """
     rows = list(dataset)
     noisy_index = noisy_correspondence_index(len(rows), noisy_rate, noisy_file, seed)
-    out = [(rows[i][0], rows[i][1], rows[i][2], rows[int(noisy_index[i])][3]) for i in range(len(rows))]
-    return out, real_correspondences(noisy_index, noisy_rate)
+    return permute_captions(rows, noisy_index), real_correspondences(noisy_index, noisy_rate)
+
+
+def permute_captions(rows: Sequence[TrainRow], noisy_index) -> List[TrainRow]:
+    """Row i keeps its pid, image id and image and gets the caption of row ``noisy_index[i]``."""
+    return [(r[0], r[1], r[2], rows[int(j)][3]) for r, j in zip(rows, noisy_index)]
 
 
 def real_correspondences(noisy_index, noisy_rate: float = 0.0):

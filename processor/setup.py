@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from datasets import build_dataloader
+from methods.registry import get_method
 from model.build import build_model
-from solver import build_lr_scheduler, build_optimizer
+from solver import build_optimizer
 from utils.checkpoint import Checkpointer, OptimizerStateError
 from utils.comm import broadcast_object, get_rank, get_world_size, init_distributed, is_main_process
 from utils.env import describe_environment, environment_info
@@ -119,9 +120,10 @@ def build_training(args) -> TrainingParts:
     process training or resuming in the same run stops at once (``RunLockedError``). The returned parts hold it in
     ``run_lock``; release it when training ends (``with parts.run_lock:``), or the process's end does."""
     device = init_distributed(args.device)
-    args.distributed = get_world_size() > 1
     set_seed(args.seed + get_rank())
-    args.output_dir = make_run_dir(args)
+    # the run's state beside its options (saved in configs.yaml; ignored when that file starts a new run)
+    args = args.replace(distributed=get_world_size() > 1, output_dir=make_run_dir(args),
+                        environment=environment_info(device))
     lock = RunLock(args.output_dir if is_main_process() else None).acquire()
     try:
         logger = setup_logger("IRRA", save_dir=args.output_dir, if_train=True, distributed_rank=get_rank())
@@ -140,7 +142,6 @@ def build_training(args) -> TrainingParts:
 
 
 def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
-    args.environment = environment_info(device)  # saved in configs.yaml, ignored when that file is reused
     logger.info("environment: %s", describe_environment(args.environment))
     logger.info("Using %d process(es) on %s; run dir %s", get_world_size(), device, args.output_dir)
     logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
@@ -157,10 +158,11 @@ def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.index is not None else None)
+    method = get_method(args.method)
     optimizer = build_optimizer(args, model)
-    scheduler = build_lr_scheduler(args, optimizer)
+    scheduler = method.build_lr_scheduler(args, optimizer, len(train_loader))
     checkpointer = Checkpointer(model, optimizer, scheduler, args.output_dir, save_to_disk=is_main_process())
-    evaluator = Evaluator(val_img_loader, val_txt_loader, split=args.val_dataset)
+    evaluator = Evaluator(val_img_loader, val_txt_loader, split=args.val_dataset, method=method)
     parts = TrainingParts(args, device, model, train_loader, evaluator, optimizer, scheduler, checkpointer)
     if args.resume:
         ckpt = resume_checkpoint(checkpointer, args.resume_ckpt_file)

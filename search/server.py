@@ -178,7 +178,7 @@ class SearchPage:
         logger.info("ranking the %d test captions against %d images (R1/mAP, failures)", len(split["captions"]),
                     len(gallery))
         test = rank_test_split(retriever, gallery, split["captions"], split["caption_pids"], g_pids)
-        name = getattr(retriever.args, "dataset_name", "the dataset")
+        name = retriever.args.dataset_name if retriever.args is not None else "the dataset"
         return cls(retriever, gallery, _run_title(retriever), f"the test split of {name}", test=test,
                    start_view=start_view)
 

@@ -8,11 +8,6 @@ from __future__ import annotations
 
 from typing import Iterable, List, Sequence
 
-LOSSES = ("itc", "sdm", "cmpm", "id", "mlm")
-# RDE's losses (model/rde.py); one of them selects the RDE model and takes no other loss. RDE's spellings map to them.
-RDE_LOSSES = ("tal", "trl", "rde_infonce", "rde_sdm")
-RDE_LOSS_SPELLINGS = {"TAL": "tal", "TRL": "trl", "InfoNCE": "rde_infonce", "SDM": "rde_sdm"}
-GMM_SETTINGS = ("fast", "precise")
 PRECISIONS = ("auto", "fp32", "fp16", "amp_bf16", "amp_fp16")
 DATASETS = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid", "SynthPEDES")
 SAMPLERS = ("identity", "random")
@@ -31,11 +26,11 @@ def check_choice(option: str, value: object, valid: Iterable[str]) -> None:
         raise ValueError(f"--{option} {value!r}: unknown; valid: {list(valid)}")
 
 
-def parse_loss_names(loss_names: str, valid: Sequence[str] = LOSSES) -> List[str]:
+def parse_loss_names(loss_names: str, valid: Sequence[str]) -> List[str]:
     """``'sdm+id+mlm'`` -> ``['sdm', 'id', 'mlm']``; unknown or no names raise a ValueError listing the valid ones."""
     names = [n.strip() for n in str(loss_names).split("+") if n.strip()]
     bad = [n for n in names if n not in valid]
     if bad or not names:
         raise ValueError(f"--loss_names {loss_names!r}: unknown loss(es) {bad}; valid names are {list(valid)} "
-                         f"joined with '+', e.g. sdm+mlm+id")
+                         f"joined with '+', e.g. sdm+mlm+id (a method's losses: methods/<name>/options.py)")
     return names

@@ -36,7 +36,6 @@ CONFIG_FILE = "configs.yaml"
 LOG_FILE = "train_log.txt"
 TEST_LOG_FILE = "test_log.txt"
 METRICS_FILE = "metrics.jsonl"
-CCD_FILE = "ccd.jsonl"  # RDE: one line per epoch with CCD's clean / noisy split
 TEST_METRICS_FILE = "test_metrics.json"
 CHECKPOINT_SUFFIX = ".pth"
 BEST = "best"
@@ -332,9 +331,17 @@ def finite_number(value: Any) -> Optional[float]:
     return float(value)
 
 
+def records_file(name: str) -> str:
+    """The file of a method's per-epoch records named ``name`` (a training hook's log, e.g. ``records_file("ccd")``
+    = ``ccd.jsonl``), appended and trimmed like ``metrics.jsonl`` (:func:`append_metrics`, :func:`drop_metrics_from`)."""
+    if not name or any(c in name for c in "/\\.") or name == METRICS_FILE.split(".")[0]:
+        raise ValueError(f"records_file({name!r}): expected a plain name other than 'metrics'")
+    return name + ".jsonl"
+
+
 def append_metrics(run_dir: str, record: Dict[str, Any], name: str = METRICS_FILE) -> None:
     """Append one evaluation record (one JSON line) to ``<run_dir>/metrics.jsonl`` (or another per-epoch JSON lines
-    file ``name``, e.g. ``CCD_FILE``). A last line cut by an interrupted append is ended first, so the new record
+    file ``name``, e.g. ``records_file(...)``). A last line cut by an interrupted append is ended first, so the new record
     stays on its own line."""
     path = os.path.join(run_dir, name)
     line = json.dumps(record) + "\n"
