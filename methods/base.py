@@ -16,6 +16,7 @@ hook                       called by                                    default 
 ``encode_images/_texts``   Evaluator, Retriever, page, visualize.py     ``{"global": model.encode_image(x)}``
 ``feature_sets``           the same (the names, and the one ranked)     ``("global",)``, ``default_feature_set``
 ``checkpoint_match``       ``model.build.detect_checkpoint_method``     0 (not recognised)
+``checkpoint_backbone``    ``model.build.build_model_from_checkpoint``  ``base_model.*`` (prefix removed)
 ``args_for_checkpoint``    ``model.build.build_model_from_checkpoint``  the args unchanged
 ``test_transform``         ``datasets.build`` eval loaders, Retriever   resize + CLIP mean / std
 ``caption_tokenizer``      ``datasets.build`` eval loaders, Retriever   None: the core's CLIP tokenization
@@ -152,6 +153,14 @@ class Method:
         """How specifically this method recognises a model state dict (keys without ``module.``): 0 = not its
         format; among the methods that recognise it, the highest number wins."""
         return 0
+
+    def checkpoint_backbone(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The backbone weights of a trained checkpoint of this method, in CLIP's key names for the image tower (what
+        ``build_model`` gets as ``clip_state_dict`` and ``model.pretrained.check_image_grid`` checks). Default:
+        IRRA's ``base_model.*``, prefix removed."""
+        from model.pretrained import clip_state_dict_from_checkpoint
+
+        return clip_state_dict_from_checkpoint(state_dict)
 
     def args_for_checkpoint(self, args: argparse.Namespace, state_dict: Dict[str, torch.Tensor]
                             ) -> argparse.Namespace:

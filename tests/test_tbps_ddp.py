@@ -24,7 +24,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
     batch = W.global_batch()
     one = W.run(W.build(), batch)
-    for k, v in one["losses"].items():
+    for k, v in one["losses"].items():  # (temperature too)
         if k == "id_loss":  # each rank's own samples; the mean over ranks is the global mean
             got = sum(r["losses"][k] for r in ranks) / WORLD
         else:

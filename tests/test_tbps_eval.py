@@ -5,6 +5,7 @@ import json
 import os
 import os.path as op
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -91,3 +92,22 @@ def test_eval_transform_is_bicubic_with_imagenet_statistics(synth_test):
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     torch.testing.assert_close(x, (ref - mean) / std, atol=1e-5, rtol=0)
+
+
+def test_test_py_on_a_checkpoint_with_no_run_directory(synth_test, want, tmp_path):
+    """``python test.py --method tbps --checkpoint <file> --dataset_name ... --img_size H W``: TBPS's numbers, recorded
+    next to the checkpoint."""
+    from tests.conftest import test_script
+    ckpt = tmp_path / "tbps_checkpoint.pth"
+    shutil.copy(CKPT, ckpt)
+    h, w = want["input_resolution"]
+    got = test_script.main(["--method", "tbps", "--checkpoint", str(ckpt), "--dataset_name", "SynthPEDES",
+                            "--root_dir", os.path.dirname(synth_test.dataset_dir), "--img_size", str(h), str(w),
+                            "--head_width", "32", "--device", "cpu", "--num_workers", "0"])
+    m = want["metrics"]
+    assert (got["R1"], got["R5"], got["R10"]) == pytest.approx((m["r1"], m["r5"], m["r10"]), abs=1e-4)
+    assert got["mAP"] == pytest.approx(m["mAP"], abs=1e-3)
+    with open(tmp_path / "test_metrics.json") as f:
+        assert json.load(f)["tbps_checkpoint.pth"]["R1"] == pytest.approx(m["r1"], abs=1e-4)
+    with pytest.raises(SystemExit):  # train.py's options only without --config_file
+        test_script.main(["--config_file", str(tmp_path), "--img_size", "64", "32"])

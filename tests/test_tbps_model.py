@@ -67,7 +67,8 @@ def test_losses_and_gradients_match_tbps(fx, sd, variant):
         model = build(sd, VARIANTS[variant])
         model.train()
         ret = model(batch_of(fx), alpha)
-        assert set(ret) == set(want["losses"])
+        assert set(ret) == set(want["losses"]) | {"temperature"}
+        assert ret["temperature"].item() == pytest.approx(0.07, rel=1e-6)
         for k, v in want["losses"].items():
             assert ret[k].item() == pytest.approx(v, rel=1e-5, abs=1e-6), (variant, alpha, k)
         sum_losses(ret).backward()

@@ -86,6 +86,16 @@ class TBPSHook(TrainHook):
         return batch
 
 
+class CaptionTokenizer:
+    """TBPS's test-time caption -> ids [text_length]: ``pre_caption`` (77 words), then TBPS's ``tokenize``."""
+
+    def __init__(self, text_length: int = 77) -> None:
+        self.text_length = int(text_length)
+
+    def __call__(self, caption: str) -> torch.Tensor:
+        return tokenize(pre_caption(caption, PRE_CAPTION_MAX_WORDS), get_tokenizer(), self.text_length)
+
+
 class TBPSMethod(Method):
     name = "tbps"
 
@@ -129,12 +139,32 @@ class TBPSMethod(Method):
         return eval_transform(args.img_size)
 
     def caption_tokenizer(self, args: argparse.Namespace) -> Optional[Callable[[str], torch.Tensor]]:
-        tok, length = get_tokenizer(), args.text_length
-        return lambda caption: tokenize(pre_caption(caption, PRE_CAPTION_MAX_WORDS), tok, length)
+        return CaptionTokenizer(args.text_length)
 
     def checkpoint_match(self, state_dict: Dict[str, torch.Tensor]) -> int:
         """TBPS's layout: ``visual.proj`` and ``encode_text.text_projection``."""
         return 3 * int(is_tbps_state_dict(state_dict))
+
+    def checkpoint_backbone(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """TBPS's weights as they are (its image tower's keys are CLIP's, ``visual.*``)."""
+        return state_dict
+
+    def args_for_checkpoint(self, args: argparse.Namespace, state_dict: Dict[str, torch.Tensor]
+                            ) -> argparse.Namespace:
+        """The heads the weights have: ``ss`` (and ``--simclr_mlp`` from its shapes) with ``simclr_mlp.*``, ``id``
+        with ``classifier.*`` (so that the model holds every weight of the checkpoint); the rest as given."""
+        tasks = list(parse_loss_names(args.loss_names, O.LOSSES))
+        changes: Dict[str, Any] = {}
+        if "simclr_mlp.0.weight" in state_dict:
+            hidden, d_in = state_dict["simclr_mlp.0.weight"].shape
+            changes["simclr_mlp"] = (int(d_in), int(hidden), int(state_dict["simclr_mlp.2.weight"].shape[0]))
+            tasks += ["ss"] if "ss" not in tasks else []
+        if "classifier.weight" in state_dict and "id" not in tasks:
+            tasks.append("id")
+        if args.simplified and set(tasks) != set(O.SIMPLIFIED_LOSSES.split("+")):
+            changes["simplified"] = False
+        changes["loss_names"] = "+".join(tasks)
+        return args.replace(**changes)
 
 
 METHOD = TBPSMethod()

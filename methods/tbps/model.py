@@ -256,6 +256,7 @@ class TBPS(nn.Module):
         if cfg.id:  # this rank's samples (DDP's averaging makes it the global mean)
             id_loss = L.compute_id(self.classifier(image_features), self.classifier(text_features), ids)
             ret["id_loss"] = id_loss * cfg.id_ratio
+        ret["temperature"] = 1 / logit_scale.detach()  # logged (not a loss)
         return ret
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
