@@ -90,6 +90,7 @@ class Method:
     feature_sets: Tuple[str, ...] = ("global",)
     default_feature_set: str = "global"
     sample_index: bool = False
+    reads_pretrain_file: bool = False  # True: build_model reads a --pretrain_choice file itself (its own formats)
 
     # ----- model -----
     def build_model(self, args: argparse.Namespace, num_classes: int,

@@ -375,9 +375,10 @@ def build_model(args: argparse.Namespace, num_classes: int, device: Optional[Uni
         raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     device = torch.device(device) if device is not None else resolve_device(args.device)
     irra_state_dict = None
-    if clip_state_dict is None and is_pretrained_file(args.pretrain_choice):
+    method = get_method(args.method)
+    if clip_state_dict is None and is_pretrained_file(args.pretrain_choice) and not method.reads_pretrain_file:
         clip_state_dict, irra_state_dict = _read_pretrain_file(args)  # the file is read once
-    model = get_method(args.method).build_model(args, num_classes, clip_state_dict=clip_state_dict)
+    model = method.build_model(args, num_classes, clip_state_dict=clip_state_dict)
     if irra_state_dict is not None:
         _load_irra_pretrain(model, irra_state_dict, args.pretrain_choice)
     if args.grad_checkpointing:

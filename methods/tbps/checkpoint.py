@@ -154,15 +154,14 @@ def build_tbps(pretrain: str, image_size: Sequence[int], losses: Optional[TBPSLo
                simclr_mlp: Optional[Sequence[int]] = None, num_classes: Optional[int] = None,
                download_root: Optional[str] = None) -> TBPS:
     """A TBPS model to train or evaluate, from ``pretrain``: a TBPS checkpoint file (architecture and weights from
-    it; its heads kept when their shapes fit), an OpenAI CLIP name / file (TBPS's ``original_clip`` loading) or
-    ``scratch:<arch>`` (random weights). ``simclr_mlp`` / ``num_classes`` size the SS head and ID classifier when
-    the weights do not have them (or have them at another size)."""
+    it; its SS head kept, its classifier kept when it has ``num_classes`` classes), an OpenAI CLIP name / file
+    (TBPS's ``original_clip`` loading) or ``scratch:<arch>`` (random weights). ``simclr_mlp`` / ``num_classes`` size
+    the SS head and ID classifier that the weights do not have (a classifier of another size is made anew)."""
     losses = losses if losses is not None else TBPSLossConfig()
     sd = _try_read_tbps(pretrain) if os.path.isfile(pretrain) else None
     if sd is not None:
         arch = arch_from_state_dict(sd, image_size, head_width, text_length)
-        if simclr_mlp is not None and arch.simclr_mlp != tuple(simclr_mlp):
-            sd = {k: v for k, v in sd.items() if not k.startswith("simclr_mlp.")}
+        if simclr_mlp is not None and arch.simclr_mlp is None:
             arch.simclr_mlp = tuple(int(d) for d in simclr_mlp)
         if num_classes is not None and arch.num_classes != num_classes:
             sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}

@@ -77,10 +77,16 @@ class TBPSHook(TrainHook):
                                          args.warmup_epochs, args.lr * args.warmup_factor)
         self.ratios = [g["lr"] / args.lr for g in state.optimizer.param_groups]
 
-    def before_step(self, state: TrainState, batch: Dict[str, Any]) -> Dict[str, Any]:
+    def set_lr(self, state: TrainState) -> None:
         lr = self.schedule[min(state.global_step, len(self.schedule) - 1)]
         for group, ratio in zip(state.optimizer.param_groups, self.ratios):
             group["lr"] = lr * ratio
+
+    def before_epoch(self, state: TrainState) -> None:
+        self.set_lr(state)  # the epoch's first lr is the one the trainer logs for the epoch
+
+    def before_step(self, state: TrainState, batch: Dict[str, Any]) -> Dict[str, Any]:
+        self.set_lr(state)
         ratio = state.args.softlabel_ratio
         batch["alpha"] = ratio * min(1.0, state.iteration / state.iters_per_epoch) if state.epoch == 1 else ratio
         return batch
@@ -98,6 +104,7 @@ class CaptionTokenizer:
 
 class TBPSMethod(Method):
     name = "tbps"
+    reads_pretrain_file = True  # TBPS checkpoints, OpenAI CLIP files (methods/tbps/checkpoint.py:build_tbps)
 
     def build_model(self, args: argparse.Namespace, num_classes: int,
                     clip_state_dict: Optional[Dict[str, torch.Tensor]] = None) -> nn.Module:

@@ -58,8 +58,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--nitc_ratio", type=float, default=1.0, help="weight of the N-ITC loss")
     group.add_argument("--ss_ratio", type=float, default=0.4, help="weight of the SS (SimCLR) loss")
     group.add_argument("--simclr_temperature", type=float, default=0.1, help="SS temperature")
-    group.add_argument("--simclr_mlp", type=int, nargs=3, default=(512, 128, 512), metavar=("IN", "HIDDEN", "OUT"),
-                       help="SS projection head widths; IN is the embedding width (TBPS: 512 128 512)")
+    group.add_argument("--simclr_mlp", type=int, nargs="+", default=(512, 128, 512), metavar="WIDTH",
+                       help="SS projection head widths IN HIDDEN OUT; IN is the embedding width (TBPS: 512 128 512); "
+                            "a TBPS checkpoint's own head wins")
     group.add_argument("--citc_lambda1", type=float, default=0.25, help="C-ITC in-modal weight")
     group.add_argument("--citc_lambda2", type=float, default=0.25, help="C-ITC cross-modal weight")
     group.add_argument("--citc_ratio", type=float, default=0.1, help="weight of the C-ITC loss")
@@ -88,7 +89,7 @@ def check_options(args: argparse.Namespace, tasks: Sequence[str]) -> List[Tuple[
             ("ritc_eps", args.ritc_eps > 0, "> 0"),
             ("tbps_dropout", 0.0 <= args.tbps_dropout < 1.0, "in [0, 1)"),
             ("head_width", args.head_width >= 1, ">= 1"),
-            ("simclr_mlp", min(args.simclr_mlp) >= 1, "three widths >= 1")]
+            ("simclr_mlp", len(args.simclr_mlp) == 3 and min(args.simclr_mlp) >= 1, "three widths >= 1 (IN HIDDEN OUT)")]
 
 
 def loss_set(args: argparse.Namespace, tasks: Sequence[str]) -> Tuple[str, ...]:
