@@ -111,3 +111,15 @@ def test_finetune_from_a_tbps_checkpoint_then_test_py(tiny_cuhk_root, tmp_path):
     assert get_method("tbps").checkpoint_match(last) > get_method("irra").checkpoint_match(last)
     metrics = test_script.main(["--config_file", run, "--checkpoint", os.path.join(run, "last.pth")])
     assert 0 <= metrics["R1"] <= 100 and metrics["R10"] >= metrics["R1"]
+
+
+@pytest.mark.parametrize("name", ["tbps_cuhk_pedes", "tbps_icfg_pedes", "tbps_rstpreid", "tbps_demo"])
+def test_recipes_parse(name):
+    from utils.options import get_args
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.yaml")
+    a = get_args(["--config", path])
+    assert a.method == "tbps" and a.loss_names == "nitc+mvs+ss+citc+ritc"
+    if name != "tbps_demo":  # the paper recipe is TBPS's config.yaml: the method's defaults, but amp and val on test
+        d = default_args(method="tbps", dataset_name=a.dataset_name)
+        differ = {k for k, v in vars(a).items() if vars(d)[k] != v}
+        assert differ <= {"precision", "test_batch_size", "name", "num_workers", "config"}, differ

@@ -20,7 +20,6 @@ with a warning (:func:`caption_augment`); a caption with no back-translation sta
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch

@@ -89,7 +89,8 @@ def check_options(args: argparse.Namespace, tasks: Sequence[str]) -> List[Tuple[
             ("ritc_eps", args.ritc_eps > 0, "> 0"),
             ("tbps_dropout", 0.0 <= args.tbps_dropout < 1.0, "in [0, 1)"),
             ("head_width", args.head_width >= 1, ">= 1"),
-            ("simclr_mlp", len(args.simclr_mlp) == 3 and min(args.simclr_mlp) >= 1, "three widths >= 1 (IN HIDDEN OUT)")]
+            ("simclr_mlp", len(args.simclr_mlp) == 3 and min(args.simclr_mlp) >= 1,
+             "three widths >= 1 (IN HIDDEN OUT)")]
 
 
 def loss_set(args: argparse.Namespace, tasks: Sequence[str]) -> Tuple[str, ...]:
