@@ -380,9 +380,38 @@ def real_correspondences(noisy_index, noisy_rate: float = 0.0):
     """noisy_index [N] -> int array [N], 1 where row i kept its own caption; logs the clean / noisy counts."""
     import numpy as np
     real = (np.asarray(noisy_index) == np.arange(len(noisy_index))).astype(np.int64)
-    logger.info("=> noisy rate %s: clean pairs %d, noisy pairs %d, total pairs %d", noisy_rate, int(real.sum()),
-                len(real) - int(real.sum()), len(real))
+    logger.info("=> noisy rate %s (measured %.4f): clean pairs %d, noisy pairs %d, total pairs %d", noisy_rate,
+                measured_noisy_rate(real), int(real.sum()), len(real) - int(real.sum()), len(real))
     return real
+
+
+# A file drawn at rate r moves int(r * N) rows, permuted among themselves; a moved row that draws its own caption back
+# stays clean (a random permutation keeps about one element in place; 9 or more with probability ~1e-6). So a file
+# whose noisy rows are within 1 (rounding) + 8 rows of r * N is taken to be at rate r.
+NOISY_RATE_SLACK_ROWS = 1 + 8
+
+
+def measured_noisy_rate(real) -> float:
+    """The noise rate a training set really has: real_correspondences [N] (1 = row i kept its own caption, RDE's
+    definition) -> the fraction of rows that did not; 0.0 for no rows."""
+    import numpy as np
+    real = np.asarray(real)
+    return float((real == 0).sum() / len(real)) if len(real) else 0.0
+
+
+def check_noisy_rate(noisy_index, noisy_rate: float, path: str) -> float:
+    """Compare the noise rate of an index file with ``--noisy_rate``; returns the measured rate. The file wins (RDE
+    reads it whatever the rate), but a file whose noisy rows differ from ``noisy_rate * N`` by more than
+    :data:`NOISY_RATE_SLACK_ROWS` gets a warning naming both rates and the file."""
+    import numpy as np
+    index = np.asarray(noisy_index)
+    moved = int((index != np.arange(len(index))).sum())
+    measured = moved / len(index) if len(index) else 0.0
+    if abs(moved - float(noisy_rate) * len(index)) > NOISY_RATE_SLACK_ROWS:
+        logger.warning("--noisy_file %s permutes %.4f of the %d training pairs, but --noisy_rate is %s: training "
+                       "uses the file's rate %.4f (the run records it as noisy_rate_measured)", path, measured,
+                       len(index), noisy_rate, measured)
+    return measured
 
 
 def noisy_correspondence_index(nums: int, noisy_rate: float, noisy_file: Optional[str] = None, seed: int = 0):
@@ -395,6 +424,7 @@ def noisy_correspondence_index(nums: int, noisy_rate: float, noisy_file: Optiona
         if noisy_file and op.exists(noisy_file):
             logger.info("=> noisy index loaded from %s", noisy_file)
             noisy_index = load_noisy_index(noisy_file, nums)
+            check_noisy_rate(noisy_index, noisy_rate, noisy_file)
         else:
             noisy_index = draw_noisy_index(nums, noisy_rate, seed)
             if noisy_file:

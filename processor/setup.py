@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from datasets import build_dataloader
+from datasets.bases import measured_noisy_rate
 from methods.registry import get_method
 from model.build import build_model
 from solver import build_optimizer
@@ -145,13 +146,17 @@ def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
     logger.info("environment: %s", describe_environment(args.environment))
     logger.info("Using %d process(es) on %s; run dir %s", get_world_size(), device, args.output_dir)
     logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+
+    train_loader, val_img_loader, val_txt_loader, num_classes = build_dataloader(args)
+    # the noise rate the training pairs really have (a --noisy_file may not match --noisy_rate): saved in
+    # configs.yaml, ignored when that file is reused, as the environment
+    real = train_loader.dataset.real_correspondences
+    args = args.replace(noisy_rate_measured=0.0 if real is None else measured_noisy_rate(real))
     if is_main_process():
         if args.resume:
             warn_config_changes(args, os.path.join(args.output_dir, CONFIG_FILE), logger)
         else:
             save_train_configs(args.output_dir, args)
-
-    train_loader, val_img_loader, val_txt_loader, num_classes = build_dataloader(args)
     model = build_model(args, num_classes, device=device)
     logger.info("Total params: %.2fM", sum(p.numel() for p in model.parameters()) / 1e6)
     model.to(device)

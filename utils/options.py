@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: fp16 weights (the original's convert_weights) on an accelerator, fp32 on the CPU")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--method", default=DEFAULT_METHOD, choices=tuple(METHODS),
-                        help="the method trained / evaluated (methods/registry.py); a loss name that only one method "
-                             "has selects it (e.g. --loss_names tal: rde)")
+                        help="the method trained / evaluated (methods/registry.py); with the default, a loss name "
+                             "that only another method has selects that method")
 
     ######################## model general settings ########################
     parser.add_argument("--pretrain_choice", default="ViT-B/16",
@@ -69,17 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     ## augmentations of IRRA's successors (datasets/augment.py), off by default
     parser.add_argument("--txt_aug_word_drop_rate", type=float, default=0.0,
                         help="random word deletion: each word of a caption dropped with this probability "
-                             "(EDA's random deletion; TBPS-CLIP's eda_alpha 0.05); 0 = off")
+                             "(EDA's random deletion; README: Augmentations); 0 = off")
     parser.add_argument("--txt_aug_word_drop_apply_prob", type=float, default=WORD_DROP_APPLY_PROB,
-                        help="probability that word deletion is applied to a caption (TBPS-CLIP: every caption, 1.0)")
+                        help="probability that word deletion is applied to a caption (1.0: every caption)")
     parser.add_argument("--txt_aug_backtrans_prob", type=float, default=0.0,
                         help="probability that a train caption is replaced by its back-translation (the annotation "
-                             "entry's 'captions_bt'; TBPS-CLIP: 0.1); 0 = off")
+                             "entry's 'captions_bt'); 0 = off")
     parser.add_argument("--txt_aug", default=False, action="store_true",
                         help="token augmentation: each token hit with p 0.2, then masked 60%% / replaced by a random "
-                             "token 20%% / deleted 20%% (the noisy-correspondence recipe of RDE, CVPR 2024)")
+                             "token 20%% / deleted 20%% (the noisy-correspondence recipe's; README)")
     parser.add_argument("--img_aug_pool", default=False, action="store_true",
-                        help=f"TBPS-CLIP's image augmentation: --img_aug_pool_ops ops per sample drawn from "
+                        help=f"image augmentation pool: --img_aug_pool_ops ops per sample drawn from "
                              f"{list(IMG_AUG_POOL)}; replaces the train pipeline (--img_aug included)")
     parser.add_argument("--img_aug_pool_ops", type=int, default=IMG_AUG_POOL_OPS,
                         help=f"how many distinct ops of the pool each sample gets (1..{len(IMG_AUG_POOL)})")
@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ######################## noisy correspondences (README "Noisy correspondences") ########################
     parser.add_argument("--noisy_rate", type=float, default=0.0,
-                        help="fraction of train pairs whose captions are permuted among themselves (RDE's default 0.2; "
-                             "ours 0 = no noise)")
+                        help="fraction of train pairs whose captions are permuted among themselves (the noisy-"
+                             "correspondence benchmark's 0.2; ours 0 = no noise)")
     parser.add_argument("--noisy_file", default="",
                         help="noise index .npy (row i gets the caption of row noisy_index[i]); read if it exists, "
                              "else drawn from --seed and --noisy_rate and written there")
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Keys of a configs.yaml that are no option (the run's state, not something to parse).
-NOT_OPTIONS = ("distributed", "environment")
+NOT_OPTIONS = ("distributed", "environment", "noisy_rate_measured")
 _BOOL_WORDS = {"true": True, "false": False}
 
 

@@ -53,7 +53,7 @@ SETUP_FILES = (CONFIG_FILE, LOG_FILE, LOCK_FILE)
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, TEST_METRICS_FILE, *CHECKPOINTS)
 # Keys a saved configs.yaml carries that describe the run's state, not an option to reuse.
 RUN_STATE_KEYS = ("config", "distributed", "training", "resume", "resume_ckpt_file", "local_rank", "stop_epoch",
-                  "environment")
+                  "environment", "noisy_rate_measured")
 # Temporary files of atomic_write: ".<name>.<pid>.<random>.tmp" beside the file they replace.
 TMP_SUFFIX = ".tmp"
 
