@@ -14,7 +14,7 @@ from datasets import build_dataloader
 from methods.registry import get_method
 from model.build import build_model_from_checkpoint
 from processor.processor import do_inference
-from utils.checkpoint import model_state_dict, read_checkpoint
+from utils.checkpoint import model_state_dict
 from utils.cli import run_main
 from utils.comm import resolve_device
 from utils.env import describe_environment, environment_info
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     logger.info("environment: %s", describe_environment(environment_info(device)))
     # the checkpoint first: an unreadable file or one that does not fit the config fails before the data is read
-    checkpoint = read_checkpoint(ckpt)  # read once: weights, classes, backbone and epoch all come from it
+    checkpoint = get_method(args.method).read_checkpoint(ckpt)  # read once: weights, classes, backbone and epoch
     weights = model_state_dict(checkpoint)
     epoch = checkpoint.get("epoch")  # None in a checkpoint without one (the original's)
     # the backbone is rebuilt from the checkpoint itself (no pretrained CLIP file), its grid checked against the config

@@ -16,6 +16,7 @@ hook                       called by                                    default 
 ``encode_images/_texts``   Evaluator, Retriever, page, visualize.py     ``{"global": model.encode_image(x)}``
 ``feature_sets``           the same (the names, and the one ranked)     ``("global",)``, ``default_feature_set``
 ``checkpoint_match``       ``model.build.detect_checkpoint_method``     0 (not recognised)
+``read_checkpoint``        ``test.py``                                  ``utils.checkpoint.read_checkpoint``
 ``checkpoint_backbone``    ``model.build.build_model_from_checkpoint``  ``base_model.*`` (prefix removed)
 ``args_for_checkpoint``    ``model.build.build_model_from_checkpoint``  the args unchanged
 ``test_transform``         ``datasets.build`` eval loaders, Retriever   resize + CLIP mean / std
@@ -154,6 +155,13 @@ class Method:
         """How specifically this method recognises a model state dict (keys without ``module.``): 0 = not its
         format; among the methods that recognise it, the highest number wins."""
         return 0
+
+    def read_checkpoint(self, path: str) -> Dict[str, Any]:
+        """A checkpoint file of this method as ``{"model": state_dict, ...}`` (``test.py``). Default:
+        ``utils.checkpoint.read_checkpoint`` (``torch.load(weights_only=True)``)."""
+        from utils.checkpoint import read_checkpoint
+
+        return read_checkpoint(path)
 
     def checkpoint_backbone(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The backbone weights of a trained checkpoint of this method, in CLIP's key names for the image tower (what

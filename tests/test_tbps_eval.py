@@ -94,12 +94,27 @@ def test_eval_transform_is_bicubic_with_imagenet_statistics(synth_test):
     torch.testing.assert_close(x, (ref - mean) / std, atol=1e-5, rtol=0)
 
 
-def test_test_py_on_a_checkpoint_with_no_run_directory(synth_test, want, tmp_path):
+@pytest.mark.parametrize("layout", ["model_only", "tbps_training"])
+def test_test_py_on_a_checkpoint_with_no_run_directory(synth_test, want, tmp_path, monkeypatch, layout):
     """``python test.py --method tbps --checkpoint <file> --dataset_name ... --img_size H W``: TBPS's numbers, recorded
-    next to the checkpoint."""
+    next to the checkpoint; for {"model": ...} and for TBPS's training checkpoint {"model", "optimizer", "config":
+    EasyDict} (read without the easydict package)."""
     from tests.conftest import test_script
     ckpt = tmp_path / "tbps_checkpoint.pth"
-    shutil.copy(CKPT, ckpt)
+    if layout == "model_only":
+        shutil.copy(CKPT, ckpt)
+    else:
+        import sys
+
+        from tests.test_tbps_model import EASYDICT
+        (tmp_path / "easydict.py").write_text(EASYDICT)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        import easydict
+        sd = read_tbps_checkpoint(CKPT)
+        torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []},
+                    "config": easydict.EasyDict({"model": {"embed_dim": 32}})}, ckpt)
+        monkeypatch.delitem(sys.modules, "easydict")
+        monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
     h, w = want["input_resolution"]
     got = test_script.main(["--method", "tbps", "--checkpoint", str(ckpt), "--dataset_name", "SynthPEDES",
                             "--root_dir", os.path.dirname(synth_test.dataset_dir), "--img_size", str(h), str(w),

@@ -17,6 +17,8 @@ from methods.tbps.checkpoint import arch_from_state_dict, build_tbps, is_tbps_st
 from methods.tbps.data import TBPSTrainDataset, eval_transform
 from methods.tbps.functions import PRE_CAPTION_MAX_WORDS, cosine_scheduler, pre_caption
 from methods.tbps.model import TBPS, TBPSLossConfig
+from methods.tbps.safe_load import load_tbps_file
+from utils.checkpoint import CheckpointReadError
 from utils.choices import parse_loss_names
 from utils.simple_tokenizer import get_tokenizer, tokenize
 
@@ -151,6 +153,14 @@ class TBPSMethod(Method):
     def checkpoint_match(self, state_dict: Dict[str, torch.Tensor]) -> int:
         """TBPS's layout: ``visual.proj`` and ``encode_text.text_projection``."""
         return 3 * int(is_tbps_state_dict(state_dict))
+
+    def read_checkpoint(self, path: str) -> Dict[str, Any]:
+        """Ours, and TBPS's training checkpoints (``{"model", "optimizer", "config": EasyDict}``, read through the
+        whitelisting unpickler of ``methods/tbps/safe_load.py``)."""
+        obj = load_tbps_file(path)
+        if not isinstance(obj, dict):
+            raise CheckpointReadError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
+        return obj if isinstance(obj.get("model"), dict) else {"model": obj}
 
     def checkpoint_backbone(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """TBPS's weights as they are (its image tower's keys are CLIP's, ``visual.*``)."""
