@@ -78,6 +78,16 @@ def test_losses_and_gradients_match_tbps(fx, sd, variant):
         assert model.scale().item() == pytest.approx(want["logit_scale_after"], rel=1e-6)
 
 
+def test_host_side_caption_cut_gives_the_same_losses(fx, sd):
+    model = build(sd)
+    batch = batch_of(fx)
+    with torch.no_grad():
+        a = model(batch, 0.5)
+        b = model({**batch, **model.host_lengths(batch)}, 0.5)
+    assert model.host_lengths(batch)["caption_cut"] < 77
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_conv1_is_not_updated_by_a_step(fx, sd):
     model = build(sd)
     model.train()

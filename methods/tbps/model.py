@@ -216,7 +216,8 @@ class TBPS(nn.Module):
         def gather(x: torch.Tensor) -> torch.Tensor:
             return gather_with_grad(x) if world > 1 else x
 
-        text = cut_captions(batch["caption_ids"])
+        cut = batch.get("caption_cut")  # from host_lengths (the trainer, on the host): no device-to-host copy here
+        text = batch["caption_ids"][:, :cut] if cut is not None else cut_captions(batch["caption_ids"])
         ids = batch["pids"] if "pids" in batch else batch["id"]
         image_features = self.encode_image(batch["images"] if "images" in batch else batch["image"])  # [B, D]
         text_features = self.encode_text(text)  # [B, D]
@@ -258,6 +259,12 @@ class TBPS(nn.Module):
             ret["id_loss"] = id_loss * cfg.id_ratio
         ret["temperature"] = 1 / logit_scale.detach()  # logged (not a loss)
         return ret
+
+    @staticmethod
+    def host_lengths(batch: Dict[str, torch.Tensor]) -> Dict[str, int]:
+        """``{"caption_cut": l}`` of a host-side batch (see :func:`cut_captions`), so that the step reads no length
+        from the device."""
+        return {"caption_cut": int(batch["caption_ids"].argmax(dim=-1).max()) + 1}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of the image and text transformers' blocks (the text blocks' attention dropout
