@@ -27,7 +27,8 @@ from utils.iotools import check_output_dir, make_output_dir, save_train_configs
 from utils.logger import setup_logger
 from utils.metrics import Evaluator
 from utils.options import warn_config_changes
-from utils.run_dir import CONFIG_FILE, SETUP_FILES, RunLock
+from utils.run_dir import CONFIG_FILE, SETUP_FILES
+from utils.run_lock import RunLock
 
 
 
@@ -117,7 +118,7 @@ def build_training(args) -> TrainingParts:
     scheduler, checkpointer and evaluator, and resume when asked. A failure before training starts removes the new
     run directory (the error stays on the console).
 
-    Rank 0 takes the run directory's lock (``utils.run_dir.RunLock``) before it writes anything there: a second
+    Rank 0 takes the run directory's lock (``utils.run_lock.RunLock``) before it writes anything there: a second
     process training or resuming in the same run stops at once (``RunLockedError``). The returned parts hold it in
     ``run_lock``; release it when training ends (``with parts.run_lock:``), or the process's end does."""
     device = init_distributed(args.device)

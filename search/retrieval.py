@@ -34,7 +34,7 @@ from utils.checkpoint import read_model_state_dict
 from utils.comm import resolve_device
 from utils.options import load_config_args
 from utils.run_dir import BEST_CHECKPOINT, GALLERY_CACHE_DIR, atomic_write, check_writable, resolve_run
-from search.gallery import IMAGE_EXTENSIONS, ImageFileDataset, collate_skip_unreadable, list_images  # noqa: F401
+from search.gallery import ImageFileDataset, collate_skip_unreadable, list_images
 from utils.simple_tokenizer import SimpleTokenizer, get_tokenizer, tokenize
 
 logger = logging.getLogger("IRRA.retrieval")
