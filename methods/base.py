@@ -15,7 +15,7 @@ hook                       called by                                    default 
 ``build_train_set``        ``datasets.build.build_train_loader``        None: the core's ImageText(MLM)Dataset
 ``encode_images/_texts``   Evaluator, Retriever, page, visualize.py     ``{"global": model.encode_image(x)}``
 ``feature_sets``           the same (the names, and the one ranked)     ``("global",)``, ``default_feature_set``
-``checkpoint_match``       ``model.build.detect_checkpoint_method``     0 (not recognised)
+``checkpoint_match``       ``model.build.checkpoint_methods``           0 (not recognised)
 ``read_checkpoint``        ``test.py``                                  ``utils.checkpoint.read_checkpoint``
 ``checkpoint_backbone``    ``model.build.build_model_from_checkpoint``  ``base_model.*`` (prefix removed)
 ``args_for_checkpoint``    ``model.build.build_model_from_checkpoint``  the args unchanged
