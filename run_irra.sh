@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # IRRA paper recipe.   bash run_irra.sh [demo | CUHK-PEDES | ICFG-PEDES | RSTPReid] [extra train.py options]
 # RDE's recipe:        [NOISY_RATE=0.5] bash run_irra.sh rde [CUHK-PEDES | ICFG-PEDES | RSTPReid]   |   bash run_irra.sh rde_demo
+# TBPS-CLIP's recipe:  bash run_irra.sh tbps [CUHK-PEDES | ICFG-PEDES | RSTPReid]   |   bash run_irra.sh tbps_demo
 # A method's demo:     bash run_irra.sh <method>_demo      (configs/<method>_demo.yaml: rde_demo, clip_itc_demo, ...)
 #   demo         : SynthPEDES (generated on first use) + a from-scratch tiny CLIP, CPU, a few minutes.
 #   a dataset    : the paper's recipe with OpenAI ViT-B/16 weights; the dataset under --root_dir (default ./data).
@@ -49,6 +50,13 @@ if [ "$DATASET_NAME" = "rde" ]; then
     GMM=$(awk -v r="$RATE" -v d="$DATASET_NAME" 'BEGIN { print ((r > 0.4 || d == "RSTPReid") ? "precise" : "fast") }')
     RDE=(--name rde --noisy_rate "$RATE" --noisy_file "./noiseindex/${DATASET_NAME}_${RATE}.npy" --gmm_setting "$GMM")
 fi
+# TBPS-CLIP (configs/tbps_<dataset>.yaml: its config.yaml):  bash run_irra.sh tbps CUHK-PEDES
+TBPS=0
+if [ "$DATASET_NAME" = "tbps" ]; then
+    DATASET_NAME="${1:-CUHK-PEDES}"
+    [ $# -gt 0 ] && shift
+    TBPS=1
+fi
 DEMO_CFG=configs/demo.yaml
 # a method's demo: <method>_demo runs configs/<method>_demo.yaml (rde_demo, clip_itc_demo, ...)
 if [[ "$DATASET_NAME" == *_demo ]] && [ -f "configs/$DATASET_NAME.yaml" ]; then
@@ -76,7 +84,7 @@ case "$DATASET_NAME" in
     CUHK-PEDES) CFG=configs/cuhk_pedes.yaml ;;
     ICFG-PEDES) CFG=configs/icfg_pedes.yaml ;;
     RSTPReid)   CFG=configs/rstpreid.yaml ;;
-    *) echo "run_irra.sh: unknown dataset '$DATASET_NAME'; valid: demo CUHK-PEDES ICFG-PEDES RSTPReid (or rde <dataset>, <method>_demo: $(cd configs && ls *_demo.yaml | sed 's/.yaml//' | tr '\n' ' '))" >&2; exit 2 ;;
+    *) echo "run_irra.sh: unknown dataset '$DATASET_NAME'; valid: demo CUHK-PEDES ICFG-PEDES RSTPReid (or rde <dataset>, tbps <dataset>, <method>_demo: $(cd configs && ls *_demo.yaml | sed 's/.yaml//' | tr '\n' ' '))" >&2; exit 2 ;;
 esac
 
 if [ "${NPROC:-1}" -gt 1 ]; then
@@ -85,7 +93,9 @@ else
     LAUNCH=("$PY")
 fi
 # The paper recipe (as the original run_irra.sh), spelled out; the config file adds nothing else.
-if [ ${#RDE[@]} -gt 0 ]; then  # RDE's run_rde.sh, spelled out likewise (configs/rde_<dataset>.yaml)
+if [ "$TBPS" = 1 ]; then  # TBPS's config/config.yaml is configs/tbps_<dataset>.yaml
+    RECIPE=("${LAUNCH[@]}" train.py --config "${CFG/configs\//configs/tbps_}" --dataset_name "$DATASET_NAME" "$@")
+elif [ ${#RDE[@]} -gt 0 ]; then  # RDE's run_rde.sh, spelled out likewise (configs/rde_<dataset>.yaml)
     RECIPE=("${LAUNCH[@]}" train.py --config "${CFG/configs\//configs/rde_}" "${RDE[@]}" --img_aug --txt_aug
         --batch_size 64 --select_ratio 0.3 --tau 0.015 --margin 0.1 --loss_names tal
         --dataset_name "$DATASET_NAME" --num_epoch 60 "$@")

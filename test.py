@@ -1,5 +1,8 @@
 """Evaluate a trained run:  python test.py --config_file logs/<dataset>/<run>/configs.yaml
 Works with our configs.yaml and the original IRRA's; loads best.pth from the config's directory by default.
+A checkpoint without a run directory (e.g. a method's released weights):
+    python test.py --method <name> --checkpoint <file> --dataset_name <D> --root_dir <R> --img_size H W [options]
+(train.py's options given, and the method's defaults for the others, stand in for the run's configs.yaml).
 The results are also recorded, under the checkpoint's file name, in test_metrics.json next to the checkpoint,
 with the dataset and root they were measured on (checked writable before the evaluation starts).
 """
@@ -11,18 +14,18 @@ from datasets import build_dataloader
 from methods.registry import get_method
 from model.build import build_model_from_checkpoint
 from processor.processor import do_inference
-from utils.checkpoint import model_state_dict, read_checkpoint
+from utils.checkpoint import model_state_dict
 from utils.cli import run_main
 from utils.comm import resolve_device
 from utils.env import describe_environment, environment_info
 from utils.logger import setup_logger
-from utils.options import load_config_args
+from utils.options import get_args, load_config_args
 from utils.run_dir import BEST_CHECKPOINT, check_test_metrics_writable, resolve_run, write_test_metrics
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="IRRA Test")
-    parser.add_argument("--config_file", required=True, help="configs.yaml of a training run, or its run directory")
+    parser.add_argument("--config_file", default=None, help="configs.yaml of a training run, or its run directory")
     parser.add_argument("--checkpoint", default=None, help="default: best.pth next to the config file")
     parser.add_argument("--device", default=None, help="auto | cpu | an accelerator[:N] (default: the run's)")
     parser.add_argument("--root_dir", default=None, help="dataset root (default: the run's)")
@@ -31,11 +34,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--i2t_metric", action="store_true")
     parser.add_argument("--skip_image_check", action="store_true",
                         help="do not open every test image before evaluating (default: the run's setting)")
-    cli = parser.parse_args(argv)
-    run_dir, config_file = resolve_run(cli.config_file)
-    args = load_config_args(config_file, device=cli.device, root_dir=cli.root_dir, num_workers=cli.num_workers,
-                            test_batch_size=cli.test_batch_size, skip_image_check=cli.skip_image_check or None,
-                            training=False, output_dir=run_dir)
+    parser.epilog = ("Without --config_file, any option of train.py (--method, --dataset_name, --img_size, ...) "
+                     "describes the checkpoint; the method's defaults stand for the others.")
+    cli, rest = parser.parse_known_args(argv)
+    common = dict(device=cli.device, root_dir=cli.root_dir, num_workers=cli.num_workers,
+                  test_batch_size=cli.test_batch_size, skip_image_check=cli.skip_image_check or None, training=False)
+    if cli.config_file is not None:
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)} (train.py's options only without --config_file: "
+                         f"the run's configs.yaml has them)")
+        run_dir, config_file = resolve_run(cli.config_file)
+        args = load_config_args(config_file, output_dir=run_dir, **common)
+    elif cli.checkpoint is None:
+        parser.error("pass --config_file (a training run), or --checkpoint with --method, --dataset_name ... "
+                     "(a checkpoint with no run directory)")
+    else:  # train.py's option table with the method's defaults; the results go next to the checkpoint
+        run_dir = os.path.dirname(os.path.abspath(cli.checkpoint))
+        config_file = "the options given"
+        args = get_args(rest + ["--test"]).replace(output_dir=run_dir, **{k: v for k, v in common.items()
+                                                                          if v is not None and k != "training"})
     ckpt = cli.checkpoint or os.path.join(run_dir, BEST_CHECKPOINT)
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"checkpoint {ckpt} not found (pass --checkpoint PATH)")
@@ -46,7 +63,7 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     logger.info("environment: %s", describe_environment(environment_info(device)))
     # the checkpoint first: an unreadable file or one that does not fit the config fails before the data is read
-    checkpoint = read_checkpoint(ckpt)  # read once: weights, classes, backbone and epoch all come from it
+    checkpoint = get_method(args.method).read_checkpoint(ckpt)  # read once: weights, classes, backbone and epoch
     weights = model_state_dict(checkpoint)
     epoch = checkpoint.get("epoch")  # None in a checkpoint without one (the original's)
     # the backbone is rebuilt from the checkpoint itself (no pretrained CLIP file), its grid checked against the config

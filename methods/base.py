@@ -15,7 +15,9 @@ hook                       called by                                    default 
 ``build_train_set``        ``datasets.build.build_train_loader``        None: the core's ImageText(MLM)Dataset
 ``encode_images/_texts``   Evaluator, Retriever, page, visualize.py     ``{"global": model.encode_image(x)}``
 ``feature_sets``           the same (the names, and the one ranked)     ``("global",)``, ``default_feature_set``
-``checkpoint_match``       ``model.build.detect_checkpoint_method``     0 (not recognised)
+``checkpoint_match``       ``model.build.checkpoint_methods``           0 (not recognised)
+``read_checkpoint``        ``test.py``                                  ``utils.checkpoint.read_checkpoint``
+``checkpoint_backbone``    ``model.build.build_model_from_checkpoint``  ``base_model.*`` (prefix removed)
 ``args_for_checkpoint``    ``model.build.build_model_from_checkpoint``  the args unchanged
 ``test_transform``         ``datasets.build`` eval loaders, Retriever   resize + CLIP mean / std
 ``caption_tokenizer``      ``datasets.build`` eval loaders, Retriever   None: the core's CLIP tokenization
@@ -89,6 +91,7 @@ class Method:
     feature_sets: Tuple[str, ...] = ("global",)
     default_feature_set: str = "global"
     sample_index: bool = False
+    reads_pretrain_file: bool = False  # True: build_model reads a --pretrain_choice file itself (its own formats)
 
     # ----- model -----
     def build_model(self, args: argparse.Namespace, num_classes: int,
@@ -152,6 +155,21 @@ class Method:
         """How specifically this method recognises a model state dict (keys without ``module.``): 0 = not its
         format; among the methods that recognise it, the highest number wins."""
         return 0
+
+    def read_checkpoint(self, path: str) -> Dict[str, Any]:
+        """A checkpoint file of this method as ``{"model": state_dict, ...}`` (``test.py``). Default:
+        ``utils.checkpoint.read_checkpoint`` (``torch.load(weights_only=True)``)."""
+        from utils.checkpoint import read_checkpoint
+
+        return read_checkpoint(path)
+
+    def checkpoint_backbone(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The backbone weights of a trained checkpoint of this method, in CLIP's key names for the image tower (what
+        ``build_model`` gets as ``clip_state_dict`` and ``model.pretrained.check_image_grid`` checks). Default:
+        IRRA's ``base_model.*``, prefix removed."""
+        from model.pretrained import clip_state_dict_from_checkpoint
+
+        return clip_state_dict_from_checkpoint(state_dict)
 
     def args_for_checkpoint(self, args: argparse.Namespace, state_dict: Dict[str, torch.Tensor]
                             ) -> argparse.Namespace:

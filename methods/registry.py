@@ -20,6 +20,7 @@ METHODS = {
     "irra": "methods.irra",
     "rde": "methods.rde",
     "clip_itc": "methods.clip_itc",
+    "tbps": "methods.tbps",
 }
 DEFAULT_METHOD = next(iter(METHODS))
 

@@ -23,12 +23,13 @@ from model.clip_model import (LayerNorm, QuickGELU, ResidualAttentionBlock, Tran
 from methods.registry import METHODS, get_method
 from model.lengths import caption_cut, host_lengths, masked_first, mlm_lengths
 from model.pretrained import (BACKBONE_PREFIX, ImagePositions, check_image_grid, checkpoint_num_classes,
-                              clip_state_dict_from_checkpoint, image_grid, image_positions, is_pretrained_file,
+                              image_grid, image_positions, is_pretrained_file,
                               load_pretrained_file, resize_image_pos_embed)
 from utils.choices import PRECISIONS
 from methods.irra.options import LOSSES
 from utils.choices import parse_loss_names
-from utils.checkpoint import count_by_module, load_matching_state_dict, load_state_dict, summarize_names
+from utils.checkpoint import (count_by_module, load_matching_state_dict, load_state_dict, strip_prefix_if_present,
+                              summarize_names)
 from utils.comm import all_reduce_sum, gather_with_grad, get_world_size, resolve_device, scale_grad
 from utils.options import load_config_args
 from utils.run_dir import CONFIG_FILE
@@ -317,9 +318,10 @@ def build_model(args: argparse.Namespace, num_classes: int, device: Optional[Uni
         raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     device = torch.device(device) if device is not None else resolve_device(args.device)
     irra_state_dict = None
-    if clip_state_dict is None and is_pretrained_file(args.pretrain_choice):
+    method = get_method(args.method)
+    if clip_state_dict is None and is_pretrained_file(args.pretrain_choice) and not method.reads_pretrain_file:
         clip_state_dict, irra_state_dict = _read_pretrain_file(args)  # the file is read once
-    model = get_method(args.method).build_model(args, num_classes, clip_state_dict=clip_state_dict)
+    model = method.build_model(args, num_classes, clip_state_dict=clip_state_dict)
     if irra_state_dict is not None:
         _load_irra_pretrain(model, irra_state_dict, args.pretrain_choice)
     if args.grad_checkpointing:
@@ -429,8 +431,9 @@ def build_model_from_checkpoint(args: argparse.Namespace, weights: Dict[str, tor
     if args.method not in kinds:
         raise ValueError(f"{source} is a checkpoint of --method {' / '.join(kinds)} but {config} has --method "
                          f"{args.method} (--loss_names {args.loss_names!r}); use the config of the run that wrote it")
-    args = get_method(args.method).args_for_checkpoint(args, weights)
-    clip_sd = clip_state_dict_from_checkpoint(weights)
+    method = get_method(args.method)
+    args = method.args_for_checkpoint(args, weights)
+    clip_sd = method.checkpoint_backbone(strip_prefix_if_present(weights, "module."))
     check_image_grid(clip_sd, args.img_size, args.stride_size, source=source, config=config)
     num_classes = checkpoint_num_classes(weights)  # None without an id head: the model then has none
     device = torch.device(device) if device is not None else resolve_device(args.device)

@@ -433,23 +433,27 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``); values from ``--config`` act as defaults."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
+    config_keys: set = set()
     if pre.config:
-        parser.set_defaults(**_config_defaults(parser, pre.config))
+        cfg = _config_defaults(parser, pre.config)
+        config_keys = set(cfg)
+        parser.set_defaults(**cfg)
         pre, _ = parser.parse_known_args(argv)
-    _set_method_defaults(parser, pre)
+    _set_method_defaults(parser, pre, config_keys)
     args = parser.parse_args(argv)
     return finalize_args(args)
 
 
-def _set_method_defaults(parser: argparse.ArgumentParser, pre: argparse.Namespace) -> None:
+def _set_method_defaults(parser: argparse.ArgumentParser, pre: argparse.Namespace, config_keys=frozenset()) -> None:
     """The chosen method's option defaults (its ``DEFAULTS``) replace the table's where the command line and the
-    config file did not set them (a --config value is a default too, and wins over the method's)."""
+    config file did not set them (a --config value is a default too, and wins over the method's, even when it equals
+    the table's default: ``config_keys``)."""
     method, _ = (pre.method, None) if pre.method != DEFAULT_METHOD else resolve_method(pre.method, pre.loss_names)
     configured = {a.dest: a.default for a in parser._actions}
     table = build_parser()
     table_defaults = {a.dest: a.default for a in table._actions}
     parser.set_defaults(**{k: v for k, v in method_options(method).DEFAULTS.items()
-                           if configured.get(k) == table_defaults.get(k)})
+                           if k not in config_keys and configured.get(k) == table_defaults.get(k)})
 
 
 def default_args(**overrides) -> argparse.Namespace:
