@@ -251,3 +251,19 @@ def test_a_second_start_of_the_test_split_page_encodes_nothing(tmp_path):
     assert seen == [(5, 6), (0, 0)]
     assert metrics[0] == metrics[1] and metrics[0]["R1"] > 0
     assert sorted(p.name for p in (run / R.CACHE_DIRNAME).glob("*.pt")) == ["test_colours.pt", "test_colours_captions.pt"]
+
+
+def test_the_page_ranks_through_the_retrievers_index_built_at_start(tmp_path):
+    from search.server import SearchPage
+
+    paths, run, ckpt, _ = gallery_and_run(tmp_path)
+    answers = {}
+    for name in ("int8", "exact"):
+        r = R.Retriever(ColourModel(), make_retriever().transform, colour_tokenize, torch.device("cpu"), run_dir=run,
+                        checkpoint=ckpt, search_index=name)
+        page = SearchPage.for_folder(r, tmp_path / "g", progress=False)
+        assert r._index is not None and r._index.kind == name  # built at start, before any query
+        built = r._index
+        answers[name] = [(x["name"], round(x["score"], 6)) for x in page.search("red", k=3)["results"]]
+        assert r._index is built
+    assert answers["int8"] == answers["exact"] and answers["exact"][0][0] == "red.jpg"
