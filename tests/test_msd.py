@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import utils.metrics
 from benchmarks.reference import msd_rank_naive
 from utils.metrics import mSD_rank, rank_from_features
-from utils.msd import MSDAccumulator
+from utils.msd import MSDAccumulator, prefix_sums
 
 CASES = json.loads((Path(__file__).parent / "fixtures" / "ufine" / "msd.json").read_text())
 
@@ -101,3 +101,13 @@ def test_rank_order_is_invariant_and_faithful_is_not():
 def test_accumulator_needs_a_variant():
     with pytest.raises(ValueError, match="faithful and/or rank_order"):
         MSDAccumulator(faithful=False, rank_order=False)
+
+
+@pytest.mark.parametrize("ng,block", [(200, 64), (64, 64), (50, 64), (129, 8)])
+def test_prefix_sums_match_cumsum(ng, block):
+    g = torch.Generator().manual_seed(ng)
+    sim = torch.rand(7, ng, generator=g) * 2 - 1
+    cols = torch.randint(0, ng, (7, 5), generator=g)
+    cols[0] = torch.tensor([0, ng - 1, min(block - 1, ng - 1), min(block, ng - 1), ng // 2])
+    ref = torch.cumsum(sim.double(), 1).gather(1, cols)
+    assert torch.allclose(prefix_sums(sim, cols, block), ref, atol=1e-5)

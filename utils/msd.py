@@ -35,6 +35,28 @@ from typing import Dict, Optional
 import torch
 
 MSD_NAMES = ("mSD", "mSD_rank_order")  # the reported keys: faithful, rank order
+PREFIX_BLOCK = 32  # columns per block of the storage-order prefix sums
+
+
+def prefix_sums(sim: torch.Tensor, cols: torch.Tensor, block: int = PREFIX_BLOCK) -> torch.Tensor:
+    """``out[i, k] = sim[i, :cols[i, k] + 1].sum()`` in float64: sim [c, ng], cols [c, P] int64 -> [c, P].
+
+    Without a cumulative sum of the whole chunk: block sums (one reduction pass, [c, ng // block]), their cumulative
+    sum, plus the part of the row's block up to the column (a [c, P, block] gather)."""
+    c, ng = sim.shape
+    block = max(1, min(block, ng))
+    nb = ng // block
+    blocks = sim[:, :nb * block].reshape(c, nb, block).sum(-1, dtype=torch.float32)  # [c, nb]
+    before = torch.cumsum(blocks.to(torch.float64), 1) - blocks.to(torch.float64)  # [c, nb] sum of earlier blocks
+    b = torch.div(cols, block, rounding_mode="floor")  # [c, P] block of each column
+    start = b * block  # [c, P]
+    base = torch.where(b < nb, before.gather(1, b.clamp(max=nb - 1)),
+                       blocks.to(torch.float64).sum(1, keepdim=True).expand_as(cols))  # [c, P] (b == nb: the tail)
+    offs = torch.arange(block, device=sim.device)  # [block]
+    idx = start[..., None] + offs  # [c, P, block]
+    inside = offs <= (cols - start)[..., None]  # [c, P, block]
+    part = sim.gather(1, idx.clamp(max=ng - 1).view(c, -1)).view(idx.shape).to(torch.float64)  # [c, P, block]
+    return base + (part * inside).sum(-1)
 
 
 class MSDAccumulator:
@@ -81,10 +103,10 @@ class MSDAccumulator:
         n = num_rel.to(torch.float64)  # [c]
         vmask = valid.to(torch.float64)  # [c, P]
         r0 = torch.where(valid, pos_rank - 1, torch.zeros_like(pos_rank)).long()  # [c, P] 0-based ranks
-        total = sim.sum(1, dtype=torch.float64) / 2 + 0.5 * ng  # [c] sum of s over the gallery
+        total = sim.sum(1).to(torch.float64) / 2 + 0.5 * ng  # [c] sum of s over the gallery
         if "mSD" in self.variants:  # storage order: the items stored at the positives' rank positions
             pos = (sim.gather(1, r0).to(torch.float64) / 2 + 0.5) * vmask  # [c, P]
-            prefix = torch.cumsum(sim, 1, dtype=torch.float64).gather(1, r0)  # [c, P] sum(sim[:, :r + 1])
+            prefix = prefix_sums(sim, r0)  # [c, P] sum(sim[:, :r + 1])
             den = prefix / 2 + 0.5 * (r0 + 1).to(torch.float64)
             self._add("mSD", pos, den, total, n, vmask, ng)
         if "mSD_rank_order" in self.variants:  # rank order: the k-th best positive, the r_k + 1 highest s
