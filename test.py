@@ -2,6 +2,11 @@
 Works with our configs.yaml and the original IRRA's; loads best.pth from the config's directory by default.
 The results are also recorded, under the checkpoint's file name, in test_metrics.json next to the checkpoint,
 with the dataset and root they were measured on (checked writable before the evaluation starts).
+
+Cross-domain: ``--dataset_name B [--root_dir R]`` evaluates the run (trained on A) on B's test split with the run's
+own model options (image size, text length, model); the ID classifier is not used, so B's number of identities does
+not matter. The result is recorded as "trained on A, tested on B", beside the in-domain one
+(``utils.run_dir.test_metrics_key``).
 """
 import argparse
 import os
@@ -11,12 +16,14 @@ from datasets import build_dataloader
 from model.build import build_model_from_checkpoint
 from processor.processor import do_inference
 from utils.checkpoint import model_state_dict, read_checkpoint
+from utils.choices import DATASETS, EXTRA_METRICS, check_choice, eval_metrics
 from utils.cli import run_main
 from utils.comm import resolve_device
 from utils.env import describe_environment, environment_info
 from utils.logger import setup_logger
 from utils.options import load_config_args
-from utils.run_dir import BEST_CHECKPOINT, check_test_metrics_writable, resolve_run, write_test_metrics
+from utils.run_dir import (BEST_CHECKPOINT, check_test_metrics_writable, resolve_run, test_metrics_key,
+                           write_test_metrics)
 
 
 def main(argv=None) -> dict:
@@ -25,6 +32,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--checkpoint", default=None, help="default: best.pth next to the config file")
     parser.add_argument("--device", default=None, help="auto | cpu | an accelerator[:N] (default: the run's)")
     parser.add_argument("--root_dir", default=None, help="dataset root (default: the run's)")
+    parser.add_argument("--dataset_name", default=None,
+                        help=f"evaluate on this dataset's test split (cross-domain; default: the run's), of {list(DATASETS)}")
+    parser.add_argument("--metrics", nargs="*", default=None, choices=EXTRA_METRICS, metavar="NAME",
+                        help=f"extra metrics of {list(EXTRA_METRICS)} (default: the run's --metrics; mSD always on "
+                             f"UFine6926)")
     parser.add_argument("--test_batch_size", type=int, default=None)
     parser.add_argument("--num_workers", type=int, default=None)
     parser.add_argument("--i2t_metric", action="store_true")
@@ -35,12 +47,18 @@ def main(argv=None) -> dict:
     args = load_config_args(config_file, device=cli.device, root_dir=cli.root_dir, num_workers=cli.num_workers,
                             test_batch_size=cli.test_batch_size, skip_image_check=cli.skip_image_check or None)
     args.training, args.output_dir = False, run_dir
+    trained_on = args.dataset_name
+    if cli.dataset_name is not None:
+        check_choice("dataset_name", cli.dataset_name, DATASETS)
+        args.dataset_name = cli.dataset_name
+    metrics = eval_metrics(args.metrics if cli.metrics is None else cli.metrics, args.dataset_name)
     ckpt = cli.checkpoint or os.path.join(run_dir, BEST_CHECKPOINT)
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"checkpoint {ckpt} not found (pass --checkpoint PATH)")
     check_test_metrics_writable(ckpt)  # the result can be recorded: checked before minutes of evaluation
     logger = setup_logger("IRRA", save_dir=run_dir, if_train=False)
-    logger.info("config %s, checkpoint %s", config_file, ckpt)
+    logger.info("config %s, checkpoint %s; trained on %s, tested on %s", config_file, ckpt, trained_on,
+                args.dataset_name)
 
     device = resolve_device(args.device)
     logger.info("environment: %s", describe_environment(environment_info(device)))
@@ -51,11 +69,14 @@ def main(argv=None) -> dict:
     # the backbone is rebuilt from the checkpoint itself (no pretrained CLIP file), its grid checked against the config
     model = build_model_from_checkpoint(args, weights, source=ckpt, config=config_file, device=device)
     test_img_loader, test_txt_loader, _ = build_dataloader(args)
-    metrics = do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric)
-    recorded = write_test_metrics(ckpt, metrics, epoch=epoch, split="test", dataset_name=args.dataset_name,
-                                  root_dir=os.path.abspath(args.root_dir))
-    logger.info("results of %s (epoch %s) recorded in %s", os.path.basename(ckpt), epoch, recorded)
-    return metrics
+    results = do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric,
+                           metrics=metrics)
+    key = test_metrics_key(ckpt, args.dataset_name, trained_on)
+    recorded = write_test_metrics(ckpt, results, epoch=epoch, split="test", dataset_name=args.dataset_name,
+                                  root_dir=os.path.abspath(args.root_dir), trained_on=trained_on, key=key)
+    logger.info("results of %s (epoch %s), trained on %s, tested on %s, recorded in %s as %r",
+                os.path.basename(ckpt), epoch, trained_on, args.dataset_name, recorded, key)
+    return results
 
 
 if __name__ == "__main__":

@@ -40,17 +40,23 @@ LOG_TOKENIZE_ABOVE = 10000
 
 
 def tokenize_all(captions: Sequence[str], tokenizer: SimpleTokenizer, text_length: int = 77,
-                 truncate: bool = True) -> torch.Tensor:
-    """Tokenize every distinct caption once; returns int32 ids ``[len(captions), text_length]``."""
-    cache: Dict[str, torch.Tensor] = {}
+                 truncate: bool = True, what: str = "captions") -> torch.Tensor:
+    """Tokenize every distinct caption once; returns int32 ids ``[len(captions), text_length]``. Logs once how many
+    captions ``text_length`` cuts ("<what>: N of M captions cut at L tokens")."""
+    cache: Dict[str, Tuple[torch.Tensor, bool]] = {}
     out = torch.zeros(len(captions), text_length, dtype=torch.int32)  # [N, L]
     if len(captions) >= LOG_TOKENIZE_ABOVE:
         logger.info("tokenizing %d captions once (cached for all epochs)", len(captions))
+    n_cut = 0
     for i, c in enumerate(captions):
-        ids = cache.get(c)
-        if ids is None:
-            ids = cache[c] = tokenize(c, tokenizer, text_length=text_length, truncate=truncate).to(torch.int32)
-        out[i] = ids
+        hit = cache.get(c)
+        if hit is None:
+            ids, cut = tokenize(c, tokenizer, text_length=text_length, truncate=truncate, return_cut=True)
+            hit = cache[c] = (ids.to(torch.int32), cut)
+        out[i] = hit[0]
+        n_cut += hit[1]
+    if captions:
+        logger.info("%s: %d of %d captions cut at %d tokens (--text_length)", what, n_cut, len(captions), text_length)
     return out
 
 
@@ -132,7 +138,7 @@ class ImageTextDataset(Dataset):
         self.caption_aug = caption_aug if caption_aug is not None and caption_aug.active else None
         self.captions_bt = captions_bt
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
-        self.caption_ids = tokenize_all([row[3] for row in dataset], self.tokenizer, text_length, truncate)
+        self.caption_ids = tokenize_all([row[3] for row in dataset], self.tokenizer, text_length, truncate, "train")
         # RDE (set by datasets.build): each sample also returns its "index"; ``token_aug`` turns on RDE's --txt_aug;
         # ``real_correspondences`` [N] (1 = the pair is true) when noise was injected
         self.with_index = False
@@ -216,7 +222,8 @@ class TextDataset(Dataset):
     """Query captions -> ``(pid, caption_ids [L])``."""
 
     def __init__(self, caption_pids: Sequence[int], captions: Sequence[str], text_length: int = 77,
-                 truncate: bool = True, tokenizer: Optional[SimpleTokenizer] = None) -> None:
+                 truncate: bool = True, tokenizer: Optional[SimpleTokenizer] = None, split: str = "query") -> None:
+        """``split``: the split's name in the log line that counts the captions ``text_length`` cuts."""
         if len(caption_pids) != len(captions):
             raise ValueError(f"TextDataset: {len(caption_pids)} pids but {len(captions)} captions")
         self.caption_pids = caption_pids
@@ -224,7 +231,7 @@ class TextDataset(Dataset):
         self.text_length = text_length
         self.truncate = truncate
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
-        self.caption_ids = tokenize_all(captions, self.tokenizer, text_length, truncate)
+        self.caption_ids = tokenize_all(captions, self.tokenizer, text_length, truncate, split)
 
     def __len__(self) -> int:
         return len(self.caption_pids)

@@ -34,6 +34,7 @@ from datasets.rstpreid import RSTPReid
 from datasets.sampler import EpochRandomSampler, RandomIdentitySampler, check_identity_batch
 from datasets.sampler_ddp import DistributedRandomSampler, RandomIdentitySampler_DDP
 from datasets.synthpedes import SynthPEDES
+from datasets.ufine6926 import UFine6926
 from utils.choices import DATASETS, IMG_AUG_POOL, RDE_LOSSES, SAMPLERS, VAL_DATASETS, check_choice
 from utils.comm import get_rank, get_world_size, is_main_process
 
@@ -44,6 +45,7 @@ DATASET_REGISTRY = {
     "ICFG-PEDES": ICFGPEDES,
     "RSTPReid": RSTPReid,
     "SynthPEDES": SynthPEDES,
+    "UFine6926": UFine6926,
 }
 __factory = DATASET_REGISTRY  # the original's name
 assert tuple(DATASET_REGISTRY) == DATASETS, "utils/choices.py:DATASETS must list the registry"
@@ -58,9 +60,12 @@ def is_rde_run(args: argparse.Namespace) -> bool:
     return any(n.strip() in RDE_LOSSES for n in str(args.loss_names).split("+"))
 
 
-def build_dataset(name: str, root: str = "./data", verbose: bool = True, **kwargs):
-    """Instantiate a registered dataset parser; an unknown name lists the valid ones."""
+def build_dataset(name: str, root: str = "./data", verbose: bool = True, anno_file: str = "", **kwargs):
+    """Instantiate a registered dataset parser; an unknown name lists the valid ones. ``anno_file``
+    (``--anno_file``): an annotation file read instead of the dataset's own ("" = its own)."""
     check_choice("dataset_name", name, DATASET_REGISTRY)
+    if anno_file:
+        kwargs["anno_file"] = anno_file
     return DATASET_REGISTRY[name](root=root, verbose=verbose, **kwargs)
 
 
@@ -247,7 +252,7 @@ def build_eval_loaders(args: argparse.Namespace, split: Dict[str, list], split_n
                          f"{counts}; use --val_dataset {other}")
     transform = transform if transform is not None else build_transforms(img_size=args.img_size, is_train=False)
     img_set = ImageDataset(split["image_pids"], split["img_paths"], transform)
-    txt_set = TextDataset(split["caption_pids"], split["captions"], text_length=args.text_length)
+    txt_set = TextDataset(split["caption_pids"], split["captions"], text_length=args.text_length, split=split_name)
     img_loader = DataLoader(img_set, batch_size=args.test_batch_size, shuffle=False, num_workers=args.num_workers)
     txt_loader = DataLoader(txt_set, batch_size=args.test_batch_size, shuffle=False, num_workers=args.num_workers)
     return img_loader, txt_loader
@@ -269,7 +274,7 @@ def build_dataloader(args: argparse.Namespace, tranforms: Optional[Callable] = N
     empty (``datasets.check.check_image_files``, ``ImageFilesMissingError``).
     """
     if dataset is None:
-        dataset = build_dataset(args.dataset_name, root=args.root_dir)
+        dataset = build_dataset(args.dataset_name, root=args.root_dir, anno_file=args.anno_file)
     num_classes = len(dataset.train_id_container)
     if args.training:
         check_choice("val_dataset", args.val_dataset, VAL_DATASETS)

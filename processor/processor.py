@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -277,10 +277,12 @@ def _report_interruption(stop, args, epoch: int, finished: int, counted: _Counti
     stop.reported = True
 
 
-def do_inference(model, test_img_loader, test_txt_loader, i2t_metric: bool = False) -> Dict[str, float]:
-    """Evaluate ``model`` on the test loaders; logs the table and returns the metrics dict."""
+def do_inference(model, test_img_loader, test_txt_loader, i2t_metric: bool = False,
+                 metrics: Sequence[str] = ()) -> Dict[str, float]:
+    """Evaluate ``model`` on the test loaders; logs the table and returns the metrics dict (``metrics``: the
+    Evaluator's extra metrics)."""
     logging.getLogger("IRRA.test").info("Enter inferencing")
-    evaluator = Evaluator(test_img_loader, test_txt_loader, split="test")
+    evaluator = Evaluator(test_img_loader, test_txt_loader, split="test", metrics=metrics)
     return evaluator.eval(unwrap_model(model).eval(), i2t_metric=i2t_metric)
 
 

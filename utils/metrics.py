@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -353,6 +353,8 @@ class Evaluator:
         chunk_size: queries per similarity chunk.
         split: the split's name in messages (e.g. ``val`` / ``test``); features with NaN/inf raise a
             FloatingPointError naming it and the number of rows affected.
+        metrics: extra metrics (``--metrics``, utils/choices.py:EXTRA_METRICS): "mSD" adds t2i ``mSD`` and
+            ``mSD_rank_order`` (utils/msd.py), computed in the same ranking pass.
 
     Distributed (torch.distributed initialised, world size > 1): each rank encodes a contiguous shard of both
     datasets, features are gathered in rank order, rank 0 computes the metrics and broadcasts the result dict, so
@@ -360,11 +362,12 @@ class Evaluator:
     """
 
     def __init__(self, img_loader: DataLoader, txt_loader: DataLoader, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 split: str = "evaluation"):
+                 split: str = "evaluation", metrics: Sequence[str] = ()):
         self.img_loader = img_loader  # gallery
         self.txt_loader = txt_loader  # query
         self.chunk_size = chunk_size
         self.split = split
+        self.metrics = tuple(metrics)
         self.logger = logger
 
     @torch.no_grad()
@@ -442,19 +445,22 @@ class Evaluator:
         if n_no_pos:
             self.logger.warning("%d of %d text queries have no image of their identity in the gallery: they count "
                                 "as misses in R@k and are left out of mAP/mINP", n_no_pos, qids.numel())
+        msd = MSDAccumulator() if "mSD" in self.metrics else None
         cmc, mAP, mINP, _ = rank_from_features(qfeats, gfeats, qids, gids, max_rank=10,
-                                               chunk_size=self.chunk_size, need_indices=False)
-        table = PrettyTable(["task", "R1", "R5", "R10", "mAP", "mINP"])
-        out = _as_dict(cmc, mAP, mINP, "")
-        table.add_row(["t2i", out["R1"], out["R5"], out["R10"], out["mAP"], out["mINP"]])
+                                               chunk_size=self.chunk_size, need_indices=False, observer=msd)
+        extra = msd.result() if msd is not None else {}
+        table = PrettyTable(["task", "R1", "R5", "R10", "mAP", "mINP", *extra])
+        out = {**_as_dict(cmc, mAP, mINP, ""), **extra}
+        table.add_row(["t2i", out["R1"], out["R5"], out["R10"], out["mAP"], out["mINP"], *extra.values()])
         if i2t_metric:
             cmc, mAP, mINP, _ = rank_from_features(gfeats, qfeats, gids, qids, max_rank=10,
                                                    chunk_size=self.chunk_size, need_indices=False)
             i2t = _as_dict(cmc, mAP, mINP, "i2t_")
-            table.add_row(["i2t", i2t["i2t_R1"], i2t["i2t_R5"], i2t["i2t_R10"], i2t["i2t_mAP"], i2t["i2t_mINP"]])
+            table.add_row(["i2t", i2t["i2t_R1"], i2t["i2t_R5"], i2t["i2t_R10"], i2t["i2t_mAP"], i2t["i2t_mINP"],
+                           *(["-"] * len(extra))])
             out.update(i2t)
-        for col in ("R1", "R5", "R10", "mAP", "mINP"):
-            table.custom_format[col] = lambda f, v: f"{v:.3f}"
+        for col in ("R1", "R5", "R10", "mAP", "mINP", *extra):
+            table.custom_format[col] = lambda f, v: f"{v:.3f}" if isinstance(v, float) else str(v)
         self.logger.info("\n" + str(table))
         return out
 

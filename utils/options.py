@@ -23,7 +23,7 @@ import re
 from typing import Any, Dict, Optional, Sequence
 
 
-from utils.choices import (DATASETS, GMM_SETTINGS, IMG_AUG_POOL, LOSSES, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS,
+from utils.choices import (DATASETS, EXTRA_METRICS, GMM_SETTINGS, IMG_AUG_POOL, LOSSES, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS,
                            RDE_LOSS_SPELLINGS, RDE_LOSSES, SAMPLERS, VAL_DATASETS, WARMUP_METHODS, check_choice,
                            parse_loss_names)
 from utils.iotools import load_train_configs
@@ -174,11 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", default="random", help=f"choose sampler from {list(SAMPLERS)}")
     parser.add_argument("--num_instance", type=int, default=4)
     parser.add_argument("--root_dir", default="./data")
+    parser.add_argument("--anno_file", default="",
+                        help="annotation file (a name under the dataset folder, or a path) read instead of the "
+                             "dataset's own, e.g. UFine6926_Annotations_1024.json's re-captioned versions; '' = its own")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--test_batch_size", type=int, default=512)
     parser.add_argument("--num_workers", type=int, default=8)
     parser.add_argument("--test", dest="training", default=True, action="store_false")
     parser.add_argument("--i2t_metric", default=False, action="store_true", help="also report image-to-text metrics")
+    parser.add_argument("--metrics", nargs="*", default=(), choices=EXTRA_METRICS, metavar="NAME",
+                        help=f"metrics reported besides R@k / mAP / mINP, of {list(EXTRA_METRICS)} (mSD: UFineBench's, "
+                             f"reported as mSD and mSD_rank_order; always on UFine6926)")
     parser.add_argument("--skip_image_check", default=False, action="store_true",
                         help="do not verify every image of the run's splits before training")
 
@@ -321,6 +327,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if len(args.img_size) != 2:
         raise ValueError(f"--img_size expects two ints H W, got {args.img_size}")
     args.milestones = tuple(int(v) for v in args.milestones)
+    args.metrics = tuple(dict.fromkeys(args.metrics))
+    for name in args.metrics:
+        check_choice("metrics", name, EXTRA_METRICS)
     tasks = [RDE_LOSS_SPELLINGS.get(n.strip(), n.strip()) for n in str(args.loss_names).split("+")]
     if any(n in RDE_LOSSES for n in tasks):  # RDE's run_rde.sh appends its run name: TAL+sr0.3_tau0.015_margin0.1_n0.2
         tasks = [n for n in tasks if not RDE_RUN_NAME.match(n)]
