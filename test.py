@@ -34,6 +34,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--root_dir", default=None, help="dataset root (default: the run's)")
     parser.add_argument("--dataset_name", default=None,
                         help=f"evaluate on this dataset's test split (cross-domain; default: the run's), of {list(DATASETS)}")
+    parser.add_argument("--anno_file", default=None,
+                        help="annotation file of the test dataset (default: the run's on its own dataset, the "
+                             "dataset's own on another)")
     parser.add_argument("--metrics", nargs="*", default=None, choices=EXTRA_METRICS, metavar="NAME",
                         help=f"extra metrics of {list(EXTRA_METRICS)} (default: the run's --metrics; mSD always on "
                              f"UFine6926)")
@@ -50,7 +53,11 @@ def main(argv=None) -> dict:
     trained_on = args.dataset_name
     if cli.dataset_name is not None:
         check_choice("dataset_name", cli.dataset_name, DATASETS)
+        if cli.dataset_name != trained_on:
+            args.anno_file = ""  # the run's annotation file belongs to its own dataset
         args.dataset_name = cli.dataset_name
+    if cli.anno_file is not None:
+        args.anno_file = cli.anno_file
     metrics = eval_metrics(args.metrics if cli.metrics is None else cli.metrics, args.dataset_name)
     ckpt = cli.checkpoint or os.path.join(run_dir, BEST_CHECKPOINT)
     if not os.path.isfile(ckpt):
