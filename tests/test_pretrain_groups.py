@@ -153,3 +153,17 @@ def test_training_starts_from_the_checkpoint(person_sd, tiny_cuhk_root, tmp_path
     sd = torch.load(os.path.join(out["run_dir"], "last.pth"), weights_only=True)["model"]
     torch.testing.assert_close(sd["base_model.ln_final.weight"], person_sd["base_model.ln_final.weight"], atol=1e-4,
                                rtol=0)
+
+
+@pytest.mark.parametrize("dataset", ["cuhk_pedes", "icfg_pedes", "rstpreid", "ufine6926"])
+def test_pretrained_recipes(dataset):
+    """configs/irra_<dataset>_pretrained.yaml: MLLM4Text-ReID's fine-tuning settings, the from-CLIP recipe's
+    dataset options (the same text length)."""
+    from utils.options import get_args
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pre = get_args(["--config", os.path.join(repo, "configs", f"irra_{dataset}_pretrained.yaml")])
+    clip = get_args(["--config", os.path.join(repo, "configs", f"{dataset}.yaml")])
+    assert (pre.lr, pre.batch_size, pre.loss_names, pre.num_epoch, pre.img_aug) == (1e-5, 64, "sdm+mlm+id", 60, True)
+    assert pre.pretrain_choice.endswith(".pth") and clip.pretrain_choice == "ViT-B/16"
+    assert (pre.dataset_name, pre.text_length) == (clip.dataset_name, clip.text_length)
+    assert clip.text_length == (168 if dataset == "ufine6926" else 77)
