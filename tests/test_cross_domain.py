@@ -59,6 +59,9 @@ def _independent_metrics(run, root):
 def test_trained_on_a_tested_on_b(cuhk_run, tiny_cuhk_root, ufine_root):
     in_domain = test_script.main(["--config_file", cuhk_run, "--device", "cpu"])
     assert "mSD" not in in_domain  # not asked, not UFine6926
+    asked = test_script.main(["--config_file", cuhk_run, "--device", "cpu", "--metrics", "mSD"])
+    assert {"mSD", "mSD_rank_order"} <= set(asked) and asked["R1"] == pytest.approx(in_domain["R1"])
+    assert json.load(open(os.path.join(cuhk_run, TEST_METRICS_FILE)))["best.pth"]["mSD"] == pytest.approx(asked["mSD"])
     cross = test_script.main(["--config_file", cuhk_run, "--device", "cpu", "--dataset_name", "UFine6926",
                               "--root_dir", ufine_root])
     r1, mAP, msd = _independent_metrics(cuhk_run, ufine_root)
@@ -70,7 +73,7 @@ def test_trained_on_a_tested_on_b(cuhk_run, tiny_cuhk_root, ufine_root):
     entry = table["best.pth@UFine6926"]
     assert (entry["trained_on"], entry["dataset_name"]) == ("CUHK-PEDES", "UFine6926")
     assert entry["root_dir"] == os.path.abspath(ufine_root) and entry["R1"] == pytest.approx(cross["R1"])
-    assert table["best.pth"]["R1"] == pytest.approx(in_domain["R1"])  # the in-domain result is kept
+    assert table["best.pth"]["mSD"] == pytest.approx(asked["mSD"])  # the in-domain result is kept
     # the run's classifier has 8 identities, UFine6926's train split 6: no error, the classifier is unused
 
 

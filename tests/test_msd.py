@@ -111,3 +111,29 @@ def test_prefix_sums_match_cumsum(ng, block):
     cols[0] = torch.tensor([0, ng - 1, min(block - 1, ng - 1), min(block, ng - 1), ng // 2])
     ref = torch.cumsum(sim.double(), 1).gather(1, cols)
     assert torch.allclose(prefix_sums(sim, cols, block), ref, atol=1e-5)
+
+
+def test_evaluator_reports_msd_when_asked(caplog):
+    """Evaluator(metrics=("mSD",)): t2i mSD and mSD_rank_order beside R@k / mAP (i2t has none), in the table too."""
+    import logging
+
+    from torch.utils.data import DataLoader
+    from tests.test_metrics import FakeModel, make_data
+    from utils.metrics import Evaluator
+
+    img_ds, txt_ds = make_data()
+    model = FakeModel()
+    with caplog.at_level(logging.INFO, logger="IRRA.eval"):
+        res = Evaluator(DataLoader(img_ds, batch_size=4), DataLoader(txt_ds, batch_size=5), chunk_size=3,
+                        metrics=("mSD",)).eval(model, i2t_metric=True)
+    with torch.no_grad():
+        t = F.normalize(model.t(txt_ds.tensors[1]), dim=1)
+        i = F.normalize(model.i(img_ds.tensors[1].flatten(1)), dim=1)
+    sim, qp, gp = t @ i.t(), txt_ds.tensors[0], img_ds.tensors[0]
+    assert res["mSD"] == pytest.approx(float(msd_rank_naive(sim, qp, gp)[1]), abs=1e-4)
+    assert res["mSD_rank_order"] == pytest.approx(float(msd_rank_naive(sim, qp, gp, rank_order=True)[1]), abs=1e-4)
+    assert "i2t_mSD" not in res and "i2t_R1" in res
+    header = next(line for line in caplog.text.splitlines() if "| task" in line)
+    assert "mSD" in header and "mSD_rank_order" in header and f"{res['mSD']:.3f}" in caplog.text
+    plain = Evaluator(DataLoader(img_ds, batch_size=4), DataLoader(txt_ds, batch_size=5)).eval(model)
+    assert "mSD" not in plain and plain["R1"] == pytest.approx(res["R1"])
