@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import utils.metrics
 from benchmarks.reference import msd_rank_naive
 from utils.metrics import mSD_rank, rank_from_features
-from utils.msd import MSDAccumulator, prefix_sums
+from utils.msd import MSDAccumulator, block_sums, prefix_sums
 
 CASES = json.loads((Path(__file__).parent / "fixtures" / "ufine" / "msd.json").read_text())
 
@@ -111,6 +111,14 @@ def test_prefix_sums_match_cumsum(ng, block):
     cols[0] = torch.tensor([0, ng - 1, min(block - 1, ng - 1), min(block, ng - 1), ng // 2])
     ref = torch.cumsum(sim.double(), 1).gather(1, cols)
     assert torch.allclose(prefix_sums(sim, cols, block), ref, atol=1e-5)
+    assert torch.allclose(prefix_sums(sim.half(), cols, block),  # torch's path (other dtypes / devices)
+                          torch.cumsum(sim.half().double(), 1).gather(1, cols), atol=1e-6)
+    # block sums: numpy's path (float32 on CPU) and torch's (other dtypes / devices)
+    ref_blocks = torch.stack([sim[:, j:j + block].double().sum(1) for j in range(0, ng, block)], 1)
+    assert torch.allclose(block_sums(sim, block), ref_blocks, atol=1e-5)
+    half = sim.half()
+    ref_half = torch.stack([half[:, j:j + block].double().sum(1) for j in range(0, ng, block)], 1)
+    assert torch.allclose(block_sums(half, block), ref_half, atol=1e-6)
 
 
 def test_evaluator_reports_msd_when_asked(caplog):

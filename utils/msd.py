@@ -32,31 +32,52 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 
 MSD_NAMES = ("mSD", "mSD_rank_order")  # the reported keys: faithful, rank order
 PREFIX_BLOCK = 32  # columns per block of the storage-order prefix sums
 
 
-def prefix_sums(sim: torch.Tensor, cols: torch.Tensor, block: int = PREFIX_BLOCK) -> torch.Tensor:
+def block_sums(sim: torch.Tensor, block: int = PREFIX_BLOCK) -> torch.Tensor:
+    """Sums of ``block`` consecutive columns (the last block may be shorter): sim [c, ng] -> [c, ceil(ng / block)]
+    float64. One reduction pass (numpy's ``reduceat`` on CPU: single-threaded, no copy)."""
+    c, ng = sim.shape
+    if sim.device.type == "cpu" and sim.dtype in (torch.float32, torch.float64):
+        out = np.add.reduceat(sim.detach().numpy(), np.arange(0, ng, block), axis=1)  # [c, nb]
+        return torch.from_numpy(out.astype(np.float64, copy=False))
+    nb = ng // block
+    parts = [sim[:, :nb * block].reshape(c, nb, block).sum(-1, dtype=torch.float64)]  # [c, nb]
+    if ng % block:
+        parts.append(sim[:, nb * block:].sum(1, keepdim=True, dtype=torch.float64))  # [c, 1]
+    return torch.cat(parts, 1).to(torch.float64)
+
+
+def prefix_sums(sim: torch.Tensor, cols: torch.Tensor, block: int = PREFIX_BLOCK, blocks=None) -> torch.Tensor:
     """``out[i, k] = sim[i, :cols[i, k] + 1].sum()`` in float64: sim [c, ng], cols [c, P] int64 -> [c, P].
 
-    Without a cumulative sum of the whole chunk: block sums (one reduction pass, [c, ng // block]), their cumulative
-    sum, plus the part of the row's block up to the column (a [c, P, block] gather)."""
+    Without a cumulative sum of the whole chunk: block sums (:func:`block_sums`, or ``blocks`` already computed with
+    the same ``block``), their cumulative sum, plus the part of the column's block up to it (a [c, P, block]
+    gather)."""
     c, ng = sim.shape
-    block = max(1, min(block, ng))
-    nb = ng // block
-    blocks = sim[:, :nb * block].reshape(c, nb, block).sum(-1, dtype=torch.float32)  # [c, nb]
-    before = torch.cumsum(blocks.to(torch.float64), 1) - blocks.to(torch.float64)  # [c, nb] sum of earlier blocks
+    blocks = block_sums(sim, block) if blocks is None else blocks  # [c, nb]
+    if sim.device.type == "cpu" and sim.dtype in (torch.float32, torch.float64):  # numpy: single-threaded, few ops
+        a, col, bs = sim.detach().numpy(), cols.numpy(), blocks.numpy()
+        nb = col // block  # [c, P]
+        before = np.take_along_axis(np.cumsum(bs, 1) - bs, nb, 1)  # [c, P] sum of the earlier blocks
+        offs = np.arange(block)
+        idx = np.minimum(nb[..., None] * block + offs, ng - 1).reshape(c, -1)  # [c, P * block]
+        part = np.take_along_axis(a, idx, 1).reshape(*col.shape, block)  # [c, P, block]
+        inside = offs <= (col - nb * block)[..., None]  # [c, P, block]
+        return torch.from_numpy(before + np.where(inside, part, 0).sum(-1, dtype=np.float64))
+    before = torch.cumsum(blocks, 1) - blocks  # [c, nb] sum of the earlier blocks
     b = torch.div(cols, block, rounding_mode="floor")  # [c, P] block of each column
     start = b * block  # [c, P]
-    base = torch.where(b < nb, before.gather(1, b.clamp(max=nb - 1)),
-                       blocks.to(torch.float64).sum(1, keepdim=True).expand_as(cols))  # [c, P] (b == nb: the tail)
     offs = torch.arange(block, device=sim.device)  # [block]
-    idx = start[..., None] + offs  # [c, P, block]
-    inside = offs <= (cols - start)[..., None]  # [c, P, block]
-    part = sim.gather(1, idx.clamp(max=ng - 1).view(c, -1)).view(idx.shape).to(torch.float64)  # [c, P, block]
-    return base + (part * inside).sum(-1)
+    idx = (start[..., None] + offs).clamp(max=ng - 1)  # [c, P, block]
+    part = sim.gather(1, idx.view(c, -1)).view(idx.shape)  # [c, P, block]
+    part = torch.where(offs <= (cols - start)[..., None], part, torch.zeros_like(part))
+    return before.gather(1, b) + part.sum(-1, dtype=torch.float64)
 
 
 class MSDAccumulator:
@@ -103,10 +124,11 @@ class MSDAccumulator:
         n = num_rel.to(torch.float64)  # [c]
         vmask = valid.to(torch.float64)  # [c, P]
         r0 = torch.where(valid, pos_rank - 1, torch.zeros_like(pos_rank)).long()  # [c, P] 0-based ranks
-        total = sim.sum(1).to(torch.float64) / 2 + 0.5 * ng  # [c] sum of s over the gallery
+        blocks = block_sums(sim)  # [c, nb] float64
+        total = blocks.sum(1) / 2 + 0.5 * ng  # [c] sum of s over the gallery
         if "mSD" in self.variants:  # storage order: the items stored at the positives' rank positions
             pos = (sim.gather(1, r0).to(torch.float64) / 2 + 0.5) * vmask  # [c, P]
-            prefix = prefix_sums(sim, r0)  # [c, P] sum(sim[:, :r + 1])
+            prefix = prefix_sums(sim, r0, blocks=blocks)  # [c, P] sum(sim[:, :r + 1])
             den = prefix / 2 + 0.5 * (r0 + 1).to(torch.float64)
             self._add("mSD", pos, den, total, n, vmask, ng)
         if "mSD_rank_order" in self.variants:  # rank order: the k-th best positive, the r_k + 1 highest s
