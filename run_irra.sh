@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # IRRA paper recipe.   bash run_irra.sh [demo | CUHK-PEDES | ICFG-PEDES | RSTPReid] [extra train.py options]
 # RDE's recipe:        [NOISY_RATE=0.5] bash run_irra.sh rde [CUHK-PEDES | ICFG-PEDES | RSTPReid]   |   bash run_irra.sh rde_demo
+# A method's demo:     bash run_irra.sh <method>_demo      (configs/<method>_demo.yaml: rde_demo, clip_itc_demo, ...)
 #   demo         : SynthPEDES (generated on first use) + a from-scratch tiny CLIP, CPU, a few minutes.
 #   a dataset    : the paper's recipe with OpenAI ViT-B/16 weights; the dataset under --root_dir (default ./data).
 # The dataset may also come from the DATASET_NAME environment variable, as in the original script.
@@ -49,9 +50,10 @@ if [ "$DATASET_NAME" = "rde" ]; then
     RDE=(--name rde --noisy_rate "$RATE" --noisy_file "./noiseindex/${DATASET_NAME}_${RATE}.npy" --gmm_setting "$GMM")
 fi
 DEMO_CFG=configs/demo.yaml
-if [ "$DATASET_NAME" = "rde_demo" ]; then
+# a method's demo: <method>_demo runs configs/<method>_demo.yaml (rde_demo, clip_itc_demo, ...)
+if [[ "$DATASET_NAME" == *_demo ]] && [ -f "configs/$DATASET_NAME.yaml" ]; then
+    DEMO_CFG="configs/$DATASET_NAME.yaml"
     DATASET_NAME=demo
-    DEMO_CFG=configs/rde_demo.yaml
 fi
 
 if [ "$DATASET_NAME" = "demo" ]; then
@@ -74,7 +76,7 @@ case "$DATASET_NAME" in
     CUHK-PEDES) CFG=configs/cuhk_pedes.yaml ;;
     ICFG-PEDES) CFG=configs/icfg_pedes.yaml ;;
     RSTPReid)   CFG=configs/rstpreid.yaml ;;
-    *) echo "run_irra.sh: unknown dataset '$DATASET_NAME'; valid: demo CUHK-PEDES ICFG-PEDES RSTPReid (or rde <dataset>, rde_demo)" >&2; exit 2 ;;
+    *) echo "run_irra.sh: unknown dataset '$DATASET_NAME'; valid: demo CUHK-PEDES ICFG-PEDES RSTPReid (or rde <dataset>, <method>_demo: $(cd configs && ls *_demo.yaml | sed 's/.yaml//' | tr '\n' ' '))" >&2; exit 2 ;;
 esac
 
 if [ "${NPROC:-1}" -gt 1 ]; then

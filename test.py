@@ -13,6 +13,7 @@ import os
 import sys
 
 from datasets import build_dataloader
+from methods.registry import get_method
 from model.build import build_model_from_checkpoint
 from processor.processor import do_inference
 from utils.checkpoint import model_state_dict, read_checkpoint
@@ -48,8 +49,8 @@ def main(argv=None) -> dict:
     cli = parser.parse_args(argv)
     run_dir, config_file = resolve_run(cli.config_file)
     args = load_config_args(config_file, device=cli.device, root_dir=cli.root_dir, num_workers=cli.num_workers,
-                            test_batch_size=cli.test_batch_size, skip_image_check=cli.skip_image_check or None)
-    args.training, args.output_dir = False, run_dir
+                            test_batch_size=cli.test_batch_size, skip_image_check=cli.skip_image_check or None,
+                            training=False, output_dir=run_dir)
     trained_on = args.dataset_name
     if cli.dataset_name is not None:
         check_choice("dataset_name", cli.dataset_name, DATASETS)
@@ -77,7 +78,7 @@ def main(argv=None) -> dict:
     model = build_model_from_checkpoint(args, weights, source=ckpt, config=config_file, device=device)
     test_img_loader, test_txt_loader, _ = build_dataloader(args)
     results = do_inference(model, test_img_loader, test_txt_loader, i2t_metric=cli.i2t_metric or args.i2t_metric,
-                           metrics=metrics)
+                           method=get_method(args.method), metrics=metrics)
     key = test_metrics_key(ckpt, args.dataset_name, trained_on)
     recorded = write_test_metrics(ckpt, results, epoch=epoch, split="test", dataset_name=args.dataset_name,
                                   root_dir=os.path.abspath(args.root_dir), trained_on=trained_on, key=key)

@@ -21,9 +21,9 @@ def main(argv=None) -> dict:
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))  # torch.distributed.launch passes --local_rank
     p = build_training(args)
     with p.run_lock:  # one writer per run directory, released when training ends (kill -9: by the kernel)
-        result = do_train(p.start_epoch, args, p.model, p.train_loader, p.evaluator, p.optimizer, p.scheduler,
+        result = do_train(p.start_epoch, p.args, p.model, p.train_loader, p.evaluator, p.optimizer, p.scheduler,
                           p.checkpointer, best_top1=p.best_top1, best_epoch=p.best_epoch, scaler_state=p.scaler_state)
-    return {"run_dir": args.output_dir, **result}
+    return {"run_dir": p.args.output_dir, **result}
 
 
 def _cli(argv) -> dict:

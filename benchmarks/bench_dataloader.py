@@ -70,7 +70,7 @@ def main() -> None:
         dataset_name="SynthPEDES", root_dir=root, MLM=opts.MLM, sampler=opts.sampler, num_instance=4,
         batch_size=opts.batch_size, test_batch_size=512, num_workers=0, img_size=tuple(opts.img_size),
         img_aug=opts.img_aug, val_dataset="test", skip_image_check=True)
-    args.batches, args.repeats = opts.batches, opts.repeats  # this script's own settings, read by measure()
+    args = args.replace(batches=opts.batches, repeats=opts.repeats)  # this script's own settings, read by measure()
     print(f"SynthPEDES ready in {t_gen:.1f}s ({len(dataset.train)} train captions); images: {src}; "
           f"img_size {opts.img_size[0]}x{opts.img_size[1]}, batch {opts.batch_size}, MLM {opts.MLM}, "
           f"aug {opts.img_aug}, sampler {opts.sampler}, torch threads 1, CPUs {os.cpu_count()}")

@@ -21,10 +21,12 @@ from typing import Dict, List
 import torch
 
 from benchmarks.bench_train_variants import scratch_name, synchronize
-from model.build import VALID_PRECISIONS, build_model
+from model.build import build_model
+from utils.choices import PRECISIONS
 from model.clip_model import SCRATCH_ARCHS, SCRATCH_PREFIX
 from utils.comm import resolve_device
 from utils.options import get_args
+from datasets.cuhkpedes import TRAIN_IDS  # CUHK-PEDES's identities: the full-size id head
 
 VARIANTS = ("original", "ours")
 
@@ -61,7 +63,7 @@ def main(argv=None) -> None:
                    help=f"one of {', '.join(SCRATCH_ARCHS)}, with or without {SCRATCH_PREFIX!r} (random weights)")
     p.add_argument("--img_size", type=int, nargs=2, default=(384, 128), metavar=("H", "W"))
     p.add_argument("--text_length", type=int, default=77)
-    p.add_argument("--precision", default="fp32", choices=[c for c in VALID_PRECISIONS if c != "auto"],
+    p.add_argument("--precision", default="fp32", choices=[c for c in PRECISIONS if c != "auto"],
                    help="fp16: the original's fp16 weights; the AMP precisions evaluate in fp32 weights, as the "
                         "Evaluator (no autocast)")
     p.add_argument("--device", default="auto")
@@ -80,7 +82,7 @@ def main(argv=None) -> None:
                      "--text_length", str(opt.text_length), "--precision", opt.precision, "--device", str(device),
                      "--loss_names", "sdm+id"])
     torch.manual_seed(0)
-    model = build_model(args, 11003, device=device).to(device).eval()
+    model = build_model(args, TRAIN_IDS, device=device).to(device).eval()
     g = torch.Generator().manual_seed(0)
     dtype = model.base_model.dtype
     images = [torch.randn(min(opt.batch_size, opt.images - i), 3, *opt.img_size, generator=g).to(device, dtype)

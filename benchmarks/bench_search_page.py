@@ -35,6 +35,7 @@ from search.retrieval import Gallery, QueryTokenizer, Retriever
 from search.server import SearchPage, make_server
 from utils.options import get_args
 from utils.simple_tokenizer import get_tokenizer
+from datasets.cuhkpedes import TRAIN_IDS  # CUHK-PEDES's identities: the full-size id head
 
 # Typical CUHK-PEDES-like sentences (15-40 tokens); each is asked in turn.
 SENTENCES = [
@@ -63,7 +64,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     args = get_args(["--pretrain_choice", opt.arch, "--device", "cpu"])
     torch.manual_seed(0)
-    model = build_model(args, num_classes=11003, device=torch.device("cpu")).eval()
+    model = build_model(args, num_classes=TRAIN_IDS, device=torch.device("cpu")).eval()
     build_s = time.perf_counter() - t0
     retriever = Retriever(model, build_transforms(img_size=tuple(args.img_size), is_train=False),
                           QueryTokenizer(get_tokenizer(), int(args.text_length)), torch.device("cpu"))

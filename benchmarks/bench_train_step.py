@@ -23,6 +23,7 @@ from model.build import build_model
 from solver import build_optimizer
 from utils.options import get_args
 from utils.simple_tokenizer import get_tokenizer, tokenize
+from datasets.cuhkpedes import TRAIN_IDS  # CUHK-PEDES's identities: the full-size id head
 
 COLORS = ["black", "white", "red", "blue", "green", "grey", "yellow", "brown", "pink", "navy"]
 TOPS = ["t-shirt", "jacket", "coat", "hoodie", "sweater", "shirt", "dress", "blouse"]
@@ -99,7 +100,7 @@ def main(argv=None) -> None:
     p.add_argument("--text_length", type=int, default=77)
     p.add_argument("--loss_names", default="sdm+mlm+id")
     p.add_argument("--cmt_depth", type=int, default=4)
-    p.add_argument("--num_classes", type=int, default=11003)
+    p.add_argument("--num_classes", type=int, default=TRAIN_IDS)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -139,7 +140,7 @@ def main(argv=None) -> None:
 
     clock = time.perf_counter if opt.clock == "wall" else time.process_time
     for impl in (("plain", "fused") if opt.adam == "both" else (opt.adam,)):
-        args.fused_optimizer = impl == "fused"
+        args = args.replace(fused_optimizer=impl == "fused")
         optimizer = build_optimizer(args, model)
         # interleave the two paths step by step so that background load hits both alike
         times: Dict[bool, List[Dict[str, float]]] = {False: [], True: []}

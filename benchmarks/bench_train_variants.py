@@ -43,12 +43,14 @@ import torch
 
 
 from benchmarks.bench_train_step import make_batch
-from model.build import VALID_PRECISIONS, build_model
+from model.build import build_model
+from utils.choices import PRECISIONS
 from model.clip_model import SCRATCH_ARCHS, SCRATCH_PREFIX
 from processor.processor import prepare_batch, train_step
 from solver import build_optimizer
 from utils.comm import resolve_device
 from utils.options import get_args
+from datasets.cuhkpedes import TRAIN_IDS  # CUHK-PEDES's identities: the full-size id head
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the workers run as python -m from here
 VARIANTS = ("original", "ours", "ours_ckpt")
@@ -321,12 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text_length", type=int, default=77)
     p.add_argument("--loss_names", default="sdm+mlm+id")
     p.add_argument("--cmt_depth", type=int, default=4)
-    p.add_argument("--num_classes", type=int, default=11003)
+    p.add_argument("--num_classes", type=int, default=TRAIN_IDS)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (>= 1)")
     p.add_argument("--runs", type=int, default=3, help="timed steps (median)")
     p.add_argument("--device", default="auto", help="auto (the accelerator if there is one) | cpu")
-    p.add_argument("--precision", default="fp32", choices=[c for c in VALID_PRECISIONS if c != "auto"])
+    p.add_argument("--precision", default="fp32", choices=[c for c in PRECISIONS if c != "auto"])
     p.add_argument("--fused_optimizer", action="store_true", help="fused Adam for ours / ours_ckpt")
     p.add_argument("--param_groups", choices=("merged", "per_parameter"), default="merged",
                    help="ours / ours_ckpt: merged (one Adam group per lr and weight decay, the trainer's default) or "

@@ -63,13 +63,13 @@ def tokenize_all(captions: Sequence[str], tokenizer: SimpleTokenizer, text_lengt
 # Streams of one sample's random draws (distinct seeds from the same (seed, epoch, index)): the image transform, the
 # MLM masks, the caption augmentation.
 STREAM_IMAGE, STREAM_TEXT, STREAM_CAPTION = 0, 1, 2
-STREAM_TOKEN_AUG = 3  # RDE's --txt_aug token augmentation
+STREAM_TOKEN_AUG = 3  # --txt_aug token augmentation
 
-# RDE's --txt_aug: each word token hit with this probability, then masked / replaced / deleted in these proportions.
+# --txt_aug (RDE's token augmentation): each word token hit with this probability, then masked / replaced / deleted in these proportions.
 TOKEN_AUG_PROB, TOKEN_AUG_MASK, TOKEN_AUG_REPLACE = 0.20, 0.6, 0.2  # deleted: the remaining 0.2
 
 
-def rde_token_augment(tokens: torch.Tensor, rng: random.Random, mask_token: int) -> torch.Tensor:
+def token_augment(tokens: torch.Tensor, rng: random.Random, mask_token: int) -> torch.Tensor:
     """RDE's token-level caption augmentation (``ImageTextDataset.txt_data_aug``): tokens [L] ids -> [L] ids.
 
     Each word token (``0 < id < mask_token``: not padding, SOT, EOT or the mask) is hit with probability 0.2; a hit
@@ -139,7 +139,8 @@ class ImageTextDataset(Dataset):
         self.captions_bt = captions_bt
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
         self.caption_ids = tokenize_all([row[3] for row in dataset], self.tokenizer, text_length, truncate, "train")
-        # RDE (set by datasets.build): each sample also returns its "index"; ``token_aug`` turns on RDE's --txt_aug;
+        # set by datasets.build: each sample also returns its "index" (a method's hooks look samples up by it);
+        # ``token_aug`` turns on --txt_aug;
         # ``real_correspondences`` [N] (1 = the pair is true) when noise was injected
         self.with_index = False
         self.token_aug = False
@@ -173,7 +174,7 @@ class ImageTextDataset(Dataset):
         if ids is None:
             ids = self.caption_ids[index].long()  # .long() copies the cached row
         if self.token_aug:
-            ids = rde_token_augment(ids, random.Random(self.sample_rng(index, STREAM_TOKEN_AUG)),
+            ids = token_augment(ids, random.Random(self.sample_rng(index, STREAM_TOKEN_AUG)),
                                     self.tokenizer.encoder["<|mask|>"])
         return ids
 
@@ -222,8 +223,11 @@ class TextDataset(Dataset):
     """Query captions -> ``(pid, caption_ids [L])``."""
 
     def __init__(self, caption_pids: Sequence[int], captions: Sequence[str], text_length: int = 77,
-                 truncate: bool = True, tokenizer: Optional[SimpleTokenizer] = None, split: str = "query") -> None:
-        """``split``: the split's name in the log line that counts the captions ``text_length`` cuts."""
+                 truncate: bool = True, tokenizer: Optional[SimpleTokenizer] = None,
+                 tokenize_fn: Optional[Callable[[str], torch.Tensor]] = None, split: str = "query") -> None:
+        """``tokenize_fn``: caption -> ids [text_length] (a method's own test-time tokenization); default the CLIP
+        tokenization at ``text_length`` (cut with ``truncate``). ``split``: the split's name in the log line that
+        counts the captions ``text_length`` cuts."""
         if len(caption_pids) != len(captions):
             raise ValueError(f"TextDataset: {len(caption_pids)} pids but {len(captions)} captions")
         self.caption_pids = caption_pids
@@ -231,7 +235,11 @@ class TextDataset(Dataset):
         self.text_length = text_length
         self.truncate = truncate
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
-        self.caption_ids = tokenize_all(captions, self.tokenizer, text_length, truncate, split)
+        if tokenize_fn is None:
+            self.caption_ids = tokenize_all(captions, self.tokenizer, text_length, truncate, split)
+        else:
+            self.caption_ids = torch.stack([tokenize_fn(c) for c in captions]) if captions else \
+                torch.zeros(0, text_length, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.caption_pids)
@@ -367,17 +375,50 @@ def inject_noisy_correspondence(dataset: Sequence[TrainRow], noisy_rate: float, 
     """
     rows = list(dataset)
     noisy_index = noisy_correspondence_index(len(rows), noisy_rate, noisy_file, seed)
-    out = [(rows[i][0], rows[i][1], rows[i][2], rows[int(noisy_index[i])][3]) for i in range(len(rows))]
-    return out, real_correspondences(noisy_index, noisy_rate)
+    return permute_captions(rows, noisy_index), real_correspondences(noisy_index, noisy_rate)
+
+
+def permute_captions(rows: Sequence[TrainRow], noisy_index) -> List[TrainRow]:
+    """Row i keeps its pid, image id and image and gets the caption of row ``noisy_index[i]``."""
+    return [(r[0], r[1], r[2], rows[int(j)][3]) for r, j in zip(rows, noisy_index)]
 
 
 def real_correspondences(noisy_index, noisy_rate: float = 0.0):
     """noisy_index [N] -> int array [N], 1 where row i kept its own caption; logs the clean / noisy counts."""
     import numpy as np
     real = (np.asarray(noisy_index) == np.arange(len(noisy_index))).astype(np.int64)
-    logger.info("=> noisy rate %s: clean pairs %d, noisy pairs %d, total pairs %d", noisy_rate, int(real.sum()),
-                len(real) - int(real.sum()), len(real))
+    logger.info("=> noisy rate %s (measured %.4f): clean pairs %d, noisy pairs %d, total pairs %d", noisy_rate,
+                measured_noisy_rate(real), int(real.sum()), len(real) - int(real.sum()), len(real))
     return real
+
+
+# A file drawn at rate r moves int(r * N) rows, permuted among themselves; a moved row that draws its own caption back
+# stays clean (a random permutation keeps about one element in place; 9 or more with probability ~1e-6). So a file
+# whose noisy rows are within 1 (rounding) + 8 rows of r * N is taken to be at rate r.
+NOISY_RATE_SLACK_ROWS = 1 + 8
+
+
+def measured_noisy_rate(real) -> float:
+    """The noise rate a training set really has: real_correspondences [N] (1 = row i kept its own caption, RDE's
+    definition) -> the fraction of rows that did not; 0.0 for no rows."""
+    import numpy as np
+    real = np.asarray(real)
+    return float((real == 0).sum() / len(real)) if len(real) else 0.0
+
+
+def check_noisy_rate(noisy_index, noisy_rate: float, path: str) -> float:
+    """Compare the noise rate of an index file with ``--noisy_rate``; returns the measured rate. The file wins (RDE
+    reads it whatever the rate), but a file whose noisy rows differ from ``noisy_rate * N`` by more than
+    :data:`NOISY_RATE_SLACK_ROWS` gets a warning naming both rates and the file."""
+    import numpy as np
+    index = np.asarray(noisy_index)
+    moved = int((index != np.arange(len(index))).sum())
+    measured = moved / len(index) if len(index) else 0.0
+    if abs(moved - float(noisy_rate) * len(index)) > NOISY_RATE_SLACK_ROWS:
+        logger.warning("--noisy_file %s permutes %.4f of the %d training pairs, but --noisy_rate is %s: training "
+                       "uses the file's rate %.4f (the run records it as noisy_rate_measured)", path, measured,
+                       len(index), noisy_rate, measured)
+    return measured
 
 
 def noisy_correspondence_index(nums: int, noisy_rate: float, noisy_file: Optional[str] = None, seed: int = 0):
@@ -390,6 +431,7 @@ def noisy_correspondence_index(nums: int, noisy_rate: float, noisy_file: Optiona
         if noisy_file and op.exists(noisy_file):
             logger.info("=> noisy index loaded from %s", noisy_file)
             noisy_index = load_noisy_index(noisy_file, nums)
+            check_noisy_rate(noisy_index, noisy_rate, noisy_file)
         else:
             noisy_index = draw_noisy_index(nums, noisy_rate, seed)
             if noisy_file:

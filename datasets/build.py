@@ -26,7 +26,7 @@ from torch.utils.data import BatchSampler, DataLoader
 
 from datasets.augment import CaptionAugment, RandomOpsPool, image_pool_ops
 from datasets.bases import (BACKTRANS_KEY, ImageDataset, ImageTextDataset, ImageTextMLMDataset, TextDataset,
-                            noisy_correspondence_index, real_correspondences)
+                            noisy_correspondence_index, permute_captions, real_correspondences)
 from datasets.check import check_dataset_images
 from datasets.cuhkpedes import CUHKPEDES
 from datasets.icfgpedes import ICFGPEDES
@@ -35,7 +35,8 @@ from datasets.sampler import EpochRandomSampler, RandomIdentitySampler, check_id
 from datasets.sampler_ddp import DistributedRandomSampler, RandomIdentitySampler_DDP
 from datasets.synthpedes import SynthPEDES
 from datasets.ufine6926 import UFine6926
-from utils.choices import DATASETS, IMG_AUG_POOL, RDE_LOSSES, SAMPLERS, VAL_DATASETS, check_choice
+from methods.registry import get_method
+from utils.choices import DATASETS, IMG_AUG_POOL, SAMPLERS, VAL_DATASETS, check_choice
 from utils.comm import get_rank, get_world_size, is_main_process
 
 logger = logging.getLogger("IRRA.dataset")
@@ -47,17 +48,12 @@ DATASET_REGISTRY = {
     "SynthPEDES": SynthPEDES,
     "UFine6926": UFine6926,
 }
-__factory = DATASET_REGISTRY  # the original's name
+__factory = DATASET_REGISTRY  # the original's name (its users reach it)
 assert tuple(DATASET_REGISTRY) == DATASETS, "utils/choices.py:DATASETS must list the registry"
 
 # CLIP's image normalisation.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def is_rde_run(args: argparse.Namespace) -> bool:
-    """Whether ``args.loss_names`` selects RDE (model/rde.py)."""
-    return any(n.strip() in RDE_LOSSES for n in str(args.loss_names).split("+"))
 
 
 def build_dataset(name: str, root: str = "./data", verbose: bool = True, anno_file: str = "", **kwargs):
@@ -192,11 +188,14 @@ def build_train_loader(args: argparse.Namespace, dataset, generator: Optional[to
     train_rows, real = dataset.train, None
     if args.noisy_rate > 0:  # RDE's simulated noisy correspondences (the parsed dataset is left as it is)
         noisy_index = noisy_correspondence_index(len(train_rows), args.noisy_rate, args.noisy_file or None, args.seed)
-        train_rows = [(r[0], r[1], r[2], train_rows[int(j)][3]) for r, j in zip(train_rows, noisy_index)]
+        train_rows = permute_captions(train_rows, noisy_index)
         if captions_bt is not None:
             captions_bt = [captions_bt[int(j)] for j in noisy_index]
         real = real_correspondences(noisy_index, args.noisy_rate)
-    if args.MLM:
+    train_set = get_method(args.method).build_train_set(args, train_rows, transform, caption_aug, captions_bt)
+    if train_set is not None:
+        pass
+    elif args.MLM:
         train_set = ImageTextMLMDataset(
             train_rows, transform, text_length=args.text_length, seed=args.seed,
             mlm_probability=args.mlm_probability, masked_token_rate=args.masked_token_rate,
@@ -207,7 +206,7 @@ def build_train_loader(args: argparse.Namespace, dataset, generator: Optional[to
                                      caption_aug=caption_aug, captions_bt=captions_bt)
     train_set.real_correspondences = real
     train_set.token_aug = bool(args.txt_aug)
-    train_set.with_index = is_rde_run(args)  # CCD's label_hat is looked up by sample index
+    train_set.with_index = get_method(args.method).sample_index  # the method's hooks look samples up by index
 
     common = dict(num_workers=args.num_workers, collate_fn=collate, worker_init_fn=seed_worker, generator=generator,
                   pin_memory=torch.accelerator.is_available())  # page-locked batches for the async copy to a GPU
@@ -244,15 +243,17 @@ def build_eval_loaders(args: argparse.Namespace, split: Dict[str, list], split_n
     ``caption_pids``); ``transform`` defaults to the test transform."""
     if not split["img_paths"] or not split["captions"]:
         counts = f"({len(split['img_paths'])} images, {len(split['captions'])} captions)"
-        if not getattr(args, "training", True):  # test.py: it evaluates the test split and has no --val_dataset
+        if not args.training:  # test.py: it evaluates the test split and has no --val_dataset
             raise ValueError(f"{args.dataset_name} under --root_dir {args.root_dir} has no {split_name} split "
                              f"{counts}: test.py evaluates the annotation's '{split_name}' entries")
         other = "test" if split_name == "val" else "val"
         raise ValueError(f"--val_dataset {split_name}: {args.dataset_name} has no {split_name} split "
                          f"{counts}; use --val_dataset {other}")
-    transform = transform if transform is not None else build_transforms(img_size=args.img_size, is_train=False)
+    method = get_method(args.method)
+    transform = transform if transform is not None else method.test_transform(args)
     img_set = ImageDataset(split["image_pids"], split["img_paths"], transform)
-    txt_set = TextDataset(split["caption_pids"], split["captions"], text_length=args.text_length, split=split_name)
+    txt_set = TextDataset(split["caption_pids"], split["captions"], text_length=args.text_length,
+                          tokenize_fn=method.caption_tokenizer(args), split=split_name)
     img_loader = DataLoader(img_set, batch_size=args.test_batch_size, shuffle=False, num_workers=args.num_workers)
     txt_loader = DataLoader(txt_set, batch_size=args.test_batch_size, shuffle=False, num_workers=args.num_workers)
     return img_loader, txt_loader

@@ -340,3 +340,11 @@ def check_dataset_images(dataset, splits: Sequence[str] = SPLITS, cache_dir: Opt
     name = dataset.display_name or type(dataset).__name__
     return verify_images(paths, cache_dir=cache_dir if cache_dir is not None else dataset_cache_dir(dataset),
                          show_progress=show_progress, level=level, what=f"{name} {'/'.join(splits)}")
+
+
+if __name__ == "__main__":  # the entry point before tools/check_dataset.py: say where it went, check nothing, fail
+    import shlex
+    import sys
+
+    sys.exit("python -m datasets.check: nothing was checked; the dataset report moved to tools/check_dataset.py "
+             "(the same options). Run:\n  " + shlex.join(["python", "-m", "tools.check_dataset", *sys.argv[1:]]))

@@ -4,6 +4,10 @@ from __future__ import annotations
 from datasets.bases import BaseDataset
 
 
+# Identities of CUHK-PEDES's training split (the full-size id head of the benchmarks).
+TRAIN_IDS = 11003
+
+
 class CUHKPEDES(BaseDataset):
     """CUHK-PEDES: 34,054 images of 13,003 ids with 80,412 captions (train 11,003 ids / val 1,000 / test 1,000)."""
 

@@ -1,5 +1,6 @@
-"""The networks: CLIP (clip_model.py), IRRA (build.py), RDE (rde.py, CrossEmbeddingLayer_tse.py), the losses
-(objectives.py) and every weight-file read (pretrained.py)."""
-from .build import build_model, IRRA, VALID_LOSSES
+"""The networks: CLIP (clip_model.py), IRRA (build.py, with the builder of every method's model), RDE's TSE layers
+(CrossEmbeddingLayer_tse.py, RDE's path), the losses (objectives.py) and every weight-file read (pretrained.py). Each
+method's own code is in its package under methods/."""
+from .build import build_model, IRRA
 
-__all__ = ["build_model", "IRRA", "VALID_LOSSES"]
+__all__ = ["build_model", "IRRA"]

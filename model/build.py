@@ -10,7 +10,7 @@ import argparse
 import logging
 import os
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,81 +20,23 @@ from model import objectives
 from model.clip_model import (LayerNorm, QuickGELU, ResidualAttentionBlock, Transformer,
                               build_CLIP_from_openai_pretrained, convert_weights, fused_multihead_attention,
                               init_transformer_)
+from methods.registry import METHODS, get_method
+from model.lengths import caption_cut, host_lengths, masked_first, mlm_lengths
 from model.pretrain_report import check_backbone, format_group_report, group_report
 from model.pretrained import (BACKBONE_PREFIX, ImagePositions, check_image_grid, checkpoint_num_classes,
-                              checkpoint_kind, clip_state_dict_from_checkpoint, image_grid, image_positions,
-                              is_pretrained_file, load_pretrained_file, resize_image_pos_embed, tse_embed_dim)
-from utils.choices import LOSSES as VALID_LOSSES
-from utils.choices import PRECISIONS as VALID_PRECISIONS
-from utils.choices import RDE_LOSSES, parse_loss_names
+                              clip_state_dict_from_checkpoint, image_grid, image_positions, is_pretrained_file,
+                              load_pretrained_file, resize_image_pos_embed)
+from utils.choices import PRECISIONS
+from methods.irra.options import LOSSES
+from utils.choices import parse_loss_names
 from utils.checkpoint import load_matching_state_dict, load_state_dict
 from utils.comm import all_reduce_sum, gather_with_grad, get_world_size, resolve_device, scale_grad
-from utils.iotools import load_train_configs
+from utils.options import load_config_args
 from utils.run_dir import CONFIG_FILE
-from model.rde import RDE, rde_loss_name  # noqa: F401  (RDE's name, as RDE's model/build.py)
 
 logger = logging.getLogger("IRRA.model.build")
 
 HEAD_DIM = 64  # attention head width of the cross-modal modules (heads = embed_dim // 64), as the original
-DEFAULT_STRIDE_SIZE = 16  # --stride_size default, for a configs.yaml without it
-
-
-def round_up(n: int, multiple: int) -> int:
-    """The smallest multiple of ``multiple`` that is >= ``n``."""
-    return -(-n // multiple) * multiple
-
-
-def caption_cut(caption_ids: torch.Tensor, multiple: int = 1) -> int:
-    """[B, L] ids -> L' = 1 + the largest EOT position (EOT = argmax id) in the batch, rounded up to a multiple of
-    ``multiple`` (at most L; ``--length_bucket``: few distinct shapes). Exact: with causal attention and EOT pooling
-    the EOT features do not depend on later tokens. Reads a value of the tensor: a device-to-host copy
-    when ``caption_ids`` is on an accelerator (the trainer computes it from the batch on the host)."""
-    exact = int(caption_ids.argmax(dim=-1).max()) + 1
-    return min(round_up(exact, multiple), caption_ids.shape[1])
-
-
-def mlm_token_bucket(n: int, multiple: int = 8) -> int:
-    """Number of masked tokens -> the MLM head's padded token count: ``n`` itself for ``multiple`` 1; else a multiple
-    of ``multiple`` up to 4 * ``multiple``, then 4 sizes per doubling (with 8: 8, 16, 24, 32, 40, 48, 56, 64, 80, 96,
-    112, 128, 160, ...): at most 25 % padding above 4 * ``multiple``, few distinct shapes."""
-    if multiple == 1:
-        return n
-    if n <= 4 * multiple:
-        return max(multiple, round_up(n, multiple))
-    top = 1 << (n - 1).bit_length()  # top / 2 < n <= top
-    return round_up(n, top // 8)
-
-
-def mlm_lengths(mlm_labels: torch.Tensor, multiple: int = 1) -> Dict[str, int]:
-    """[B, L] MLM labels (0 = not masked) -> ``mlm_query_len``: 1 + the last masked position in the batch, rounded up
-    to a multiple of ``multiple`` (at most L; 1 without masked tokens), and ``mlm_tokens``: the number of masked
-    tokens padded by :func:`mlm_token_bucket` (at most B * mlm_query_len). One device-to-host copy when the labels
-    are on an accelerator."""
-    batch, length = mlm_labels.shape
-    masked = mlm_labels != 0
-    position = torch.arange(1, length + 1, device=mlm_labels.device)  # 1-based, 0 = none
-    count, last = torch.stack([masked.sum(), (masked * position).max()]).tolist()
-    query_len = min(round_up(last, multiple), length) if count else 1
-    return {"mlm_query_len": query_len, "mlm_tokens": min(mlm_token_bucket(count, multiple), batch * query_len)}
-
-
-def host_lengths(batch: Dict[str, torch.Tensor], multiple: int = 1) -> Dict[str, int]:
-    """The fast path's data-dependent lengths, computed from the batch while it is on the host (before it is copied
-    to the device), so that the training step needs no device-to-host copy: ``caption_cut`` (:func:`caption_cut`)
-    and, with MLM labels, ``mlm_query_len`` / ``mlm_tokens`` (:func:`mlm_lengths`); ``multiple``: the length bucket.
-    Add them to the batch (:meth:`IRRA.host_lengths` uses the model's ``--length_bucket``)."""
-    out = {"caption_cut": caption_cut(batch["caption_ids"], multiple)}
-    if "mlm_labels" in batch:
-        out.update(mlm_lengths(batch["mlm_labels"], multiple))
-    return out
-
-
-def masked_first(labels: torch.Tensor, size: int) -> torch.Tensor:
-    """[B, L] labels (0 = not masked) -> [size] flat indices into [B * L]: the masked positions in row-major order,
-    then unmasked ones (label 0, ignored by the loss) up to ``size`` (<= B * L). The same positions as ``labels != 0``
-    as a boolean index, in the same order, without a data-dependent shape (no host sync)."""
-    unmasked = (labels.reshape(-1) == 0).to(torch.uint8)  # [B*L]
-    return torch.argsort(unmasked, stable=True)[:size]
 
 
 class IRRA(nn.Module):
@@ -122,7 +64,7 @@ class IRRA(nn.Module):
     length_bucket.
     """
 
-    def __init__(self, args: argparse.Namespace, num_classes: int = 11003,
+    def __init__(self, args: argparse.Namespace, num_classes: int,
                  clip_state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """``clip_state_dict``: build the CLIP from these weights instead of ``args.pretrain_choice`` (used to
         rebuild a trained model from its own checkpoint, without the pretrained CLIP file)."""
@@ -133,7 +75,7 @@ class IRRA(nn.Module):
         self.mlm_loss_weight = float(args.mlm_loss_weight)
         self.local_negatives = bool(args.local_negatives)
         self.fast = True
-        self.length_bucket = int(getattr(args, "length_bucket", 1))
+        self.length_bucket = int(args.length_bucket)
         if self.length_bucket < 1:
             raise ValueError(f"--length_bucket {self.length_bucket}: expected an integer >= 1")
         self.base_model, base_cfg = build_CLIP_from_openai_pretrained(
@@ -173,10 +115,10 @@ class IRRA(nn.Module):
             # init mlm head
             nn.init.normal_(self.mlm_head.dense.weight, std=fc_std)
             nn.init.normal_(self.mlm_head.fc.weight, std=proj_std)
-        self.set_fused_attention(getattr(args, "fused_attention", True))
+        self.set_fused_attention(args.fused_attention)
 
     def _set_task(self, loss_names: str) -> None:
-        self.current_task = parse_loss_names(loss_names)
+        self.current_task = parse_loss_names(loss_names, LOSSES)
         logger.info("Training Model with %s tasks", self.current_task)
 
     def cross_former(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -353,35 +295,33 @@ class IRRA(nn.Module):
         return loss_value + (local - local.detach()), totals[2] / count
 
 
-def build_model(args: argparse.Namespace, num_classes: int = 11003,
-                device: Optional[Union[str, torch.device]] = None,
-                clip_state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Union[IRRA, RDE]:
-    """Build IRRA, or RDE when ``args.loss_names`` is an RDE loss (``model/rde.py``), (on CPU) and apply the precision rule for the target ``device``.
+def build_model(args: argparse.Namespace, num_classes: int, device: Optional[Union[str, torch.device]] = None,
+                clip_state_dict: Optional[Dict[str, torch.Tensor]] = None) -> nn.Module:
+    """Build the model of ``args.method`` (``methods/registry.py``; IRRA by default) on the CPU and apply the precision
+    rule for the target ``device``. ``num_classes``: the identities of the training set (IRRA's id head).
 
-    ``args.pretrain_choice`` may be an IRRA checkpoint (the original's ``best.pth``, ours, with a ``module.`` prefix
-    or a bare state dict; recognised by its ``base_model.*`` keys) to fine-tune from: the backbone is built from its
-    ``base_model.*`` weights (architecture read from them, positional embeddings resized to ``img_size`` /
-    ``text_length`` as for a CLIP file), then every other tensor whose name and shape match is loaded; the others
-    (e.g. a classifier for another number of identities) keep their initialisation. The log lists what was loaded,
-    resized and skipped.
+    ``args.pretrain_choice`` may be a trained checkpoint (the original IRRA's ``best.pth``, ours, any method's with a
+    ``module.`` prefix or a bare state dict; recognised by its ``base_model.*`` keys) to fine-tune from: the backbone
+    is built from its ``base_model.*`` weights (architecture read from them, positional embeddings resized to
+    ``img_size`` / ``text_length`` as for a CLIP file), then every other tensor whose name and shape match is loaded;
+    the others (e.g. a classifier for another number of identities) keep their initialisation. The log lists what
+    was loaded, resized and skipped.
 
     ``args.precision``: fp16 -> convert_weights (OpenAI fp16 weights); auto -> fp16 when the target device
     (``device`` or ``args.device``) is the accelerator, fp32 otherwise; fp32 / amp_bf16 / amp_fp16 -> fp32
-    weights (the trainer autocasts for amp_*). ``args.grad_checkpointing``: :meth:`IRRA.set_grad_checkpointing`
+    weights (the trainer autocasts for amp_*). ``args.grad_checkpointing``: the model's ``set_grad_checkpointing``
     (activation checkpointing of the blocks). ``clip_state_dict``: see :class:`IRRA` (``pretrain_choice`` is then
     not read).
     """
     precision = args.precision
-    if precision not in VALID_PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: expected one of {', '.join(VALID_PRECISIONS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     device = torch.device(device) if device is not None else resolve_device(args.device)
     irra_state_dict = None
     if clip_state_dict is None and is_pretrained_file(args.pretrain_choice):
         clip_state_dict, irra_state_dict = _read_pretrain_file(args)  # the file is read once
-    # an RDE loss name (tal / trl / rde_infonce / rde_sdm, utils/options.py) selects RDE; otherwise IRRA
-    model_cls = RDE if rde_loss_name(parse_loss_names(args.loss_names, VALID_LOSSES + RDE_LOSSES)) else IRRA
     try:
-        model = model_cls(args, num_classes, clip_state_dict=clip_state_dict)
+        model = get_method(args.method).build_model(args, num_classes, clip_state_dict=clip_state_dict)
     except ValueError as e:  # the backbone built from the file's weights cannot take them all (CLIP.load_param)
         if irra_state_dict is None or not str(e).startswith("CLIP"):
             raise
@@ -395,6 +335,19 @@ def build_model(args: argparse.Namespace, num_classes: int = 11003,
         convert_weights(model)
         logger.info("model weights converted to fp16 (precision=%s, device=%s)", precision, device)
     return model
+
+
+def checkpoint_methods(state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    """The methods whose checkpoint format ``state_dict`` is (keys with or without ``module.``): those that recognise
+    it most specifically (``Method.checkpoint_match``; several when the formats coincide, e.g. a backbone-only
+    state dict). A ValueError names the first keys when none does."""
+    keys = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    scores = {name: get_method(name).checkpoint_match(keys) for name in METHODS}
+    best = max(scores.values())
+    if best <= 0:
+        raise ValueError(f"unrecognised model state dict (no method of {list(METHODS)} knows its format); first keys: "
+                         f"{list(keys)[:3]}")
+    return [name for name, score in scores.items() if score == best]
 
 
 def _read_pretrain_file(args: argparse.Namespace
@@ -422,9 +375,9 @@ def trained_image_grid(path: str, pos: ImagePositions) -> Optional[Tuple[int, in
     if not os.path.isfile(cfg_file):
         return None
     try:
-        cfg = vars(load_train_configs(cfg_file))
-        grid = image_grid(cfg["img_size"], pos.patch_size, int(cfg.get("stride_size", DEFAULT_STRIDE_SIZE)))
-    except (ValueError, KeyError, TypeError) as e:
+        cfg = vars(load_config_args(cfg_file))
+        grid = image_grid(cfg["img_size"], pos.patch_size, cfg["stride_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
         logger.warning("%s: cannot read img_size / stride_size (%s): the image grid of %s is inferred",
                        cfg_file, e, path)
         return None
@@ -458,24 +411,30 @@ def _load_irra_pretrain(model: IRRA, state_dict: Dict[str, torch.Tensor], source
 
 def build_model_from_checkpoint(args: argparse.Namespace, weights: Dict[str, torch.Tensor], source: str = "checkpoint",
                                 config: str = "the config",
-                                device: Optional[Union[str, torch.device]] = None) -> IRRA:
-    """A trained IRRA rebuilt from its own weights (``utils.checkpoint.read_model_state_dict``): the backbone from
-    ``base_model.*`` (no pretrained CLIP file needed), the number of identities from the classifier. The config's
-    image grid is checked against the checkpoint's first (an error names ``config`` and ``source``). The model is
-    returned on ``device`` (default ``args.device``) with the weights loaded."""
-    kind = checkpoint_kind(weights)
-    is_rde_config = rde_loss_name(parse_loss_names(args.loss_names, VALID_LOSSES + RDE_LOSSES)) is not None
-    if (kind == "rde") != is_rde_config:
-        raise ValueError(f"{source} is an {kind.upper()} checkpoint but {config} has --loss_names "
-                         f"{args.loss_names!r} ({'an RDE' if is_rde_config else 'an IRRA'} model); use the config of "
-                         f"the run that wrote it (an RDE loss such as tal builds RDE)")
-    if kind == "rde":  # the TSE output width from the weights (RDE's checkpoints: 1024)
-        args.tse_embed_dim = tse_embed_dim(weights)
+                                device: Optional[Union[str, torch.device]] = None) -> nn.Module:
+    """A trained model rebuilt from its own weights (``utils.checkpoint.read_model_state_dict``): the backbone from
+    ``base_model.*`` (no pretrained CLIP file needed), the number of identities from the classifier, the method's
+    widths from the weights (``Method.args_for_checkpoint``). The checkpoint's method must be the config's, and the
+    config's image grid must fit the checkpoint's (errors name ``config`` and ``source``). The model is returned on
+    ``device`` (default ``args.device``) with the weights loaded."""
+    kinds = checkpoint_methods(weights)
+    if args.method not in kinds:
+        raise ValueError(f"{source} is a checkpoint of --method {' / '.join(kinds)} but {config} has --method "
+                         f"{args.method} (--loss_names {args.loss_names!r}); use the config of the run that wrote it")
+    args = get_method(args.method).args_for_checkpoint(args, weights)
     clip_sd = clip_state_dict_from_checkpoint(weights)
     check_image_grid(clip_sd, args.img_size, args.stride_size, source=source, config=config)
-    num_classes = checkpoint_num_classes(weights)  # None without an id head: num_classes is then unused
+    num_classes = checkpoint_num_classes(weights)  # None without an id head: the model then has none
     device = torch.device(device) if device is not None else resolve_device(args.device)
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    model = build_model(args, device=device, clip_state_dict=clip_sd, **kwargs)
+    model = build_model(args, num_classes, device=device, clip_state_dict=clip_sd)
     load_state_dict(model, weights, source=source)
     return model.to(device)
+
+
+def __getattr__(name: str):
+    """RDE's class where RDE's own code has it (its ``model/build.py:RDE``), from its package ``methods/rde``
+    (imported on first use: ``methods.rde`` imports this module's package)."""
+    if name == "RDE":
+        from methods.rde.model import RDE
+        return RDE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

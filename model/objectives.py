@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from methods.rde.options import LOSS_TYPES
+
 Scale = Union[float, torch.Tensor]
 
 
@@ -112,8 +114,8 @@ def compute_cmpm(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, 
 # pair i). Names and positional parameters as RDE's ``model/objectives.py``.
 # ---------------------------------------------------------------------------------------------------------------
 
-# RDE's loss types (``compute_per_loss(loss_type=...)``), in RDE's spelling.
-RDE_LOSS_TYPES = ("TAL", "TRL", "InfoNCE", "SDM")
+# RDE's loss types (``compute_per_loss(loss_type=...)``), in RDE's spelling: the values of its one loss-name table.
+RDE_LOSS_TYPES = tuple(LOSS_TYPES.values())
 # RDE clamps the sum of exp(S / tau) over the negatives before its log (fp16 overflow guard); kept for the numbers.
 TAL_NEG_SUM_MAX = 10e35
 
@@ -188,12 +190,11 @@ def compute_sdm_per(scores: torch.Tensor, pid: torch.Tensor, logit_scale: Scale,
 
 
 def rde_loss_type(loss_type: str) -> str:
-    """RDE's loss type named by ``loss_type`` (RDE matches by substring: 'TAL' in 'TAL+sr0.3' ...), or a ValueError
-    listing the valid ones (RDE called ``exit()``)."""
-    for name in RDE_LOSS_TYPES:
-        if name in str(loss_type):
-            return name
-    raise ValueError(f"RDE loss_type {loss_type!r}: unknown; valid: {list(RDE_LOSS_TYPES)}")
+    """``loss_type`` if it is one of RDE's loss types, else a ValueError listing them (RDE matched by substring,
+    'TAL' in 'TAL+sr0.3...', and called ``exit()``; its run-name suffix is dropped when the options are read)."""
+    if loss_type not in RDE_LOSS_TYPES:
+        raise ValueError(f"RDE loss_type {loss_type!r}: unknown; valid: {list(RDE_LOSS_TYPES)}")
+    return loss_type
 
 
 def compute_per_loss(image_features: torch.Tensor, text_features: torch.Tensor, pid: torch.Tensor, tau: float = 0.02,

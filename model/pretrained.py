@@ -9,8 +9,7 @@ Following a ``--pretrain_choice`` or a trained checkpoint into the model's weigh
    (:func:`clip_config_from_state_dict`); positional embeddings resized to another image grid / text length;
 5. IRRA checkpoints (ours, the original's ``best.pth``, with or without DDP's ``module.`` prefix): their CLIP
    backbone (``base_model.*``), number of identities, image grid;
-6. RDE checkpoints (checkpoint_kind, tse_embed_dim);
-7. :func:`load_pretrained`: a ``pretrain_choice`` (name, file, ``scratch:<arch>``) -> (architecture config, weights).
+6. :func:`load_pretrained`: a ``pretrain_choice`` (name, file, ``scratch:<arch>``) -> (architecture config, weights).
 
 This module imports no model class: ``model/clip_model.py`` (the network) and ``model/build.py`` (IRRA) import it,
 never the other way round. It does not know how a run directory is laid out either: an IRRA checkpoint's image grid
@@ -437,34 +436,7 @@ def resize_image_pos_embed(clip_state_dict: Dict[str, torch.Tensor], image_size:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. RDE checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-# RDE (CVPR 2024) saves {"model": {"base_model.*": its CLIP backbone, "visul_emb_layer.*", "texual_emb_layer.*": its
-# TSE heads, ...}}. Its base_model.* makes is_irra_state_dict True, so load_pretrained_file already returns its CLIP
-# weights and its whole state dict (whose tensors that match the model are then loaded by model/build.py).
-RDE_PREFIXES = ("visul_emb_layer.", "texual_emb_layer.")  # keys of RDE's checkpoints besides the backbone's
-
-
-def checkpoint_kind(state_dict: Dict[str, torch.Tensor]) -> str:
-    """What a model state dict holds, from its keys (a ``module.`` prefix allowed): "rde" (``base_model.*`` and the
-    TSE layers' ``visul_emb_layer.*`` / ``texual_emb_layer.*``: RDE's released checkpoints and ours), "irra" (
-    ``base_model.*`` without them) or "clip" (an OpenAI CLIP state dict: ``visual.*`` and ``transformer.*``)."""
-    keys = [k[len("module."):] if k.startswith("module.") else k for k in state_dict]
-    if any(k.startswith("base_model.") for k in keys):
-        return "rde" if any(k.startswith(RDE_PREFIXES) for k in keys) else "irra"
-    if any(k.startswith("visual.") for k in keys) and any(k.startswith("transformer.") for k in keys):
-        return "clip"
-    raise ValueError(f"unrecognised state dict (expected base_model.* keys of an IRRA / RDE checkpoint or the visual.* "
-                     f"/ transformer.* keys of a CLIP file); first keys: {keys[:3]}")
-
-
-def tse_embed_dim(state_dict: Dict[str, torch.Tensor]) -> int:
-    """The TSE heads' output width of an RDE state dict (RDE's released checkpoints: 1024)."""
-    return int(next(v for k, v in state_dict.items() if k.endswith("visul_emb_layer.fc.weight")).shape[0])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 7. a pretrain_choice -> (architecture config, weights)
+# 6. a pretrain_choice -> (architecture config, weights)
 # ----------------------------------------------------------------------------------------------------------------
 def is_pretrained_file(name: str) -> bool:
     """True when ``pretrain_choice`` ``name`` is read from a local file: not an OpenAI model name

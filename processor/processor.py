@@ -22,14 +22,15 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from datasets.build import set_train_epoch
-from model.rde import is_rde
-from processor.ccd import run_ccd, split_prob  # noqa: F401  (split_prob: RDE's name, re-exported)
+from methods.base import TrainHook, TrainState
+from methods.rde.ccd import split_prob  # noqa: F401  (RDE's name where RDE's processor/processor.py has it)
+from methods.registry import get_method
 from processor.setup import set_seed
 from utils.cli import Interrupted, as_interrupted, interrupts_deferred
 from utils.comm import autocast_context, get_rank, get_world_size, is_main_process, reduce_dict, unwrap_model
 from utils.meter import AverageMeter
 from utils.metrics import Evaluator
-from utils.run_dir import CCD_FILE, CONFIG_FILE, LAST_CHECKPOINT, append_metrics, drop_metrics_from
+from utils.run_dir import CONFIG_FILE, LAST_CHECKPOINT, append_metrics, drop_metrics_from
 
 # Offsets that separate the per-epoch seeds of different epochs and ranks.
 EPOCH_SEED_STRIDE = 1000
@@ -101,24 +102,27 @@ def train_step(model, batch: Dict[str, object], optimizer: torch.optim.Optimizer
 
 
 def train_one_epoch(args, model, train_loader, optimizer, scaler: Optional[torch.amp.GradScaler],
-                    epoch: int, label_hat: Optional[torch.Tensor] = None, train_mode: bool = True
+                    epoch: int, hooks: Sequence[TrainHook] = (), state: Optional[TrainState] = None
                     ) -> Tuple[Dict[str, AverageMeter], Dict[str, torch.Tensor], int]:
     """One pass over ``train_loader``; returns (meters of every loss/accuracy, the last step's outputs, samples).
 
-    RDE: ``label_hat`` [N] (CCD's consensus labels, by sample index) goes into each batch as ``batch["label_hat"]``;
-    ``train_mode=False`` trains in eval mode (``--rde_train_eval_mode``, RDE's published behaviour)."""
+    The method's ``hooks`` see every batch before its step (``before_step``: they may add keys) and the outputs after
+    it (``after_step``); ``state`` (the run's :class:`TrainState`) gives them the iteration, and its ``train_mode``
+    the mode the model trains in."""
     device = next(model.parameters()).device
     meters: Dict[str, AverageMeter] = {"loss": AverageMeter()}  # then each loss / accuracy, as they come
-    model.train(train_mode)
-    if label_hat is not None:
-        label_hat = label_hat.to(device)
+    model.train(state.train_mode if state is not None else True)
     n_iter, num_samples, ret = -1, 0, {}
     steps_before = optimizer_step_count(optimizer) if scaler is not None else None
     for n_iter, batch in enumerate(train_loader):
         batch = prepare_batch(model, batch, device)
-        if label_hat is not None:  # RDE: CCD's consensus labels of these samples
-            batch["label_hat"] = label_hat[batch["index"]]
+        if state is not None:
+            state.iteration = n_iter
+        for hook in hooks:
+            batch = hook.before_step(state, batch)
         ret, total_loss = train_step(model, batch, optimizer, scaler, args.precision)
+        for hook in hooks:
+            hook.after_step(state, ret)
         # every loss / accuracy, averaged over ranks under DDP, copied to the host at once (one sync per step,
         # after the whole step is queued)
         stats = reduce_dict({"loss": total_loss.detach(),
@@ -181,9 +185,11 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
         scaler.load_state_dict(scaler_state)
     last_epoch = min(args.num_epoch, args.stop_epoch or args.num_epoch)
     logger.info("start training")
+    hooks = get_method(args.method).train_hooks(args)
+    state = TrainState(args, model, optimizer, scheduler, train_loader, args.output_dir, start_epoch=start_epoch,
+                       iters_per_epoch=len(train_loader))
     if is_main_process():
         drop_metrics_from(args.output_dir, start_epoch)  # epochs redone on resume
-        drop_metrics_from(args.output_dir, start_epoch, CCD_FILE)
         if tb_writer is None:
             from torch.utils.tensorboard import SummaryWriter
             tb_writer = SummaryWriter(log_dir=args.output_dir)
@@ -191,20 +197,20 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator: Evaluator, 
     counted = _CountingLoader(train_loader)  # its count names the iteration an interruption stopped
     epoch, finished = start_epoch, start_epoch - 1
     try:
+        for hook in hooks:
+            hook.before_train(state)
         for epoch in range(start_epoch, last_epoch + 1):
             set_seed(args.seed + epoch * EPOCH_SEED_STRIDE + get_rank() * RANK_SEED_STRIDE)
             set_train_epoch(train_loader, epoch)
-            label_hat = None
-            if is_rde(model):  # RDE: Consensus Clean Division before every epoch (processor/ccd.py)
-                label_hat, ccd_stats = run_ccd(model, train_loader.dataset, args, epoch)
-                if is_main_process():
-                    append_metrics(args.output_dir, {"epoch": epoch, **ccd_stats}, CCD_FILE)
+            state.epoch, state.iteration, state.train_mode = epoch, 0, True
+            for hook in hooks:
+                hook.before_epoch(state)
             start_time = time.time()
             lr = optimizer.param_groups[0]["lr"]
-            meters, ret, num_samples = train_one_epoch(
-                args, model, counted, optimizer, scaler, epoch, label_hat,
-                train_mode=not (label_hat is not None and args.rde_train_eval_mode))
+            meters, ret, num_samples = train_one_epoch(args, model, counted, optimizer, scaler, epoch, hooks, state)
             scheduler.step()
+            for hook in hooks:
+                hook.after_epoch(state)
             _log_epoch(epoch, meters, ret, lr, num_samples, time.time() - start_time, len(train_loader), tb_writer)
             if epoch % args.eval_period == 0:
                 best_top1, best_epoch = evaluate_and_checkpoint(args, model, evaluator, checkpointer, epoch,
@@ -277,12 +283,12 @@ def _report_interruption(stop, args, epoch: int, finished: int, counted: _Counti
     stop.reported = True
 
 
-def do_inference(model, test_img_loader, test_txt_loader, i2t_metric: bool = False,
+def do_inference(model, test_img_loader, test_txt_loader, i2t_metric: bool = False, method=None,
                  metrics: Sequence[str] = ()) -> Dict[str, float]:
-    """Evaluate ``model`` on the test loaders; logs the table and returns the metrics dict (``metrics``: the
-    Evaluator's extra metrics)."""
+    """Evaluate ``model`` on the test loaders (``method``: its feature sets, see ``Evaluator``; ``metrics``: the
+    Evaluator's extra metrics); logs the table and returns the metrics dict."""
     logging.getLogger("IRRA.test").info("Enter inferencing")
-    evaluator = Evaluator(test_img_loader, test_txt_loader, split="test", metrics=metrics)
+    evaluator = Evaluator(test_img_loader, test_txt_loader, split="test", method=method, metrics=metrics)
     return evaluator.eval(unwrap_model(model).eval(), i2t_metric=i2t_metric)
 
 

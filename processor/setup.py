@@ -16,8 +16,10 @@ import numpy as np
 import torch
 
 from datasets import build_dataloader
+from datasets.bases import measured_noisy_rate
+from methods.registry import get_method
 from model.build import build_model
-from solver import build_lr_scheduler, build_optimizer
+from solver import build_optimizer
 from utils.checkpoint import Checkpointer, OptimizerStateError
 from utils.choices import eval_metrics
 from utils.comm import broadcast_object, get_rank, get_world_size, init_distributed, is_main_process
@@ -26,7 +28,8 @@ from utils.iotools import check_output_dir, make_output_dir, save_train_configs
 from utils.logger import setup_logger
 from utils.metrics import Evaluator
 from utils.options import warn_config_changes
-from utils.run_dir import CONFIG_FILE, SETUP_FILES, RunLock
+from utils.run_dir import CONFIG_FILE, SETUP_FILES
+from utils.run_lock import RunLock
 
 
 
@@ -116,13 +119,14 @@ def build_training(args) -> TrainingParts:
     scheduler, checkpointer and evaluator, and resume when asked. A failure before training starts removes the new
     run directory (the error stays on the console).
 
-    Rank 0 takes the run directory's lock (``utils.run_dir.RunLock``) before it writes anything there: a second
+    Rank 0 takes the run directory's lock (``utils.run_lock.RunLock``) before it writes anything there: a second
     process training or resuming in the same run stops at once (``RunLockedError``). The returned parts hold it in
     ``run_lock``; release it when training ends (``with parts.run_lock:``), or the process's end does."""
     device = init_distributed(args.device)
-    args.distributed = get_world_size() > 1
     set_seed(args.seed + get_rank())
-    args.output_dir = make_run_dir(args)
+    # the run's state beside its options (saved in configs.yaml; ignored when that file starts a new run)
+    args = args.replace(distributed=get_world_size() > 1, output_dir=make_run_dir(args),
+                        environment=environment_info(device))
     lock = RunLock(args.output_dir if is_main_process() else None).acquire()
     try:
         logger = setup_logger("IRRA", save_dir=args.output_dir, if_train=True, distributed_rank=get_rank())
@@ -141,27 +145,31 @@ def build_training(args) -> TrainingParts:
 
 
 def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
-    args.environment = environment_info(device)  # saved in configs.yaml, ignored when that file is reused
     logger.info("environment: %s", describe_environment(args.environment))
     logger.info("Using %d process(es) on %s; run dir %s", get_world_size(), device, args.output_dir)
     logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+
+    train_loader, val_img_loader, val_txt_loader, num_classes = build_dataloader(args)
+    # the noise rate the training pairs really have (a --noisy_file may not match --noisy_rate): saved in
+    # configs.yaml, ignored when that file is reused, as the environment
+    real = train_loader.dataset.real_correspondences
+    args = args.replace(noisy_rate_measured=0.0 if real is None else measured_noisy_rate(real))
     if is_main_process():
         if args.resume:
             warn_config_changes(args, os.path.join(args.output_dir, CONFIG_FILE), logger)
         else:
             save_train_configs(args.output_dir, args)
-
-    train_loader, val_img_loader, val_txt_loader, num_classes = build_dataloader(args)
     model = build_model(args, num_classes, device=device)
     logger.info("Total params: %.2fM", sum(p.numel() for p in model.parameters()) / 1e6)
     model.to(device)
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.index is not None else None)
+    method = get_method(args.method)
     optimizer = build_optimizer(args, model)
-    scheduler = build_lr_scheduler(args, optimizer)
+    scheduler = method.build_lr_scheduler(args, optimizer, len(train_loader))
     checkpointer = Checkpointer(model, optimizer, scheduler, args.output_dir, save_to_disk=is_main_process())
-    evaluator = Evaluator(val_img_loader, val_txt_loader, split=args.val_dataset,
+    evaluator = Evaluator(val_img_loader, val_txt_loader, split=args.val_dataset, method=method,
                           metrics=eval_metrics(args.metrics, args.dataset_name))
     parts = TrainingParts(args, device, model, train_loader, evaluator, optimizer, scheduler, checkpointer)
     if args.resume:

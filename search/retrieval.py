@@ -27,14 +27,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets.build import build_transforms
+from methods.base import Method
+from methods.registry import get_method
 from model.build import build_model_from_checkpoint
-from model.rde import encode_for_retrieval  # IRRA: encode_image / encode_text; RDE: both branches
 from utils.checkpoint import read_model_state_dict
 from utils.comm import resolve_device
 from utils.options import load_config_args
 from utils.run_dir import BEST_CHECKPOINT, GALLERY_CACHE_DIR, atomic_write, check_writable, resolve_run
-from search.gallery import IMAGE_EXTENSIONS, ImageFileDataset, collate_skip_unreadable, list_images  # noqa: F401
+from search.gallery import ImageFileDataset, collate_skip_unreadable, list_images
 from utils.simple_tokenizer import SimpleTokenizer, get_tokenizer, tokenize
 
 logger = logging.getLogger("IRRA.retrieval")
@@ -195,12 +195,17 @@ class Retriever:
         args: the run's options (``img_size`` is part of the cache key; the test split comes from them).
         batch_size: sentences / images per forward pass.
         num_workers: image loading processes.
+        method: the run's method (``methods.base.Method``: its ``encode_images`` / ``encode_texts`` give the
+            feature sets); default: the model's own ``encode_image`` / ``encode_text``.
+        feature_set: the set ranked (default: the method's default, e.g. RDE's ``bge+tse``).
     """
 
     def __init__(self, model: torch.nn.Module, transform: Callable, tokenize: Callable[[str], TokenizedText],
                  device: torch.device, run_dir: str | os.PathLike | None = None,
                  checkpoint: str | os.PathLike | None = None, args=None, batch_size: int = 64,
-                 num_workers: int = 0):
+                 num_workers: int = 0, method: Method | None = None, feature_set: str | None = None):
+        self.method = method if method is not None else Method()
+        self.feature_set = self.method.check_feature_set(feature_set)
         self.model = model.eval()
         self.transform = transform
         self.tokenize = tokenize
@@ -214,7 +219,8 @@ class Retriever:
     # ---------------------------------------------------------------- construction from a run directory
     @classmethod
     def from_run(cls, run: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-                 device: str | torch.device = "auto", batch_size: int = 64, num_workers: int = 0) -> "Retriever":
+                 device: str | torch.device = "auto", batch_size: int = 64, num_workers: int = 0,
+                 feature_set: str | None = None) -> "Retriever":
         """Load the model of a training run.
 
         Args:
@@ -223,6 +229,7 @@ class Retriever:
             device: "auto" | "cpu" | an accelerator spec understood by ``utils.comm.resolve_device``, or a device.
             batch_size: sentences / images per forward pass.
             num_workers: image loading processes.
+            feature_set: the method's feature set ranked (default: the method's default).
         """
         run_dir, config_file = (Path(p) for p in resolve_run(run))
         ckpt = Path(checkpoint) if checkpoint is not None else run_dir / BEST_CHECKPOINT
@@ -239,10 +246,10 @@ class Retriever:
         weights = read_model_state_dict(str(ckpt))  # read once: backbone, classes and weights all come from it
         model = build_model_from_checkpoint(args, weights, source=str(ckpt), config=str(config_file), device=dev)
 
-        img_size = tuple(int(s) for s in args.img_size)
-        return cls(model, build_transforms(img_size=img_size, is_train=False),
-                   QueryTokenizer(get_tokenizer(), int(args.text_length)), dev, run_dir=run_dir, checkpoint=ckpt,
-                   args=args, batch_size=batch_size, num_workers=num_workers)
+        method = get_method(args.method)
+        return cls(model, method.test_transform(args), QueryTokenizer(get_tokenizer(), int(args.text_length)), dev,
+                   run_dir=run_dir, checkpoint=ckpt, args=args, batch_size=batch_size, num_workers=num_workers,
+                   method=method, feature_set=feature_set)
 
     # ---------------------------------------------------------------- encoders
     def kept_text(self, text: str) -> str:
@@ -268,7 +275,8 @@ class Retriever:
         out = []
         for start in range(0, len(tokenized), self.batch_size):
             ids = torch.stack([t.ids for t in tokenized[start:start + self.batch_size]])  # [B, L]
-            out.append(F.normalize(encode_for_retrieval(self.model, text=ids.to(self.device)).float(), dim=-1).cpu())
+            f = self.method.encode_texts(self.model, ids.to(self.device))[self.feature_set]  # [B, D]
+            out.append(F.normalize(f.float(), dim=-1).cpu())
         return torch.cat(out)
 
     @torch.no_grad()
@@ -287,7 +295,7 @@ class Retriever:
             for idx, imgs, bad in loader:
                 failed += bad
                 if imgs is not None:
-                    f = encode_for_retrieval(self.model, images=imgs.to(self.device))  # [B, D] (RDE: (S_bge + S_tse) / 2)
+                    f = self.method.encode_images(self.model, imgs.to(self.device))[self.feature_set]  # [B, D]
                     feats.append(F.normalize(f.float(), dim=-1).cpu())
                     kept += idx
                 bar.update(len(idx) + len(bad))
@@ -309,6 +317,7 @@ class Retriever:
             "files": [_file_stamp(p) for p in paths],
             "checkpoint": _file_stamp(self.checkpoint) if self.checkpoint is not None else None,
             "img_size": list(self.args.img_size) if self.args is not None else None,
+            "features": [self.method.name, self.feature_set],
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

@@ -9,8 +9,8 @@ Started by ``visualize.py --serve`` (see README, "Searching in the browser"); fr
 
 The gallery is encoded once (``Retriever.encode_gallery``'s cache next to the run) and the model is loaded once; a
 query costs one text encoding and one matrix product, both done by ``Retriever.search``, so a run whose Retriever
-scores differently (e.g. RDE) is ranked with its own score. Queries run one at a time under a lock; the HTTP server
-answers each tab in its own thread.
+scores differently is ranked with its own score. Queries run one at a time on one thread (``guard.ModelGate``); the
+HTTP server answers each tab in its own thread.
 
 What is served, and nothing else: the page (three files of ``search/static/``, read at start), ``/api/info``,
 ``/api/search``, ``/api/failures`` and ``/image/<i>``, the ``i``-th image of the gallery list built at start. An image
@@ -19,11 +19,15 @@ gallery the file must also resolve inside the folder (a symlink out of it is ref
 from this server (Content-Security-Policy ``default-src 'none'`` plus 'self' for its script, style, images and
 requests): no analytics, fonts or scripts from the internet.
 
+Against the web (``search/guard.py``): only Host headers naming this server are answered (DNS rebinding), a
+non-loopback address needs an access token, a request must arrive within ``--request_timeout``, at most
+``--max_connections`` are answered at once, images over ``--max_image_mb`` are not served, ``HEAD /api/search`` runs
+no search and a query waits at most ``--model_timeout`` for the model.
+
 Standard library HTTP (``http.server.ThreadingHTTPServer``) and a hand-written page instead of Gradio: see README.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -33,13 +37,14 @@ import threading
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import parse_qs, urlsplit
 
 import torch
 
+from search import guard as G
 from search.retrieval import Gallery, Retriever
 from search.split_queries import encode_test_gallery
 from utils.choices import eval_metrics
@@ -182,9 +187,9 @@ class SearchPage:
         g_pids = [int(split["image_pids"][i]) for i in gallery.indices]
         logger.info("ranking the %d test captions against %d images (R1/mAP, failures)", len(split["captions"]),
                     len(gallery))
-        name = getattr(retriever.args, "dataset_name", "the dataset")
-        test = rank_test_split(retriever, gallery, split["captions"], split["caption_pids"], g_pids,
-                               metrics=eval_metrics(retriever.args.metrics, name))
+        name = retriever.args.dataset_name if retriever.args is not None else "the dataset"
+        extra = eval_metrics(retriever.args.metrics, name) if retriever.args is not None else ()
+        test = rank_test_split(retriever, gallery, split["captions"], split["caption_pids"], g_pids, metrics=extra)
         return cls(retriever, gallery, _run_title(retriever), f"the test split of {name}", test=test,
                    start_view=start_view)
 
@@ -317,120 +322,169 @@ def _read_static() -> dict[str, tuple[bytes, str]]:
     return out
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """Routes of the page; ``page`` and ``static`` are set on a subclass by :func:`make_server`."""
+class _Handler(G.CheckedHandler):
+    """Routes of the page (the guards are ``CheckedHandler``'s); ``page`` and ``static`` are set on a subclass by
+    :func:`make_server`, ``timeout`` too (``--request_timeout``)."""
 
     server_version = "IRRA-search"
     page: SearchPage
     static: dict[str, tuple[bytes, str]]
+    server: "_Server"
 
-    def _send(self, status: int, body: bytes, ctype: str, cache: str = "no-store", etag: str | None = None) -> None:
+    def _head(self, status: int, ctype: str, length: int | None, cache: str = "no-store", etag: str | None = None,
+              extra: dict | None = None) -> None:
+        self.connection.settimeout(self.timeout)  # each write of the answer gets the whole timeout
         self.send_response(status)
         self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
+        if length is not None:
+            self.send_header("Content-Length", str(length))
         self.send_header("Cache-Control", cache)
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
         self.send_header("Content-Security-Policy", CSP)
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
         if etag is not None:
             self.send_header("ETag", etag)
         self.end_headers()
+
+    def _send(self, status: int, body: bytes, ctype: str, cache: str = "no-store", etag: str | None = None,
+              extra: dict | None = None) -> None:
+        self._head(status, ctype, len(body), cache, etag, extra)
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, obj, status: int = HTTPStatus.OK) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json; charset=utf-8")
+    def _json(self, obj, status: int = HTTPStatus.OK, extra: dict | None = None) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json; charset=utf-8", extra=extra)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         url = urlsplit(self.path)
         query = parse_qs(url.query, keep_blank_values=True)
         arg = lambda name: query.get(name, [None])[-1]  # noqa: E731
         try:
+            if not self._admitted():
+                return
             if url.path in self.static:
                 body, ctype = self.static[url.path]
                 self._send(HTTPStatus.OK, body, ctype, cache="no-cache")
             elif url.path == "/api/info":
                 self._json(self.page.info())
+            elif url.path == "/api/search" and self.command == "HEAD":
+                self._head(HTTPStatus.OK, "application/json; charset=utf-8", None)  # no search for a HEAD
             elif url.path == "/api/search":
-                self._json(self.page.search(arg("q"), arg("k"), arg("test_query")))
+                self._json(self.server.gate.call(self.page.search, arg("q"), arg("k"), arg("test_query")))
             elif url.path == "/api/failures":
                 self._json(self.page.failures())
             elif url.path == "/favicon.ico":
                 self.send_response(HTTPStatus.NO_CONTENT)  # no icon (a 404 would be a console error in every tab)
                 self.end_headers()
             elif url.path.startswith("/image/"):
-                index = url.path[len("/image/"):]
-                path, ctype = self.page.image_file(index)
-                etag = f'"{self.page.token}-{index}"'
-                if self.headers.get("If-None-Match") == etag:
-                    self.send_response(HTTPStatus.NOT_MODIFIED)
-                    self.send_header("ETag", etag)
-                    self.end_headers()
-                    return
-                self._send(HTTPStatus.OK, path.read_bytes(), ctype, cache="no-cache", etag=etag)
+                self._image(url.path[len("/image/"):])
             else:
                 raise QueryError(f"not found: {url.path!r} (this server answers /, /api/info, /api/search, "
                                  f"/api/failures and /image/<index>)", HTTPStatus.NOT_FOUND)
         except QueryError as e:
             self._json({"error": str(e)}, e.status)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the tab went away (a newer keystroke aborted the request)
+        except G.ModelTimeout as e:
+            self._json({"error": str(e), "timeout": True}, HTTPStatus.SERVICE_UNAVAILABLE, {"Retry-After": "5"})
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the tab went away (a newer keystroke aborted it) or stopped reading
         except Exception:  # noqa: BLE001 (a request must not kill the server)
-            logger.exception("search page: error answering %s", self.path)
+            logger.exception("search page: error answering %s", G.redact(self.path))
             self._json({"error": "internal error: see the server's log"}, HTTPStatus.INTERNAL_SERVER_ERROR)
 
     do_HEAD = do_GET
 
+    def _image(self, index: str) -> None:
+        """Gallery image ``index``, streamed (never read whole), refused over the size cap."""
+        path, ctype = self.page.image_file(index)
+        etag = f'"{self.page.token}-{index}"'
+        if self.headers.get("If-None-Match") == etag:
+            self.send_response(HTTPStatus.NOT_MODIFIED)
+            self.send_header("ETag", etag)
+            self.end_headers()
+            return
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            cap = self.server.max_image_bytes
+            if size > cap:
+                raise QueryError(f"gallery image {index} is {size / 2**20:.1f} MB, over the page's cap of "
+                                 f"{cap / 2**20:g} MB (--max_image_mb): not served",
+                                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            self._head(HTTPStatus.OK, ctype, size, cache="no-cache", etag=etag)
+            if self.command != "HEAD":
+                left = size
+                while left > 0:  # at most the size announced, even if the file grew meanwhile
+                    chunk = f.read(min(left, 1 << 16))
+                    if not chunk:
+                        break
+                    self.wfile.write(chunk)
+                    left -= len(chunk)
+
     def _refuse(self) -> None:
-        self._json({"error": f"{self.command} is not supported: the page only reads (GET)"},
-                   HTTPStatus.METHOD_NOT_ALLOWED)
+        if self._admitted():
+            self._json({"error": f"{self.command} is not supported: the page only reads (GET)"},
+                       HTTPStatus.METHOD_NOT_ALLOWED)
 
     do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
-        logger.debug("%s %s", self.address_string(), format % args)
+class _Server(G.CappedThreadingServer):
+    """One thread per connection (at most ``max_connections``, see guard.py), the page's guards as attributes."""
 
-
-class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a tab left open does not keep the process alive after Ctrl+C
     request_queue_size = 64  # connections waiting to be accepted (several tabs, each fetching up to 100 images)
+    host_check: G.HostCheck
+    access_token: G.AccessToken | None
+    gate: G.ModelGate | None = None  # set once bound (a failed bind closes the server before)
+    max_image_bytes: int
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self.gate is not None:
+            self.gate.close()
 
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
-def make_server(page: SearchPage, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> ThreadingHTTPServer:
+def make_server(page: SearchPage, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
+                allowed_hosts: Sequence[str] = (), token: bool | None = None,
+                request_timeout: float = G.DEFAULT_REQUEST_TIMEOUT, max_connections: int = G.DEFAULT_MAX_CONNECTIONS,
+                max_image_mb: float = G.DEFAULT_MAX_IMAGE_MB, model_timeout: float = G.DEFAULT_MODEL_TIMEOUT
+                ) -> ThreadingHTTPServer:
     """An HTTP server of ``page`` bound to (host, port), not yet serving (call ``serve_forever``); port 0 = any free.
 
-    A host other than a loopback address makes the page reachable from the network (it has no login): a warning says
-    so.
+    What it defends against, and the options (visualize.py's ``--serve`` options of the same names), are in
+    ``search/guard.py``. ``token``: None = required when ``host`` is not a loopback address, True = always, False =
+    never (``--no_token``, warned about off loopback). ValueError naming the option for a bad value.
     """
-    handler = type("Handler", (_Handler,), {"page": page, "static": _read_static()})
+    G.check_limits(request_timeout, max_connections, max_image_mb, model_timeout)
+    host_check = G.HostCheck(host, allowed_hosts)
+    handler = type("Handler", (_Handler,), {"page": page, "static": _read_static(), "timeout": request_timeout})
     cls = _Server6 if ":" in host else _Server
     try:
-        server = cls((host, port), handler)
+        server = cls((host, port), handler, max_connections=max_connections)
     except OSError as e:
         raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e}): pass another --port (or --port 0 for any "
                       f"free one)") from e
-    if not _is_loopback(host):
-        logger.warning("the search page listens on %s: anyone who can reach this machine on port %d can use it "
-                       "(there is no login)", host, server.server_address[1])
+    server.host_check = host_check
+    server.max_image_bytes = int(max_image_mb * 2**20)
+    server.gate = G.ModelGate(model_timeout)
+    local = G.is_loopback(host)
+    server.access_token = G.AccessToken(server.server_address[1]) if (token is None and not local) or token else None
+    if not local and server.access_token is None:
+        logger.warning("the search page listens on %s without an access token (--no_token): anyone who can reach "
+                       "this machine on port %d can use it", host, server.server_address[1])
+    elif not local:
+        logger.info("the search page listens on %s: it needs the access token in the printed address", host)
     return server
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def page_url(server: ThreadingHTTPServer) -> str:
-    """The address to open in a browser."""
+    """The address to open in a browser (with ``?token=...`` when the page has an access token)."""
     host, port = server.server_address[:2]
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1" if host == "0.0.0.0" else "::1"
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    return url + f"?token={server.access_token.token}" if server.access_token is not None else url

@@ -13,8 +13,6 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from utils.choices import LR_SCHEDULERS, WARMUP_METHODS
 
-VALID_MODES = LR_SCHEDULERS
-VALID_WARMUP_METHODS = WARMUP_METHODS
 
 
 class LRSchedulerWithWarmup(_LRScheduler):
@@ -24,7 +22,7 @@ class LRSchedulerWithWarmup(_LRScheduler):
         optimizer: wrapped optimizer (each param group keeps its own ``base_lr``).
         milestones: sorted epochs at which ``step`` mode multiplies the lr by ``gamma``.
         gamma: decay factor of ``step`` mode.
-        mode: one of ``VALID_MODES``.
+        mode: one of ``utils.choices.LR_SCHEDULERS``.
         warmup_factor: lr multiplier at epoch 0 of the warmup.
         warmup_epochs: number of warmup epochs.
         warmup_method: ``"constant"`` or ``"linear"``.
@@ -50,11 +48,11 @@ class LRSchedulerWithWarmup(_LRScheduler):
     ) -> None:
         if list(milestones) != sorted(milestones):
             raise ValueError(f"milestones should be a list of increasing integers, got {milestones!r}")
-        if mode not in VALID_MODES:
-            raise ValueError(f"unknown lr scheduler mode {mode!r}; valid modes: {', '.join(VALID_MODES)}")
-        if warmup_method not in VALID_WARMUP_METHODS:
+        if mode not in LR_SCHEDULERS:
+            raise ValueError(f"unknown lr scheduler mode {mode!r}; valid modes: {', '.join(LR_SCHEDULERS)}")
+        if warmup_method not in WARMUP_METHODS:
             raise ValueError(
-                f"unknown warmup_method {warmup_method!r}; valid methods: {', '.join(VALID_WARMUP_METHODS)}"
+                f"unknown warmup_method {warmup_method!r}; valid methods: {', '.join(WARMUP_METHODS)}"
             )
         self.milestones = list(milestones)
         self.mode = mode

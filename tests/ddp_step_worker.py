@@ -107,7 +107,7 @@ class CCDDataset(torch.utils.data.Dataset):
 
 def ccd_losses() -> Tuple[torch.Tensor, torch.Tensor]:
     """CCD's per-sample losses of a tiny RDE over CCDDataset (batches of 3: the last one is short)."""
-    from processor.ccd import per_sample_losses
+    from methods.rde.ccd import per_sample_losses
     model, _ = build("tal", False, train=False)
     return per_sample_losses(model, CCDDataset(), batch_size=3, seed=1, epoch=2)
 

@@ -228,10 +228,10 @@ def test_build_dataloader_checks_the_used_splits_then_uses_the_cache(tiny_copy, 
     opened.clear()
     dbuild.build_dataloader(args)  # unchanged files: nothing is opened again
     assert opened == []
-    args.training = False  # test mode checks the test split only (cached too)
+    args = args.replace(training=False)  # test mode checks the test split only (cached too)
     dbuild.build_dataloader(args)
     assert opened == []
-    args.training, args.val_dataset = True, "val"
+    args = args.replace(training=True, val_dataset="val")
     dbuild.build_dataloader(args)
     assert sorted(opened) == sorted(set(ds.val["img_paths"]))
 
@@ -248,13 +248,13 @@ def test_a_corrupt_image_stops_build_dataloader_unless_skipped(tiny_copy, tmp_pa
     corrupt(bad)
     args = get_args(tiny_train_argv(tiny_copy, str(tmp_path / "logs")))
     for training in (True, False):
-        args.training = training
+        args = args.replace(training=training)
         with pytest.raises(dcheck.ImageCheckError) as err:
             dbuild.build_dataloader(args)
         assert f"{bad}: unreadable" in str(err.value) and "--skip_image_check" in str(err.value)
     opened = count_opens(monkeypatch)
-    args.skip_image_check = True
-    args.training = True
+    args = args.replace(skip_image_check=True)
+    args = args.replace(training=True)
     train_loader, img_loader, _, _ = dbuild.build_dataloader(args)
     assert opened == [] and bad in img_loader.dataset.img_paths  # not checked: the loaders are built as before
     # the exists level of the same check still runs under --skip_image_check, with its own error type

@@ -24,7 +24,7 @@ from model.build import IRRA
 from processor import processor as proc
 from search.retrieval import Retriever
 from tests.conftest import REPO, test_script, tiny_train_argv
-from utils.run_dir import RunLock, RunLockedError
+from utils.run_lock import RunLock, RunLockedError
 
 
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -265,7 +265,7 @@ def test_checkpoints_have_the_mode_of_the_run_files(base_run):
 # ------------------------------------------------------------------------------------------- one writer per run
 LOCK_HOLDER = """
 import sys, time
-from utils.run_dir import RunLock
+from utils.run_lock import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)

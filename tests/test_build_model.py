@@ -6,7 +6,9 @@ import pytest
 from utils.options import default_args
 import torch
 
-from model.build import VALID_LOSSES, build_model, parse_loss_names
+from methods.irra.options import LOSSES as VALID_LOSSES
+from model.build import build_model
+from utils.choices import parse_loss_names
 from tests.conftest import make_batch
 
 NUM_CLASSES = 4
@@ -58,7 +60,7 @@ def test_text_length(text_length):
 
 
 def test_loss_names_validation():
-    assert parse_loss_names(" sdm + id+mlm ") == ["sdm", "id", "mlm"]
+    assert parse_loss_names(" sdm + id+mlm ", VALID_LOSSES) == ["sdm", "id", "mlm"]
     with pytest.raises(ValueError) as err:
         build_model(make_args(loss_names="sdm+foo"), NUM_CLASSES)
     assert "foo" in str(err.value) and all(n in str(err.value) for n in VALID_LOSSES)

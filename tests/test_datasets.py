@@ -330,7 +330,7 @@ def test_build_dataloader_identity_and_bad_options(tmp_path):
         with pytest.raises(ValueError, match=rf"--{option} '{value}': unknown; valid: \["):
             make_args(tmp_path, **{option: value})  # the options refuse it
         args = make_args(tmp_path)
-        setattr(args, option, value)  # and so does build_dataloader, given a Namespace made by hand
+        args = args.replace(**{option: value})  # and so does build_dataloader, given options changed unchecked
         with pytest.raises(ValueError, match=rf"--{option} '{value}': unknown; valid: \["):
             build_dataloader(args)
     with pytest.raises(ValueError, match=r"--batch_size 5 must be a positive multiple of num_instance \(2\)"):
@@ -347,8 +347,7 @@ def test_ranks_and_workers_rebuild_the_one_process_batches(tmp_path, sampler):
     args = make_args(tmp_path, sampler=sampler, batch_size=4, num_instance=2, seed=5, MLM=True)
 
     def epoch_batches(rank, world, workers):
-        args.num_workers = workers
-        tl = dbuild.build_train_loader(args, ds, rank=rank, world_size=world)
+        tl = dbuild.build_train_loader(args.replace(num_workers=workers), ds, rank=rank, world_size=world)
         dbuild.set_train_epoch(tl, 2)
         return list(tl)
 

@@ -9,8 +9,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.build import (build_model, caption_cut, host_lengths, masked_first, mlm_lengths, mlm_token_bucket,
-                         round_up)
+from model.build import build_model
+from model.lengths import (caption_cut, host_lengths, masked_first, mlm_lengths, mlm_token_bucket,
+                           round_up)
 from model.clip_model import ResidualAttentionBlock, fused_multihead_attention
 from processor.processor import prepare_batch, train_step
 from solver import build_optimizer

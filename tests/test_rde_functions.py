@@ -12,7 +12,7 @@ from datasets.bases import draw_noisy_index, inject_noisy_correspondence
 from model import objectives
 from model.CrossEmbeddingLayer_tse import (MLP, GlobalBatchNorm1d, TexualEmbeddingLayer, VisualEmbeddingLayer, l2norm,
                                           maxk_pool1d_var)
-from processor.ccd import consensus_labels, divide, gmm_clean_prob, min_max_normalise
+from methods.rde.ccd import consensus_labels, divide, gmm_clean_prob, min_max_normalise
 from processor.processor import split_prob
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "rde", "rde_functions.json")

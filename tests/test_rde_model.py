@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from model.build import IRRA, RDE, build_model, build_model_from_checkpoint
-from model.rde import checkpoint_kind, encode_for_retrieval, joint_features
+from methods.rde.model import joint_features
+from methods.registry import get_method
+from model.build import checkpoint_methods
 from solver.build import build_param_groups
 from utils.options import default_args
 
@@ -99,8 +101,9 @@ def test_encoders(model, batch, golden):
         torch.testing.assert_close(m.encode_image_tse(batch["images"]), e["image_tse"], atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(m.encode_text_tse(batch["caption_ids"]), e["text_tse"], atol=2e-6, rtol=1e-5)
         # retrieval score = (S_bge + S_tse) / 2
-        q = encode_for_retrieval(m, text=batch["caption_ids"])
-        g = encode_for_retrieval(m, images=batch["images"])
+        rde = get_method("rde")
+        q = rde.encode_texts(m, batch["caption_ids"])[rde.default_feature_set]
+        g = rde.encode_images(m, batch["images"])[rde.default_feature_set]
         cos = lambda a, b: torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).t()
         torch.testing.assert_close(q @ g.t(), (cos(e["text"], e["image"]) + cos(e["text_tse"], e["image_tse"])) / 2,
                                    atol=1e-5, rtol=1e-5)
@@ -148,14 +151,18 @@ def _rde_format_checkpoint(model):
     return {"model": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
-def test_checkpoint_kind(model):
+def test_checkpoint_methods(model):
+    """Each method recognises its own format; the most specific wins (a backbone-only state dict is IRRA's and
+    clip_itc's alike)."""
     sd = model.state_dict()
-    assert checkpoint_kind(sd) == "rde"
-    assert checkpoint_kind({"module." + k: v for k, v in sd.items()}) == "rde"
-    assert checkpoint_kind({k: v for k, v in sd.items() if k.startswith("base_model.")}) == "irra"
-    assert checkpoint_kind({k[len("base_model."):]: v for k, v in sd.items() if k.startswith("base_model.")}) == "clip"
+    assert checkpoint_methods(sd) == ["rde"]
+    assert checkpoint_methods({"module." + k: v for k, v in sd.items()}) == ["rde"]
+    assert checkpoint_methods({k: v for k, v in sd.items() if not k.startswith("visul_emb_layer.")}) == ["rde"]
+    assert checkpoint_methods({k: v for k, v in sd.items() if k.startswith("base_model.")}) == ["irra", "clip_itc"]
     with pytest.raises(ValueError, match="unrecognised"):
-        checkpoint_kind({"foo": torch.zeros(1)})
+        checkpoint_methods({k[len("base_model."):]: v for k, v in sd.items() if k.startswith("base_model.")})
+    with pytest.raises(ValueError, match="unrecognised"):
+        checkpoint_methods({"foo": torch.zeros(1)})
 
 
 def test_rde_checkpoint_rebuild_and_finetune(model, golden, clip_file, batch, tmp_path):
@@ -170,7 +177,7 @@ def test_rde_checkpoint_rebuild_and_finetune(model, golden, clip_file, batch, tm
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.encode_image_tse(batch["images"]),
                                    trained.eval().encode_image_tse(batch["images"]))
-    with pytest.raises(ValueError, match="RDE checkpoint"):
+    with pytest.raises(ValueError, match="checkpoint of --method rde"):
         build_model_from_checkpoint(rde_args(golden, clip_file, loss_names="sdm+id"), weights, source=str(path))
     # --pretrain_choice: fine-tune from the RDE checkpoint (backbone and TSE layers loaded)
     ft = build_model(rde_args(golden, clip_file, pretrain_choice=str(path)), 5)
@@ -209,7 +216,7 @@ def test_retriever_ranks_by_both_branches(tmp_path):
         Image.new("RGB", (32, 64), colour).save(p)
         paths.append(str(p))
     tf = build_transforms(img_size=(64, 32), is_train=False)
-    r = Retriever(m, tf, QueryTokenizer(get_tokenizer(), 77), torch.device("cpu"))
+    r = Retriever(m, tf, QueryTokenizer(get_tokenizer(), 77), torch.device("cpu"), method=get_method("rde"))
     q = r.encode_texts(["a man in a red coat"])
     g = r.encode_images(paths, progress=False)
     ids = QueryTokenizer(get_tokenizer(), 77)("a man in a red coat").ids[None]

@@ -11,7 +11,7 @@ import torch
 
 import test as test_script
 import train
-from datasets.bases import rde_token_augment
+from datasets.bases import token_augment
 from tests.conftest import tiny_train_argv
 
 RDE_OPTS = ("--loss_names", "tal", "--no-merge_param_groups", "--tse_embed_dim", "32", "--select_ratio", "0.5")
@@ -76,8 +76,8 @@ def test_token_augment():
     tokens = torch.zeros(77, dtype=torch.long)
     words = list(range(100, 160))
     tokens[:62] = torch.tensor([49406] + words + [49407])
-    out = rde_token_augment(tokens, random.Random(0), mask)
-    assert torch.equal(out, rde_token_augment(tokens, random.Random(0), mask))  # a function of the generator
+    out = token_augment(tokens, random.Random(0), mask)
+    assert torch.equal(out, token_augment(tokens, random.Random(0), mask))  # a function of the generator
     assert out[0] == 49406 and (out == 49407).sum() == 1  # SOT / EOT kept
     n = int((out != 0).sum())
     eot = int(out.argmax())
@@ -90,7 +90,7 @@ def test_token_augment():
     rng = random.Random(1)
     masked = deleted = 0
     for _ in range(200):
-        o = rde_token_augment(tokens, rng, mask)
+        o = token_augment(tokens, rng, mask)
         masked += int((o == mask).sum())
         deleted += 62 - int((o != 0).sum())
     assert abs(masked / (200 * 60) - 0.12) < 0.02 and abs(deleted / (200 * 60) - 0.04) < 0.015

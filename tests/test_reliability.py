@@ -331,6 +331,10 @@ REFUSED = [
     ("tse_embed_dim", dict(loss_names="tal", tse_embed_dim=1)), ("tse_lr", dict(loss_names="tal", tse_lr=0.0)),
     ("gmm_setting", dict(loss_names="tal", gmm_setting="slow")),
     ("ccd_batch_size", dict(loss_names="tal", ccd_batch_size=1)), ("batch_size", dict(loss_names="tal", batch_size=1)),
+    ("loss_names", dict(loss_names="tal+id")), ("loss_names", dict(loss_names="tal", MLM=True)),
+    # methods as plug-ins (issue 22)
+    ("loss_names", dict(method="clip_itc", loss_names="sdm")), ("MLM", dict(method="clip_itc", MLM=True)),
+    ("method", dict(method="tbps_nope")),
 ]
 
 
@@ -343,8 +347,11 @@ def test_every_checked_option_refuses_a_bad_value(option, overrides):
 def test_every_range_check_has_a_negative_test():
     """The option names checked in finalize_args (its checks list and choices) all appear in REFUSED: a new check
     without a negative test fails here."""
-    src = inspect.getsource(options_module.finalize_args)
-    checked = set(re.findall(r'\(\s*"(\w+)",', src)) | {"name"}
+    from methods.registry import METHODS, method_options
+
+    src = inspect.getsource(options_module.finalize_args) + "".join(
+        inspect.getsource(method_options(m).check_options) for m in METHODS)
+    checked = set(re.findall(r'\(\s*"(\w+)",', src)) | {"name", "method"}
     assert checked - {o for o, _ in REFUSED} == set()
 
 
@@ -399,12 +406,12 @@ def test_test_py_does_not_suggest_val_dataset(tmp_path):
     from datasets.build import build_eval_loaders
 
     args = default_args(dataset_name="CUHK-PEDES", root_dir=str(tmp_path))
-    args.training = False
+    args = args.replace(training=False)
     empty = {"img_paths": [], "image_pids": [], "captions": [], "caption_pids": []}
     with pytest.raises(ValueError) as err:
         build_eval_loaders(args, empty, "test")
     assert "--val_dataset" not in str(err.value) and "has no test split" in str(err.value)
-    args.training = True
+    args = args.replace(training=True)
     with pytest.raises(ValueError, match="use --val_dataset val"):
         build_eval_loaders(args, empty, "test")
 

@@ -68,7 +68,7 @@ def test_optimizer_groups_match_fixture(spec_model):
     lrs = {(lr, wd) for _, lr, wd in expected}
     assert lrs == {(1e-5, 4e-5), (2e-5, 0.0), (5e-5, 4e-5), (5e-5, 0.0)}
     # the default (merged) layout gives every parameter the fixture's lr and weight decay, in 4 groups
-    args.merge_param_groups = True
+    args = args.replace(merge_param_groups=True)
     merged = build_optimizer(args, spec_model)
     assert len(merged.param_groups) == 4
     got = {by_param[id(p)]: (g["lr"], g["weight_decay"]) for g in merged.param_groups for p in g["params"]}
@@ -137,7 +137,7 @@ def test_fused_optimizer_option_same_steps(name):
     fus.load_state_dict(ref.state_dict())
     args = _args(optimizer=name, lr=1e-2)
     o_ref = build_optimizer(args, ref)
-    args.fused_optimizer = True
+    args = args.replace(fused_optimizer=True)
     o_fus = build_optimizer(args, fus)
     assert not o_ref.defaults.get("fused") and o_fus.defaults["fused"] is True
     _train_side_by_side(((ref, o_ref), (fus, o_fus)), torch.randn(4, 5), 3)
@@ -149,7 +149,7 @@ def test_unknown_optimizer():
     with pytest.raises(ValueError, match=r"--optimizer 'Lamb': unknown; valid: \['SGD', 'Adam', 'AdamW'\]"):
         build_optimizer(_args(optimizer="Lamb"), nn.Linear(2, 2))
     args = _args()
-    args.optimizer = "Lamb"  # set after the options were checked: build_optimizer itself refuses it
+    args = args.replace(optimizer="Lamb")  # set after the options were checked: build_optimizer itself refuses it
     with pytest.raises(ValueError, match=r"unknown optimizer 'Lamb'; valid optimizers: SGD, Adam, AdamW"):
         build_optimizer(args, nn.Linear(2, 2))
 
@@ -235,9 +235,9 @@ def test_merge_param_groups_same_updates(name):
     ref, mer = _GroupsModel(), _GroupsModel()
     mer.load_state_dict(ref.state_dict())
     args = _args(optimizer=name, lr=1e-2, weight_decay=0.1, warmup_epochs=2, num_epoch=6)
-    args.merge_param_groups = False
+    args = args.replace(merge_param_groups=False)
     o_ref = build_optimizer(args, ref)
-    args.merge_param_groups = True
+    args = args.replace(merge_param_groups=True)
     o_mer = build_optimizer(args, mer)
     assert len(o_ref.param_groups) == 6
     # (lr, wd): backbone.weight (lr, wd), the biases but classifier's (lr*2, 0), cross_attn.weight and
@@ -264,7 +264,7 @@ def test_resume_with_other_param_groups_names_the_option(tmp_path):
     args = _args(merge_param_groups=False)
     opt = build_optimizer(args, model)
     path = Checkpointer(model, opt, build_lr_scheduler(args, opt), save_dir=str(tmp_path)).save("last", epoch=1)
-    args.merge_param_groups = True
+    args = args.replace(merge_param_groups=True)
     merged = build_optimizer(args, model)
     with pytest.raises(OptimizerStateError, match=r"last\.pth: its optimizer state does not fit.*6 saved param "
                                                   r"groups, 4 here.*--no-merge_param_groups"):
@@ -272,7 +272,7 @@ def test_resume_with_other_param_groups_names_the_option(tmp_path):
     with pytest.raises(OptimizerStateError, match=r"6 saved param groups, 4 here") as generic:
         Checkpointer(model, merged, build_lr_scheduler(args, merged)).resume(path)
     assert "merge_param_groups" not in str(generic.value)  # the generic checkpointer knows no solver option
-    args.merge_param_groups = False
+    args = args.replace(merge_param_groups=False)
     same = build_optimizer(args, model)
     assert Checkpointer(model, same, build_lr_scheduler(args, same)).resume(path)["epoch"] == 1
 

@@ -6,7 +6,8 @@ test metrics of that checkpoint (``best.pth``) and of the last epoch (``last.pth
 ``test_metrics.json`` that ``test.py`` writes next to the checkpoints; then, for the runs whose ``configs.yaml`` differ
 only in the seed (and the name / output directory / run-state keys), a mean ± sample-std row. A missing or unreadable
 file becomes a note in the table, never an error; a run that cannot be read at all is skipped with a warning. A
-checkpoint tested on other data than its run trained on (``test.py --root_dir``) is flagged.
+checkpoint tested on other data than its run trained on (``test.py --root_dir``) is flagged. A run with noisy
+correspondences names the noise rate asked for and the one its training pairs had (``noisy_rate_measured``).
 
 Only the standard library, PyYAML and prettytable are imported (no torch): it runs anywhere the logs are. The
 files' names and readers are ``utils/run_dir.py``'s (where ``write_test_metrics``, used by ``test.py``, lives).
@@ -137,13 +138,28 @@ def _other_test_data(rec: dict, cfg: Optional[dict]) -> List[str]:
             if rec.get(k) is not None and cfg.get(k) is not None and not _same_data(k, rec[k], cfg[k])]
 
 
+def _noise_rates(cfg: Optional[dict], notes: List[str]) -> tuple:
+    """(``noisy_rate`` asked, ``noisy_rate_measured`` from the training pairs) of a run's config (None when not
+    recorded); a run with noise gets a note naming both."""
+    asked = finite_number((cfg or {}).get("noisy_rate"))
+    measured = finite_number((cfg or {}).get("noisy_rate_measured"))
+    if (asked or measured) and measured is not None:
+        notes.append(f"noisy_rate {asked:g}, measured {measured:.4f}" if asked is not None
+                     else f"measured noisy rate {measured:.4f}")
+    elif asked:
+        notes.append(f"noisy_rate {asked:g} (measured rate not recorded)")
+    return asked, measured
+
+
 def read_run(run_dir: str) -> Dict[str, Any]:
-    """One row of the table for ``run_dir``: ``run`` (its name), ``run_dir``, ``seed``, ``config``, the numbers of
-    ``COLUMNS`` (None when unknown) and ``notes`` (what is missing or inconsistent)."""
+    """One row of the table for ``run_dir``: ``run`` (its name), ``run_dir``, ``seed``, ``config``, ``noisy_rate`` and
+    ``noisy_rate_measured`` (the noise asked for and the noise the training pairs had, None when not recorded), the
+    numbers of ``COLUMNS`` (None when unknown) and ``notes`` (what is missing or inconsistent)."""
     notes: List[str] = []
     cfg = _read_config(run_dir, notes)
     row: Dict[str, Any] = {"run": os.path.basename(os.path.normpath(run_dir)), "run_dir": os.path.abspath(run_dir),
                            "seed": cfg.get("seed") if cfg else None, "config": cfg, **{c: None for c in COLUMNS}}
+    row["noisy_rate"], row["noisy_rate_measured"] = _noise_rates(cfg, notes)
     records = _read_val_metrics(run_dir, notes)
     row["best_epoch"] = best_val_epoch(records)
     if records and row["best_epoch"] is None:

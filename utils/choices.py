@@ -8,11 +8,6 @@ from __future__ import annotations
 
 from typing import Iterable, List, Sequence
 
-LOSSES = ("itc", "sdm", "cmpm", "id", "mlm")
-# RDE's losses (model/rde.py); one of them selects the RDE model and takes no other loss. RDE's spellings map to them.
-RDE_LOSSES = ("tal", "trl", "rde_infonce", "rde_sdm")
-RDE_LOSS_SPELLINGS = {"TAL": "tal", "TRL": "trl", "InfoNCE": "rde_infonce", "SDM": "rde_sdm"}
-GMM_SETTINGS = ("fast", "precise")
 PRECISIONS = ("auto", "fp32", "fp16", "amp_bf16", "amp_fp16")
 DATASETS = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid", "SynthPEDES", "UFine6926")
 # Metrics reported besides R@k / mAP / mINP when asked (--metrics); mSD reports its two variants (utils/msd.py).
@@ -40,11 +35,11 @@ def eval_metrics(metrics: Iterable[str], dataset_name: str) -> tuple:
     return tuple(dict.fromkeys((*metrics, *DATASET_METRICS.get(dataset_name, ()))))
 
 
-def parse_loss_names(loss_names: str, valid: Sequence[str] = LOSSES) -> List[str]:
+def parse_loss_names(loss_names: str, valid: Sequence[str]) -> List[str]:
     """``'sdm+id+mlm'`` -> ``['sdm', 'id', 'mlm']``; unknown or no names raise a ValueError listing the valid ones."""
     names = [n.strip() for n in str(loss_names).split("+") if n.strip()]
     bad = [n for n in names if n not in valid]
     if bad or not names:
         raise ValueError(f"--loss_names {loss_names!r}: unknown loss(es) {bad}; valid names are {list(valid)} "
-                         f"joined with '+', e.g. sdm+mlm+id")
+                         f"joined with '+', e.g. sdm+mlm+id (a method's losses: methods/<name>/options.py)")
     return names

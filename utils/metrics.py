@@ -27,7 +27,6 @@ warning with their number.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -44,19 +43,6 @@ logger = logging.getLogger("IRRA.eval")
 DEFAULT_CHUNK_SIZE = 1024  # queries per chunk: memory ~ chunk_size * ng * 4 bytes per temporary
 RANKS_REPORTED = (1, 5, 10)
 NUMPY_COUNT_ON_CPU = True  # count with numpy on CPU tensors (faster); False = torch everywhere (tests use both)
-
-
-def is_two_branch(model: torch.nn.Module) -> bool:
-    """Whether ``model`` (or the model a DDP wrapper holds) ranks with two branches, as RDE (``model/rde.py``): it has
-    ``encode_image_tse`` / ``encode_text_tse`` and ``encode_image_both`` / ``encode_text_both`` giving (BGE, TSE)."""
-    model = getattr(model, "module", model)
-    return hasattr(model, "encode_image_tse") and hasattr(model, "encode_text_tse")
-
-
-def joint_features(bge: torch.Tensor, tse: torch.Tensor) -> torch.Tensor:
-    """[N, D] BGE and [N, D'] TSE features -> [N, D + D'] unit rows whose dot products are (S_bge + S_tse) / 2, the
-    cosines of each branch averaged (RDE's retrieval score): ``cat(bge / |bge|, tse / |tse|) / sqrt(2)``."""
-    return torch.cat([F.normalize(bge.float(), dim=-1), F.normalize(tse.float(), dim=-1)], dim=-1) / math.sqrt(2)
 
 
 def check_finite(values: torch.Tensor, what: str) -> None:
@@ -344,6 +330,22 @@ def _shard_loader(loader: DataLoader, rank_: int, world: int) -> DataLoader:
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
 
 
+class _PlainFeatures:
+    """The feature set of a model with ``encode_image`` / ``encode_text`` (the original Evaluator's; any method's
+    ``Method`` object gives the same interface with its own sets)."""
+
+    feature_sets = ("global",)
+    default_feature_set = "global"
+
+    @staticmethod
+    def encode_images(model, images):
+        return {"global": model.encode_image(images).float()}
+
+    @staticmethod
+    def encode_texts(model, text):
+        return {"global": model.encode_text(text).float()}
+
+
 class Evaluator:
     """Text-to-image retrieval evaluation (as the original ``utils/metrics.py:Evaluator``).
 
@@ -353,6 +355,10 @@ class Evaluator:
         chunk_size: queries per similarity chunk.
         split: the split's name in messages (e.g. ``val`` / ``test``); features with NaN/inf raise a
             FloatingPointError naming it and the number of rows affected.
+        method: what encodes (a ``methods.base.Method``: ``encode_images`` / ``encode_texts`` give named feature
+            sets, ``feature_sets`` their order, ``default_feature_set`` the one reported as "R1", "mAP", ...; every
+            other set is reported too, prefixed with its name: "tse_R1", ...). Default: the model's own
+            ``encode_image`` / ``encode_text``, one set.
         metrics: extra metrics (``--metrics``, utils/choices.py:EXTRA_METRICS): "mSD" adds t2i ``mSD`` and
             ``mSD_rank_order`` (utils/msd.py), computed in the same ranking pass.
 
@@ -362,17 +368,19 @@ class Evaluator:
     """
 
     def __init__(self, img_loader: DataLoader, txt_loader: DataLoader, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 split: str = "evaluation", metrics: Sequence[str] = ()):
+                 split: str = "evaluation", method=None, metrics: Sequence[str] = ()):
         self.img_loader = img_loader  # gallery
         self.txt_loader = txt_loader  # query
         self.chunk_size = chunk_size
         self.split = split
+        self.method = method if method is not None else _PlainFeatures()
         self.metrics = tuple(metrics)
         self.logger = logger
 
     @torch.no_grad()
     def _compute_embedding(self, model: torch.nn.Module):
-        """Returns (qfeats [nq, D], gfeats [ng, D], qids [nq], gids [ng]) on the model's device, in dataset order."""
+        """Returns ({set: qfeats [nq, D]}, {set: gfeats [ng, D]}, qids [nq], gids [ng]) on the model's device, in
+        dataset order."""
         model = comm.unwrap_model(model)
         model.eval()
         device = next(model.parameters()).device
@@ -382,31 +390,34 @@ class Evaluator:
             txt_loader = _shard_loader(txt_loader, rank_, world)
             img_loader = _shard_loader(img_loader, rank_, world)
 
-        qids, gids, qfeats, gfeats = [], [], [], []
-        rde = is_two_branch(model)  # RDE: [BGE | TSE] features side by side (see eval)
+        names = self.method.feature_sets
+        qids, gids = [], []
+        qfeats: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
+        gfeats: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
         for pid, caption in txt_loader:  # text
-            caption = caption.to(device)
-            qfeats.append(torch.cat(model.encode_text_both(caption), 1) if rde else model.encode_text(caption).float())
+            feats = self.method.encode_texts(model, caption.to(device))
+            for n in names:
+                qfeats[n].append(feats[n].float())
             qids.append(pid.view(-1))
         for pid, img in img_loader:  # image
-            img = img.to(device)
-            gfeats.append(torch.cat(model.encode_image_both(img), 1) if rde else model.encode_image(img).float())
+            feats = self.method.encode_images(model, img.to(device))
+            for n in names:
+                gfeats[n].append(feats[n].float())
             gids.append(pid.view(-1))
-        qfeats = _cat(qfeats, device)
-        gfeats = _cat(gfeats, device)
+        qfeats = {n: _cat(v, device) for n, v in qfeats.items()}
+        gfeats = {n: _cat(v, device) for n, v in gfeats.items()}
         qids = _cat(qids, device, dtype=torch.long)
         gids = _cat(gids, device, dtype=torch.long)
         if world > 1:
-            qfeats, gfeats, qids, gids = (_gather_cat(t) for t in (qfeats, gfeats, qids, gids))
+            qfeats = {n: _gather_cat(v) for n, v in qfeats.items()}
+            gfeats = {n: _gather_cat(v) for n, v in gfeats.items()}
+            qids, gids = _gather_cat(qids), _gather_cat(gids)
         return qfeats, gfeats, qids, gids
 
     def eval(self, model: torch.nn.Module, i2t_metric: bool = False) -> Dict[str, float]:
-        """Encode, rank and log; returns {"R1","R5","R10","mAP","mINP"} for t2i (+ "i2t_R1".. if i2t_metric).
-
-        An RDE model (``model/rde.py``) is ranked by RDE's score (S_bge + S_tse) / 2 (those are "R1".. here), and each
-        branch alone is reported too ("bge_R1".., "tse_R1"..)."""
+        """Encode, rank and log; returns {"R1","R5","R10","mAP","mINP"} for t2i (+ "i2t_R1".. if i2t_metric) of the
+        method's default feature set, and the same prefixed with the set's name ("tse_R1", ...) for its other sets."""
         was_training = model.training
-        bge_dim = comm.unwrap_model(model).embed_dim if is_two_branch(model) else None
         try:
             qfeats, gfeats, qids, gids = self._compute_embedding(model)
         finally:
@@ -414,8 +425,7 @@ class Evaluator:
         result: object = None
         if comm.get_rank() == 0:
             try:
-                result = (self._metrics(qfeats, gfeats, qids, gids, i2t_metric) if bge_dim is None
-                          else self._rde_metrics(qfeats, gfeats, qids, gids, i2t_metric, bge_dim))
+                result = self._all_metrics(qfeats, gfeats, qids, gids, i2t_metric)
             except FloatingPointError as e:  # shared with every rank below, so that all of them stop
                 result = e
         if comm.get_world_size() > 1:
@@ -424,16 +434,16 @@ class Evaluator:
             raise result
         return result
 
-    def _rde_metrics(self, qfeats, gfeats, qids, gids, i2t_metric: bool, d: int) -> Dict[str, float]:
-        """RDE: metrics of the BGE branch (features [:, :d]), the TSE branch ([:, d:]) and BGE+TSE (the main ones)."""
+    def _all_metrics(self, qfeats, gfeats, qids, gids, i2t_metric: bool) -> Dict[str, float]:
+        """The metrics of every feature set, in ``feature_sets`` order (the default set's keys unprefixed)."""
+        names, default = self.method.feature_sets, self.method.default_feature_set
         out: Dict[str, float] = {}
-        for name, sl in (("bge", slice(0, d)), ("tse", slice(d, None))):
-            self.logger.info("%s branch:", name.upper())
-            out.update({f"{name}_{k}": v for k, v in self._metrics(qfeats[:, sl], gfeats[:, sl], qids, gids,
-                                                                    i2t_metric).items()})
-        self.logger.info("BGE+TSE, (S_bge + S_tse) / 2:")
-        out.update(self._metrics(joint_features(qfeats[:, :d], qfeats[:, d:]),
-                                 joint_features(gfeats[:, :d], gfeats[:, d:]), qids, gids, i2t_metric))
+        for name in names:
+            if len(names) > 1:
+                self.logger.info("feature set %s%s:", name, " (the default)" if name == default else "")
+            prefix = "" if name == default else name + "_"
+            out.update({prefix + k: v for k, v in self._metrics(qfeats[name], gfeats[name], qids, gids,
+                                                                 i2t_metric).items()})
         return out
 
     def _metrics(self, qfeats, gfeats, qids, gids, i2t_metric: bool) -> Dict[str, float]:

@@ -19,25 +19,17 @@ import argparse
 import logging
 import math
 import os
-import re
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
-from utils.choices import (DATASETS, EXTRA_METRICS, GMM_SETTINGS, IMG_AUG_POOL, LOSSES, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS,
-                           RDE_LOSS_SPELLINGS, RDE_LOSSES, SAMPLERS, VAL_DATASETS, WARMUP_METHODS, check_choice,
-                           parse_loss_names)
+from methods.registry import DEFAULT_METHOD, METHODS, check_method, method_options
+from utils.choices import (DATASETS, EXTRA_METRICS, IMG_AUG_POOL, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, SAMPLERS,
+                           VAL_DATASETS, WARMUP_METHODS, check_choice, parse_loss_names)
 from utils.iotools import load_train_configs
 from utils import run_dir
 from utils.run_dir import RUN_STATE_KEYS, FileReadError
 
 logger = logging.getLogger("IRRA.options")
-# The losses that contrast a sample with the other samples of its batch (a batch of one has no negative).
-CONTRASTIVE_LOSSES = ("itc", "sdm", "cmpm") + RDE_LOSSES
-
-
-# The run-name suffix RDE's run_rde.sh puts into --loss_names (ignored beside an RDE loss).
-RDE_RUN_NAME = re.compile(r"^sr[0-9.]+_tau[0-9.]+_margin[0-9.]+_n[0-9.]+$")
-
 # Defaults of the options of the successors' augmentations that only matter when another option turns them on.
 WORD_DROP_APPLY_PROB = 1.0
 IMG_AUG_POOL_OPS = 2
@@ -61,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: fp16 weights (the original's convert_weights) on an accelerator, fp32 on the CPU")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=tuple(METHODS),
+                        help="the method trained / evaluated (methods/registry.py); with the default, a loss name "
+                             "that only another method has selects that method")
 
     ######################## model general settings ########################
     parser.add_argument("--pretrain_choice", default="ViT-B/16",
@@ -71,17 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="temperature of the similarity logits (logit scale = 1 / temperature), > 0")
     parser.add_argument("--img_aug", default=False, action="store_true")
 
-    ## augmentations from IRRA's successors (TBPS-CLIP, AAAI 2024; datasets/augment.py), off by default
+    ## augmentations of IRRA's successors (datasets/augment.py), off by default
     parser.add_argument("--txt_aug_word_drop_rate", type=float, default=0.0,
                         help="random word deletion: each word of a caption dropped with this probability "
-                             "(TBPS-CLIP's eda_alpha 0.05); 0 = off")
+                             "(EDA's random deletion; README: Augmentations); 0 = off")
     parser.add_argument("--txt_aug_word_drop_apply_prob", type=float, default=WORD_DROP_APPLY_PROB,
-                        help="probability that word deletion is applied to a caption (TBPS-CLIP: every caption, 1.0)")
+                        help="probability that word deletion is applied to a caption (1.0: every caption)")
     parser.add_argument("--txt_aug_backtrans_prob", type=float, default=0.0,
                         help="probability that a train caption is replaced by its back-translation (the annotation "
-                             "entry's 'captions_bt'; TBPS-CLIP: 0.1); 0 = off")
+                             "entry's 'captions_bt'); 0 = off")
+    parser.add_argument("--txt_aug", default=False, action="store_true",
+                        help="token augmentation: each token hit with p 0.2, then masked 60%% / replaced by a random "
+                             "token 20%% / deleted 20%% (the noisy-correspondence recipe's; README)")
     parser.add_argument("--img_aug_pool", default=False, action="store_true",
-                        help=f"TBPS-CLIP's image augmentation: --img_aug_pool_ops ops per sample drawn from "
+                        help=f"image augmentation pool: --img_aug_pool_ops ops per sample drawn from "
                              f"{list(IMG_AUG_POOL)}; replaces the train pipeline (--img_aug included)")
     parser.add_argument("--img_aug_pool_ops", type=int, default=IMG_AUG_POOL_OPS,
                         help=f"how many distinct ops of the pool each sample gets (1..{len(IMG_AUG_POOL)})")
@@ -99,35 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="whether to use Mask Language Modeling dataset")
 
     ######################## loss settings ########################
-    parser.add_argument("--loss_names", default="sdm+id+mlm", help=f"'+'-separated subset of {list(LOSSES)}")
+    parser.add_argument("--loss_names", default="sdm+id+mlm", help="'+'-separated subset of the method's losses (irra: itc, sdm, cmpm, id, mlm; "
+                             "methods/<name>/options.py: LOSSES)")
     parser.add_argument("--mlm_loss_weight", type=float, default=1.0, help="mlm loss weight")
     parser.add_argument("--id_loss_weight", type=float, default=1.0, help="id loss weight")
 
-    ######################## RDE (noisy correspondences, model/rde.py; README "Noisy correspondences: RDE") ####
+    ######################## noisy correspondences (README "Noisy correspondences") ########################
     parser.add_argument("--noisy_rate", type=float, default=0.0,
-                        help="fraction of train pairs whose captions are permuted among themselves (RDE's default 0.2; "
-                             "ours 0 = no noise)")
+                        help="fraction of train pairs whose captions are permuted among themselves (the noisy-"
+                             "correspondence benchmark's 0.2; ours 0 = no noise)")
     parser.add_argument("--noisy_file", default="",
-                        help="RDE noise index .npy (row i gets the caption of row noisy_index[i]); read if it exists, "
+                        help="noise index .npy (row i gets the caption of row noisy_index[i]); read if it exists, "
                              "else drawn from --seed and --noisy_rate and written there")
-    parser.add_argument("--select_ratio", type=float, default=0.3, help="RDE TSE: fraction of tokens selected")
-    parser.add_argument("--tau", type=float, default=0.015, help="RDE TAL/TRL temperature")
-    parser.add_argument("--margin", type=float, default=0.1, help="RDE TAL/TRL margin")
-    parser.add_argument("--tse_embed_dim", type=int, default=1024, help="RDE TSE output width (RDE's 1024)")
-    parser.add_argument("--tse_lr", type=float, default=1e-3,
-                        help="lr of the TSE layers, biases included (RDE hard-codes 1e-3)")
-    parser.add_argument("--gmm_setting", default="fast", choices=GMM_SETTINGS,
-                        help="CCD GaussianMixture: fast (max_iter 10, tol 1e-2, reg_covar 5e-4) or precise (100, 1e-4, "
-                             "1e-6). RDE picked precise when noisy_rate > 0.4 or on RSTPReid (reading the true rate)")
-    parser.add_argument("--ccd_batch_size", type=int, default=None,
-                        help="batch of the CCD loss pass (default --batch_size: RDE's; the per-sample losses use the "
-                             "batch's other samples as negatives, so the batch size changes them)")
-    parser.add_argument("--rde_train_eval_mode", default=False, action="store_true",
-                        help="reproduce RDE's trap: training runs in eval mode after the CCD pass (TSE BatchNorm "
-                             "statistics frozen; RDE issue #8)")
-    parser.add_argument("--txt_aug", default=False, action="store_true",
-                        help="RDE's token augmentation: each token hit with p 0.2, then masked 60%% / replaced by a "
-                             "random token 20%% / deleted 20%%")
 
     ######################## vison trainsformer settings ########################
     parser.add_argument("--img_size", type=int, nargs=2, default=(384, 128), metavar=("H", "W"))
@@ -191,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     ######################## scale ########################
     parser.add_argument("--local_negatives", default=False, action="store_true",
                         help="DDP: contrastive losses over each rank's own batch only (the original); by default the "
-                             "features of all ranks are gathered, so every loss is over the global --batch_size (RDE's "
-                             "TSE BatchNorm statistics are over the global batch either way)")
+                             "features of all ranks are gathered, so every loss is over the global --batch_size (a "
+                             "method's BatchNorm layers may keep global statistics either way: see its docs)")
     parser.add_argument("--grad_checkpointing", default=False, action="store_true",
                         help="recompute the transformer blocks' activations in backward: less memory, more compute, "
                              "same numbers")
@@ -205,11 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "--text_length) and pad the MLM head's masked tokens to a few sizes, so that the step's "
                              "shapes take few values (8 for compiled / captured steps); 1 (default): exact cuts. The "
                              "losses are bitwise the same; LayerNorm gradients differ by float rounding")
+    for name in METHODS:  # each method's own group (methods/<name>/options.py)
+        method_options(name).add_options(parser)
     return parser
 
 
 # Keys of a configs.yaml that are no option (the run's state, not something to parse).
-NOT_OPTIONS = ("distributed", "environment")
+NOT_OPTIONS = ("distributed", "environment", "noisy_rate_measured")
 _BOOL_WORDS = {"true": True, "false": False}
 
 
@@ -320,6 +303,26 @@ def check_run_name(name: str) -> None:
                          f"'irra_sdm' (the run goes to <output_dir>/<dataset_name>/<time>_<name>)")
 
 
+def resolve_method(method: str, loss_names: str) -> Tuple[str, List[str]]:
+    """(the method, the loss names as a list) from ``--method`` and ``--loss_names``: every method's spellings are
+    read (RDE's ``TAL`` is ``tal``). With the default ``--method``, loss names that are not its own select the method
+    that has them (an RDE loss name selects rde, as before methods were plug-ins): the one that has them all, else the
+    one that has those the default lacks. Unknown names raise; names the method lacks are left to its checks."""
+    check_method(method)
+    spellings = {k: v for m in METHODS for k, v in method_options(m).LOSS_SPELLINGS.items()}
+    names = [spellings.get(n.strip(), n.strip()) for n in str(loss_names).split("+") if n.strip()]
+    if method == DEFAULT_METHOD:
+        own = set(method_options(method).clean_loss_names(names)) <= set(method_options(method).LOSSES)
+        claims = [m for m in METHODS if set(method_options(m).clean_loss_names(names)) <= set(method_options(m).LOSSES)]
+        foreign = set(names) - set(method_options(method).LOSSES)
+        partial = [m for m in METHODS if foreign & set(method_options(m).LOSSES)]
+        if not own and (claims or len(partial) == 1):
+            method = (claims or partial)[0]
+    names = method_options(method).clean_loss_names(names)
+    return method, parse_loss_names("+".join(names), tuple(dict.fromkeys(n for m in METHODS
+                                                                          for n in method_options(m).LOSSES)))
+
+
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Normalise and cross-check options (shared by the CLI and configs loaded from disk)."""
     check_run_name(str(args.name))
@@ -330,44 +333,36 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     args.metrics = tuple(dict.fromkeys(args.metrics))
     for name in args.metrics:
         check_choice("metrics", name, EXTRA_METRICS)
-    tasks = [RDE_LOSS_SPELLINGS.get(n.strip(), n.strip()) for n in str(args.loss_names).split("+")]
-    if any(n in RDE_LOSSES for n in tasks):  # RDE's run_rde.sh appends its run name: TAL+sr0.3_tau0.015_margin0.1_n0.2
-        tasks = [n for n in tasks if not RDE_RUN_NAME.match(n)]
-    tasks = parse_loss_names("+".join(tasks), LOSSES + RDE_LOSSES)
-    rde = [n for n in tasks if n in RDE_LOSSES]
-    if rde and (len(tasks) != 1 or args.MLM):
-        raise ValueError(f"--loss_names {args.loss_names!r}: an RDE loss ({rde[0]}) takes no other loss"
-                         f"{' (and no --MLM)' if args.MLM else ''}; RDE silently ignored id / mlm (its issue #17), "
-                         f"here it is an error. Use one of {list(RDE_LOSSES)} alone")
+    args.method, tasks = resolve_method(args.method, args.loss_names)
+    method = method_options(args.method)
     # --MLM (the dataset side) and 'mlm' in --loss_names (the model side) must agree: one implies the other.
     if "mlm" in tasks:
         args.MLM = True
     elif args.MLM:
         tasks.append("mlm")
     args.loss_names = "+".join(tasks)
-    checks = [("temperature", args.temperature > 0, "> 0"),
-              ("text_length", args.text_length >= 3, ">= 3 (start token, one word, end token)"),
-              ("stride_size", args.stride_size >= 1, ">= 1"),
-              ("img_size", min(args.img_size) >= 1, "[H, W] of positive ints"),
-              ("cmt_depth", args.cmt_depth >= 1 or "mlm" not in tasks, ">= 1 when the mlm loss is on"),
-              ("batch_size", args.batch_size >= 1, ">= 1"), ("test_batch_size", args.test_batch_size >= 1, ">= 1"),
-              ("num_epoch", args.num_epoch >= 1, ">= 1"), ("log_period", args.log_period >= 1, ">= 1"),
-              ("stop_epoch", args.stop_epoch is None or args.stop_epoch >= 1, ">= 1 (or unset: train to --num_epoch)"),
-              ("warmup_epochs", args.warmup_epochs >= 0, ">= 0"), ("num_instance", args.num_instance >= 1, ">= 1"),
-              ("num_workers", args.num_workers >= 0, ">= 0"),
-              ("eval_period", args.eval_period >= 1, ">= 1"), ("lr", math.isfinite(args.lr) and args.lr > 0,
+    checks = method.check_options(args, tasks)  # the method's own first (methods/<name>/options.py)
+    checks += [("loss_names", set(tasks) <= set(method.LOSSES),
+                f"losses of --method {args.method}: {list(method.LOSSES)}"),
+               ("temperature", args.temperature > 0, "> 0"),
+               ("text_length", args.text_length >= 3, ">= 3 (start token, one word, end token)"),
+               ("stride_size", args.stride_size >= 1, ">= 1"),
+               ("img_size", min(args.img_size) >= 1, "[H, W] of positive ints"),
+               ("batch_size", args.batch_size >= 1, ">= 1"), ("test_batch_size", args.test_batch_size >= 1, ">= 1"),
+               ("num_epoch", args.num_epoch >= 1, ">= 1"), ("log_period", args.log_period >= 1, ">= 1"),
+               ("stop_epoch", args.stop_epoch is None or args.stop_epoch >= 1, ">= 1 (or unset: train to --num_epoch)"),
+               ("warmup_epochs", args.warmup_epochs >= 0, ">= 0"), ("num_instance", args.num_instance >= 1, ">= 1"),
+               ("num_workers", args.num_workers >= 0, ">= 0"),
+               ("eval_period", args.eval_period >= 1, ">= 1"), ("lr", math.isfinite(args.lr) and args.lr > 0,
                                                                  "a finite number > 0"),
-              ("noisy_rate", 0.0 <= args.noisy_rate <= 1.0, "a fraction in [0, 1]"),
-              ("select_ratio", 0.0 < args.select_ratio <= 1.0, "in (0, 1]"), ("tau", args.tau > 0, "> 0"),
-              ("margin", args.margin >= 0, ">= 0"), ("tse_embed_dim", args.tse_embed_dim >= 2, ">= 2"),
-              ("tse_lr", args.tse_lr > 0, "> 0"),
-              ("ccd_batch_size", args.ccd_batch_size is None or args.ccd_batch_size >= 2, ">= 2 (or unset)"),
-              ("weight_decay", math.isfinite(args.weight_decay) and args.weight_decay >= 0, "a finite number >= 0"),
-              ("weight_decay_bias", math.isfinite(args.weight_decay_bias) and args.weight_decay_bias >= 0,
+               ("noisy_rate", 0.0 <= args.noisy_rate <= 1.0, "a fraction in [0, 1]"),
+               ("weight_decay", math.isfinite(args.weight_decay) and args.weight_decay >= 0, "a finite number >= 0"),
+               ("weight_decay_bias", math.isfinite(args.weight_decay_bias) and args.weight_decay_bias >= 0,
                "a finite number >= 0"),
-              ("batch_size", args.batch_size >= 2 or not set(tasks) & set(CONTRASTIVE_LOSSES),
-               f">= 2 with a contrastive loss ({'+'.join(t for t in tasks if t in CONTRASTIVE_LOSSES)}): a batch of "
-               f"one sample has no negative, the loss would be a constant 0")]
+               ("batch_size", args.batch_size >= 2 or not set(tasks) & set(method.CONTRASTIVE_LOSSES),
+               f">= 2 with a contrastive loss ({'+'.join(t for t in tasks if t in method.CONTRASTIVE_LOSSES)}): a "
+               f"batch of one sample has no negative, the loss would be a constant 0")]
+
     for name in ("txt_aug_word_drop_rate", "txt_aug_word_drop_apply_prob", "txt_aug_backtrans_prob"):
         checks.append((name, 0.0 <= getattr(args, name) <= 1.0, "a probability in [0, 1]"))
     checks += [("txt_aug_word_drop_apply_prob",
@@ -386,9 +381,32 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     _warn_odd_values(args)
     for name, valid in (("optimizer", OPTIMIZERS), ("lrscheduler", LR_SCHEDULERS), ("warmup_method", WARMUP_METHODS),
                         ("sampler", SAMPLERS), ("dataset_name", DATASETS), ("val_dataset", VAL_DATASETS),
-                        ("precision", PRECISIONS), ("gmm_setting", GMM_SETTINGS)):
+                        ("precision", PRECISIONS)):
         check_choice(name, getattr(args, name), valid)
-    return args
+    return freeze(args)
+
+
+class Options(argparse.Namespace):
+    """A checked set of options, read-only (``finalize_args`` returns one): a write raises AttributeError, so no
+    code changes an option behind the others' back after setup. :meth:`replace` returns a changed copy (the values
+    given are not checked again: the run's own state, such as ``output_dir``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"options are read-only once checked: cannot set {name!r} (use args.replace({name}=...), "
+                             f"or default_args({name}=...) / the command line for an option)")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"options are read-only once checked: cannot delete {name!r}")
+
+    def replace(self, **changes: Any) -> "Options":
+        return freeze(argparse.Namespace(**{**vars(self), **changes}))
+
+
+def freeze(args: argparse.Namespace) -> Options:
+    """``args``'s values as a read-only :class:`Options`."""
+    out = Options.__new__(Options)
+    out.__dict__.update(vars(args))
+    return out
 
 
 def warn_config_changes(args: argparse.Namespace, saved_config: str, logger) -> None:
@@ -426,8 +444,21 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**_config_defaults(parser, pre.config))
+        pre, _ = parser.parse_known_args(argv)
+    _set_method_defaults(parser, pre)
     args = parser.parse_args(argv)
     return finalize_args(args)
+
+
+def _set_method_defaults(parser: argparse.ArgumentParser, pre: argparse.Namespace) -> None:
+    """The chosen method's option defaults (its ``DEFAULTS``) replace the table's where the command line and the
+    config file did not set them (a --config value is a default too, and wins over the method's)."""
+    method, _ = (pre.method, None) if pre.method != DEFAULT_METHOD else resolve_method(pre.method, pre.loss_names)
+    configured = {a.dest: a.default for a in parser._actions}
+    table = build_parser()
+    table_defaults = {a.dest: a.default for a in table._actions}
+    parser.set_defaults(**{k: v for k, v in method_options(method).DEFAULTS.items()
+                           if configured.get(k) == table_defaults.get(k)})
 
 
 def default_args(**overrides) -> argparse.Namespace:
@@ -438,5 +469,8 @@ def default_args(**overrides) -> argparse.Namespace:
     unknown = sorted(set(overrides) - set(vars(args)) - {"distributed"})
     if unknown:
         raise ValueError(f"default_args: unknown option(s) {unknown}; valid options are {sorted(vars(args))}")
+    method = overrides.get("method", DEFAULT_METHOD)
+    if method != DEFAULT_METHOD:  # the method's defaults, under the overrides
+        vars(args).update(method_options(method).DEFAULTS)
     vars(args).update(overrides)
     return finalize_args(args)

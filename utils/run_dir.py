@@ -10,7 +10,7 @@ A run directory holds::
     test_metrics.json   test.py's results per checkpoint file name                        (write_test_metrics)
     gallery_cache/      search/retrieval.py's encoded galleries
     vis/                visualize.py's grids
-    .lock               held (fcntl.flock) by the one process that trains or resumes in it      (RunLock)
+    .lock               held (fcntl.flock) by the one process that trains or resumes in it (run_lock.RunLock)
 
 Every text file of the project (annotations, configs, metrics, caches) is read through :func:`read_text` /
 :func:`read_json` / :func:`read_jsonl`: an error names the file and what is wrong (the encoding found, the line,
@@ -19,13 +19,10 @@ nesting too deep), as a :class:`FileReadError` (a ``ValueError``).
 from __future__ import annotations
 
 import codecs
-import errno
-import fcntl
 import json
 import logging
 import math
 import os
-import socket
 import tempfile
 from typing import IO, Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -36,7 +33,6 @@ CONFIG_FILE = "configs.yaml"
 LOG_FILE = "train_log.txt"
 TEST_LOG_FILE = "test_log.txt"
 METRICS_FILE = "metrics.jsonl"
-CCD_FILE = "ccd.jsonl"  # RDE: one line per epoch with CCD's clean / noisy split
 TEST_METRICS_FILE = "test_metrics.json"
 CHECKPOINT_SUFFIX = ".pth"
 BEST = "best"
@@ -54,7 +50,7 @@ SETUP_FILES = (CONFIG_FILE, LOG_FILE, LOCK_FILE)
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, TEST_METRICS_FILE, *CHECKPOINTS)
 # Keys a saved configs.yaml carries that describe the run's state, not an option to reuse.
 RUN_STATE_KEYS = ("config", "distributed", "training", "resume", "resume_ckpt_file", "local_rank", "stop_epoch",
-                  "environment")
+                  "environment", "noisy_rate_measured")
 # Temporary files of atomic_write: ".<name>.<pid>.<random>.tmp" beside the file they replace.
 TMP_SUFFIX = ".tmp"
 
@@ -332,9 +328,17 @@ def finite_number(value: Any) -> Optional[float]:
     return float(value)
 
 
+def records_file(name: str) -> str:
+    """The file of a method's per-epoch records named ``name`` (a training hook's log, e.g. ``records_file("ccd")``
+    = ``ccd.jsonl``), appended and trimmed like ``metrics.jsonl`` (:func:`append_metrics`, :func:`drop_metrics_from`)."""
+    if not name or any(c in name for c in "/\\.") or name == METRICS_FILE.split(".")[0]:
+        raise ValueError(f"records_file({name!r}): expected a plain name other than 'metrics'")
+    return name + ".jsonl"
+
+
 def append_metrics(run_dir: str, record: Dict[str, Any], name: str = METRICS_FILE) -> None:
     """Append one evaluation record (one JSON line) to ``<run_dir>/metrics.jsonl`` (or another per-epoch JSON lines
-    file ``name``, e.g. ``CCD_FILE``). A last line cut by an interrupted append is ended first, so the new record
+    file ``name``, e.g. ``records_file(...)``). A last line cut by an interrupted append is ended first, so the new record
     stays on its own line."""
     path = os.path.join(run_dir, name)
     line = json.dumps(record) + "\n"
@@ -453,77 +457,9 @@ def read_test_metrics(run_dir: str) -> Dict[str, dict]:
     return {k: v for k, v in table.items() if isinstance(v, dict)}
 
 
-# ---------------------------------------------------------------------------------------------- one writer: the lock
-class RunLockedError(RuntimeError):
-    """Another live process trains in this run directory (it holds ``.lock``)."""
-
-
-class RunLock:
-    """The advisory lock (``fcntl.flock`` on ``<run_dir>/.lock``) that the one process training or resuming in a run
-    directory holds. The kernel releases it when the process ends, however it ends (kill -9 included), so a lock file
-    left behind by a dead process never blocks. A second writer stops at once with :class:`RunLockedError` naming
-    the run and the holder's pid (and host) as the holder wrote them into the file.
-
-    Use ``with RunLock(run_dir):`` or :meth:`acquire` / :meth:`release`; ``RunLock(None)`` holds nothing (the
-    processes of a DDP run other than rank 0, which write nothing).
-    """
-
-    def __init__(self, run_dir: Optional[str]) -> None:
-        self.run_dir = run_dir
-        self.path = os.path.join(run_dir, LOCK_FILE) if run_dir else None
-        self._fd: Optional[int] = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self) -> "RunLock":
-        if self.path is None or self._fd is not None:
-            return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = _read_holder(fd)
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunLockedError(
-                    f"{self.run_dir} is in use: another process ({holder or 'pid unknown'}) trains in it (it holds "
-                    f"{self.path}). Wait for it to end or stop it; two writers would mix their checkpoints and "
-                    f"metrics.") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
-def _read_holder(fd: int) -> str:
-    """What the holder wrote into the lock file ("pid N on HOST"), or ""."""
-    try:
-        text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
-    return text if text.startswith("pid ") else ""
-
-
 __all__ = ["CONFIG_FILE", "LOG_FILE", "METRICS_FILE", "TEST_METRICS_FILE", "BEST_CHECKPOINT", "LAST_CHECKPOINT",
            "CHECKPOINTS", "GALLERY_CACHE_DIR", "VIS_DIR", "SETUP_FILES", "RUN_FILES", "RUN_STATE_KEYS",
            "checkpoint_file", "is_run_dir", "resolve_run", "config_file", "FileReadError", "read_text", "read_json",
            "read_jsonl", "atomic_write", "atomic_write_json", "remove_stale_temp_files", "append_metrics",
            "read_metrics", "drop_metrics_from", "write_test_metrics", "check_test_metrics_writable",
-           "read_test_metrics", "LOCK_FILE", "RunLock", "RunLockedError"]
+           "read_test_metrics", "LOCK_FILE", "records_file"]

@@ -28,6 +28,8 @@ function tile(index, lines, cls, caption) {
   const img = el("img");
   img.src = "/image/" + index;
   img.alt = caption;
+  img.addEventListener("error", () => { b.classList.add("unserved"); b.title = caption + " (image not served: " +
+    "over the server's size cap, or unreadable)"; });
   b.appendChild(img);
   lines.forEach(([c, t]) => b.appendChild(el("span", "label " + c, t)));
   b.title = caption;
@@ -92,7 +94,7 @@ async function ask(params) {
     return;
   }
   if (seq !== latest) return;  // a newer query was sent meanwhile
-  if (!resp.ok) {
+  if (!resp.ok) {  // the message says what happened (e.g. the model did not answer within --model_timeout)
     $("results").replaceChildren();
     $("truth").hidden = true;
     $("kept").hidden = true;

@@ -1,6 +1,6 @@
 """RDE's Consensus Clean Division (CCD): which training pairs are trusted in an epoch.
 
-Before every epoch (``processor.processor.do_train`` with an RDE model):
+Before every epoch (:class:`CCDHook`, RDE's training hook, ``before_epoch``):
 1. the per-sample losses of both branches (BGE: CLS / EOT features; TSE: selected tokens) over the whole training set,
    without gradients (:func:`per_sample_losses`: the model in eval mode, as RDE, batches of ``--ccd_batch_size`` in a
    fixed order drawn from ``(seed, epoch)``; under DDP each rank takes every world-th batch and the losses are gathered,
@@ -21,13 +21,14 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from methods.base import TrainHook, TrainState
+from methods.rde.options import GMM_SETTINGS
+from utils.comm import is_main_process
+from utils.run_dir import append_metrics, drop_metrics_from, records_file
+
 logger = logging.getLogger("IRRA.ccd")
 
-# RDE's GaussianMixture settings (processor.py: "precise" when noisy_rate > 0.4 or the dataset is RSTPReid).
-GMM_SETTINGS: Dict[str, Dict[str, float]] = {
-    "fast": {"max_iter": 10, "tol": 1e-2, "reg_covar": 5e-4},
-    "precise": {"max_iter": 100, "tol": 1e-4, "reg_covar": 1e-6},
-}
+CCD_FILE = records_file("ccd")  # one line per epoch with CCD's clean / noisy split
 SPLIT_THRESHOLD = 0.5  # RDE's split_prob threshold
 NCR_FORCED_FRACTION = 100  # NCR: when nothing is below the threshold, the lowest 1/100 are taken as noisy
 # streams of the (seed, epoch) draws of CCD
@@ -185,3 +186,27 @@ def run_ccd(model, dataset, args, epoch: int) -> Tuple[torch.Tensor, Dict[str, f
         msg += f", clean-set precision {stats['clean_precision']:.4f} recall {stats['clean_recall']:.4f}"
     logger.info(msg + f" [{stats['seconds']:.1f} s, losses {t_losses:.1f} s]")
     return label_hat, stats
+
+
+class CCDHook(TrainHook):
+    """RDE's part in the training loop: CCD before every epoch (``ccd.jsonl`` records its split), the consensus
+    labels into every batch as ``batch["label_hat"]`` (looked up by the batch's sample ``index``), and the epoch
+    trained in eval mode with ``--rde_train_eval_mode`` (RDE's published behaviour)."""
+
+    def __init__(self) -> None:
+        self.label_hat: Optional[torch.Tensor] = None
+
+    def before_train(self, state: TrainState) -> None:
+        if is_main_process():
+            drop_metrics_from(state.output_dir, state.start_epoch, CCD_FILE)  # epochs redone on resume
+
+    def before_epoch(self, state: TrainState) -> None:
+        label_hat, stats = run_ccd(state.model, state.train_loader.dataset, state.args, state.epoch)
+        if is_main_process():
+            append_metrics(state.output_dir, {"epoch": state.epoch, **stats}, CCD_FILE)
+        self.label_hat = label_hat.to(next(state.model.parameters()).device)
+        state.train_mode = not state.args.rde_train_eval_mode
+
+    def before_step(self, state: TrainState, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        batch["label_hat"] = self.label_hat[batch["index"]]
+        return batch

@@ -1,6 +1,6 @@
 """RDE (Qin et al., CVPR 2024, "Noisy-Correspondence Learning for Text-to-Image Person Re-identification") on this
 codebase's CLIP: the BGE branch (CLS / EOT features, as IRRA) plus the TSE branch (model/CrossEmbeddingLayer_tse.py),
-trained with RDE's per-sample losses weighted by the consensus clean labels of CCD (processor/ccd.py).
+trained with RDE's per-sample losses weighted by the consensus clean labels of CCD (methods/rde/ccd.py).
 
 Attribute names and state-dict keys are RDE's (``base_model.*``, ``visul_emb_layer.*``, ``texual_emb_layer.*``), so
 RDE's released checkpoints load. What differs from RDE's code:
@@ -14,7 +14,8 @@ RDE's released checkpoints load. What differs from RDE's code:
 - captions are encoded at their full ``--text_length`` (the TSE text layer's k depends on the length, as RDE);
 - under DDP the losses are over the global batch (features, pids and label_hat gathered, as IRRA's here), and the TSE
   BatchNorm statistics in train mode too (GlobalBatchNorm1d: N processes train as one).
-Retrieval ranks by (S_bge + S_tse) / 2 (:func:`joint_features`).
+Retrieval ranks by (S_bge + S_tse) / 2 (:func:`joint_features`): feature sets ``bge``, ``tse`` and ``bge+tse`` (the
+default) of ``methods/rde``.
 """
 from __future__ import annotations
 
@@ -31,20 +32,16 @@ from torch import nn
 from model import objectives
 from model.clip_model import ModifiedResNet, Transformer, build_CLIP_from_openai_pretrained
 from model.CrossEmbeddingLayer_tse import TexualEmbeddingLayer, VisualEmbeddingLayer
+from methods.rde.options import LOSS_TYPES
 from utils.comm import gather_with_grad, get_world_size, scale_grad
 
 logger = logging.getLogger("IRRA.model.rde")
 
-# Our loss names that select RDE, and the RDE loss type each one means (RDE's spellings are accepted too).
-RDE_LOSS_NAMES = {"tal": "TAL", "trl": "TRL", "rde_infonce": "InfoNCE", "rde_sdm": "SDM"}
-from model.pretrained import RDE_PREFIXES, checkpoint_kind  # noqa: F401  (the weights module reads checkpoints)
-from utils.metrics import is_two_branch as is_rde, joint_features  # noqa: F401  (RDE's score, in the metrics' home)
 
-
-def rde_loss_name(names) -> Optional[str]:
-    """The RDE loss name among ``names`` (a list of loss names), or None when none selects RDE."""
-    found = [n for n in names if n in RDE_LOSS_NAMES]
-    return found[0] if found else None
+def joint_features(bge: torch.Tensor, tse: torch.Tensor) -> torch.Tensor:
+    """[N, D] BGE and [N, D'] TSE features -> [N, D + D'] unit rows whose dot products are (S_bge + S_tse) / 2, the
+    cosines of each branch averaged (RDE's retrieval score): ``cat(bge / |bge|, tse / |tse|) / sqrt(2)``."""
+    return torch.cat([F.normalize(bge.float(), dim=-1), F.normalize(tse.float(), dim=-1)], dim=-1) / math.sqrt(2)
 
 
 def block_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -83,19 +80,19 @@ class RDE(nn.Module):
     """RDE model. ``forward(batch)`` -> {"bge_loss", "tse_loss", "temperature"} given ``batch["label_hat"]`` (1 =
     consensus clean; absent = every pair clean); ``compute_per_loss(batch)`` -> (lossA, lossB, simsA, simsB).
 
-    Options read from ``args``: loss_names (one of :data:`RDE_LOSS_NAMES`), select_ratio, tau, margin, temperature,
+    Options read from ``args``: loss_names (one of ``LOSS_TYPES``), select_ratio, tau, margin, temperature,
     tse_embed_dim, img_size, stride_size, text_length, pretrain_choice, clip_download_root, local_negatives.
+    ``num_classes`` is unused (RDE has no identity head): the builders' signature.
     """
 
-    def __init__(self, args: argparse.Namespace, num_classes: int = 11003,
+    def __init__(self, args: argparse.Namespace, num_classes: Optional[int] = None,
                  clip_state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
         super().__init__()
-        self.num_classes = num_classes  # unused (RDE has no identity head); kept for the builders' signature
+        self.num_classes = num_classes
         self.current_task = [n.strip() for n in str(args.loss_names).split("+") if n.strip()]
-        name = rde_loss_name(self.current_task)
-        if name is None or len(self.current_task) != 1:
-            raise ValueError(f"--loss_names {args.loss_names!r}: RDE takes exactly one of {list(RDE_LOSS_NAMES)}")
-        self.loss_type = RDE_LOSS_NAMES[name]
+        if len(self.current_task) != 1 or self.current_task[0] not in LOSS_TYPES:
+            raise ValueError(f"--loss_names {args.loss_names!r}: RDE takes exactly one of {list(LOSS_TYPES)}")
+        self.loss_type = LOSS_TYPES[self.current_task[0]]
         logger.info("Training RDE with the %s loss", self.loss_type)
         self.tau = float(args.tau)
         self.margin = float(args.margin)
@@ -240,18 +237,4 @@ class RDE(nn.Module):
             transformer.grad_checkpointing = bool(enable)
 
 
-def encode_for_retrieval(model: nn.Module, images: Optional[torch.Tensor] = None,
-                         text: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Retrieval features of ``images`` or ``text``: IRRA's ``encode_image`` / ``encode_text``; for RDE the
-    :func:`joint_features` of both branches (one backbone pass), so that a dot product ranks by (S_bge + S_tse) / 2."""
-    if (images is None) == (text is None):
-        raise ValueError("encode_for_retrieval: give images or text")
-    model = getattr(model, "module", model)
-    if is_rde(model):
-        return joint_features(*(model.encode_image_both(images) if images is not None
-                                else model.encode_text_both(text)))
-    return model.encode_image(images) if images is not None else model.encode_text(text)
-
-
-__all__ = ["RDE", "RDE_LOSS_NAMES", "block_attention", "attnpool_attention", "checkpoint_kind", "encode_for_retrieval",
-           "is_rde", "joint_features", "rde_loss_name"]
+__all__ = ["RDE", "block_attention", "attnpool_attention", "joint_features"]

@@ -1,0 +1,1 @@
+"""CLIP fine-tuning with the symmetric ITC loss (``--method clip_itc``): ``method.py``, ``options.py``."""
