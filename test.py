@@ -54,11 +54,11 @@ def main(argv=None) -> dict:
     trained_on = args.dataset_name
     if cli.dataset_name is not None:
         check_choice("dataset_name", cli.dataset_name, DATASETS)
-        if cli.dataset_name != trained_on:
-            args.anno_file = ""  # the run's annotation file belongs to its own dataset
-        args.dataset_name = cli.dataset_name
+        # the run's annotation file belongs to its own dataset
+        args = args.replace(dataset_name=cli.dataset_name,
+                            anno_file=args.anno_file if cli.dataset_name == trained_on else "")
     if cli.anno_file is not None:
-        args.anno_file = cli.anno_file
+        args = args.replace(anno_file=cli.anno_file)
     metrics = eval_metrics(args.metrics if cli.metrics is None else cli.metrics, args.dataset_name)
     ckpt = cli.checkpoint or os.path.join(run_dir, BEST_CHECKPOINT)
     if not os.path.isfile(ckpt):
