@@ -167,3 +167,26 @@ def test_pretrained_recipes(dataset):
     assert pre.pretrain_choice.endswith(".pth") and clip.pretrain_choice == "ViT-B/16"
     assert (pre.dataset_name, pre.text_length) == (clip.dataset_name, clip.text_length)
     assert clip.text_length == (168 if dataset == "ufine6926" else 77)
+
+
+def test_every_method_starts_from_an_irra_checkpoint(person_sd, tmp_path, caplog):
+    """The same module.-prefixed IRRA checkpoint starts each registered method: its backbone always loads; what
+    the method lacks (cross-modal, classifier) is reported as not in the model, what it adds as not in the
+    checkpoint."""
+    from methods.registry import METHODS
+
+    path = save_mllm4text(person_sd, tmp_path / "mllm4text.pth")
+    overrides = {"irra": {}, "rde": dict(loss_names="tal", tse_embed_dim=32), "clip_itc": dict(loss_names="itc")}
+    assert set(overrides) == set(METHODS), "add the new method's options here"
+    for name, kw in overrides.items():
+        caplog.clear()
+        args = tiny_args(pretrain_choice=path, method=name, **{"loss_names": "sdm+mlm+id", "cmt_depth": 1, **kw})
+        if name == "clip_itc":
+            args = args.replace(MLM=False)
+        with caplog.at_level(logging.INFO, logger="IRRA"):
+            sd = build_model(args, CKPT_CLASSES).state_dict()
+        n_backbone = sum(k.startswith("base_model.") for k in sd)
+        assert groups_logged(caplog)[0] == f"backbone: {n_backbone} loaded", name
+        for k in sd:
+            if k.startswith("base_model."):
+                assert torch.equal(sd[k], person_sd[k]), (name, k)
