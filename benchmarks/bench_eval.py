@@ -16,7 +16,12 @@ Memory figures per variant: "step peak" = peak RSS during the metric step alone 
 reset via /proc/self/clear_refs just before the step, so it includes the inputs already resident, e.g. the 1.2 GB
 matrix); "process peak" = VmHWM over the whole subprocess (data generation included, read before the reset).
 
-Usage: python -m benchmarks.bench_eval [--small] [--chunk-size N] [--skip-naive]
+``--msd``: instead, the extra cost of mSD (utils/msd.py, both variants, as ``--metrics mSD`` asks) at CUHK-PEDES
+test size (6,156 queries x 3,074 images, 1,000 ids; ``--small`` for the small size), in one process, the variants
+interleaved ``--repeats`` times (medians): the metric step from a similarity matrix (``rank``) and the Evaluator's
+from 512-d unit features (``rank_from_features``, the products included), each without and with mSD.
+
+Usage: python -m benchmarks.bench_eval [--small] [--chunk-size N] [--skip-naive] [--msd [--repeats N]]
 """
 from __future__ import annotations
 
@@ -32,12 +37,16 @@ from pathlib import Path
 import torch
 
 from benchmarks.reference import rank_naive
-from utils.metrics import DEFAULT_CHUNK_SIZE, _rank_chunk, _RankAccumulator, rank
+from utils.metrics import DEFAULT_CHUNK_SIZE, _rank_chunk, _RankAccumulator, rank, rank_from_features
+from utils.msd import MSDAccumulator
 
 REPO = str(Path(__file__).resolve().parents[1])  # the workers run as python -m from here
 
 FULL = dict(nq=19848, ng=14993, npid=4102)
 SMALL = dict(nq=3000, ng=2000, npid=600)
+CUHK = dict(nq=6156, ng=3074, npid=1000)  # CUHK-PEDES test split
+FEATURE_DIM = 512
+MSD_TARGET = 0.20  # mSD may add at most 20 % to the evaluation's metric step
 SEED = 0
 BONUS = 0.15  # similarity bonus of positives
 GEN_BLOCK = 1024  # rows per generated similarity block
@@ -127,6 +136,37 @@ def worker(mode: str, size: dict, chunk_size: int, out: str) -> None:
         process_peak_kb=max(process_peak_before, step_peak), reset_ok=reset_ok)))
 
 
+def msd_overhead(size: dict, chunk_size: int, repeats: int) -> None:
+    """Print the median time of the metric step without / with mSD (both variants), interleaved runs."""
+    import statistics
+    qpids, gpids = make_pids(**size)
+    sim = torch.empty(size["nq"], size["ng"])
+    for s, block in sim_blocks(qpids, gpids):
+        sim[s:s + block.shape[0]] = block * 2 - 1  # cosines in [-1, 1]
+    g = torch.Generator().manual_seed(SEED)
+    ids = torch.randn(size["npid"], FEATURE_DIM, generator=g)
+    qf = torch.nn.functional.normalize(ids[qpids] + 2 * torch.randn(size["nq"], FEATURE_DIM, generator=g), dim=1)
+    gf = torch.nn.functional.normalize(ids[gpids] + 2 * torch.randn(size["ng"], FEATURE_DIM, generator=g), dim=1)
+    steps = {
+        "rank": lambda acc: rank(sim, qpids, gpids, chunk_size=chunk_size, need_indices=False, observer=acc),
+        "rank_from_features": lambda acc: rank_from_features(qf, gf, qpids, gpids, chunk_size=chunk_size,
+                                                             need_indices=False, observer=acc),
+    }
+    print(f"mSD overhead: {size['nq']} queries x {size['ng']} gallery, {size['npid']} ids, chunk_size={chunk_size}, "
+          f"torch threads={torch.get_num_threads()}, {repeats} interleaved repeats (medians)")
+    for name, step in steps.items():
+        times = {"without": [], "with mSD": []}
+        for _ in range(repeats):
+            for label in times:
+                acc = MSDAccumulator() if label == "with mSD" else None
+                t0 = time.perf_counter()
+                step(acc)
+                times[label].append(time.perf_counter() - t0)
+        a, b = statistics.median(times["without"]), statistics.median(times["with mSD"])
+        print(f"{name:<19} without {a * 1000:8.1f} ms   with mSD {b * 1000:8.1f} ms   +{(b / a - 1) * 100:5.1f} % "
+              f"(target <= {MSD_TARGET * 100:.0f} %); mSD {acc.result()}")
+
+
 def run_variant(mode: str, args, tmp: str) -> dict:
     out = os.path.join(tmp, mode)
     cmd = [sys.executable, "-m", "benchmarks.bench_eval", "--worker", mode, "--chunk-size", str(args.chunk_size)]
@@ -147,9 +187,14 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help=f"quick run at {SMALL}")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="queries per chunk (ours)")
     p.add_argument("--skip-naive", action="store_true", help="only run ours (no comparison)")
+    p.add_argument("--msd", action="store_true", help="measure the extra cost of mSD at CUHK-PEDES size instead")
+    p.add_argument("--repeats", type=int, default=7, help="--msd: interleaved repeats per variant")
     p.add_argument("--worker", choices=["naive", "ours", "ours_metrics", "ours_stream"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.msd:
+        msd_overhead(SMALL if args.small else CUHK, args.chunk_size, args.repeats)
+        return
     size = SMALL if args.small else FULL
     if args.worker:
         worker(args.worker, size, args.chunk_size, args.out)

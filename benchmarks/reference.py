@@ -34,3 +34,28 @@ def rank_naive(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Ten
     AP = tmp_cmc.sum(1) / num_rel  # q
     mAP = AP.mean() * 100
     return all_cmc, mAP, mINP, indices
+
+
+def msd_rank_naive(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, max_rank: int = 10,
+                   rank_order: bool = False):
+    """UFineBench's ``mSD_rank`` (``mSD_Calculator.py``: full argsort, [nq, ng] temporaries) written out step by step:
+    the reference for ``utils.metrics.mSD_rank``. Returns ``(cmc, mSD, mAP)`` in percent.
+
+    ``rank_order=False``: as published (a rank-order mask times storage-order similarities, storage-order cumulative
+    sums). ``rank_order=True``: every term in rank order (s gathered by the ranking, the mask = matches)."""
+    s = similarity.double() / 2 + 0.5  # [nq, ng] in [0, 1]
+    indices = torch.argsort(s, dim=1, descending=True)  # [nq, ng]
+    matches = g_pids[indices].eq(q_pids.view(-1, 1))  # [nq, ng] rank order
+    cmc = matches[:, :max_rank].cumsum(1).clamp(max=1).double().mean(0) * 100
+    if rank_order:
+        s = s.gather(1, indices)  # [nq, ng] rank order
+    mask = matches.double()  # the published (indices + 1) * matches >= 1 is matches
+    num_rel = matches.sum(1).double()  # [nq]
+    pos_sum = (s * mask).sum(1)
+    neg_avg = (s.sum(1) - pos_sum) / (s.shape[1] - num_rel)
+    pn = 1 - torch.exp(-(pos_sum / num_rel) / neg_avg)  # [nq]
+    sd_cmc = torch.cumsum(s * mask, 1) / torch.cumsum(s, 1) * mask  # [nq, ng]
+    msd = ((sd_cmc.sum(1) / num_rel) * pn).mean() * 100
+    ranks = torch.arange(1, s.shape[1] + 1, dtype=torch.float64)
+    ap = (matches.cumsum(1).double() / ranks * mask).sum(1) / num_rel
+    return cmc.float(), msd.float(), (ap.mean() * 100).float()

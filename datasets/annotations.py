@@ -56,16 +56,21 @@ class BaseDataset:
     logger = logger
     dataset_dir: str = ""                    # folder under root
     anno_files: Tuple[str, ...] = ()        # accepted annotation file names (first that exists wins)
-    path_key: str = "file_path"             # entry key holding the image path relative to imgs/
+    path_key: str = "file_path"             # entry key holding the image path relative to image_subdir
+    image_subdir: str = "imgs/"              # folder of the images under <dataset_dir> ("" = the dataset folder)
     train_pid_offset: int = 0               # train pid = int(id) - train_pid_offset (CUHK-PEDES ids are 1-based)
     source_url: str = ""                    # where to get the data
     expected_tree: str = ""                 # the expected layout under <root>/<dataset_dir>/
     display_name: str = ""
 
-    def __init__(self, root: str = "", verbose: bool = True) -> None:
+    def __init__(self, root: str = "", verbose: bool = True, anno_file: str = "") -> None:
+        """``anno_file`` (``--anno_file``): an annotation file name (under the dataset folder) or path read instead
+        of the dataset's own (``anno_files``), e.g. a re-captioned version of the same images; "" = the own."""
         self.root = root
         self.dataset_dir = op.join(root, type(self).dataset_dir)
-        self.img_dir = op.join(self.dataset_dir, "imgs/")
+        self.img_dir = op.join(self.dataset_dir, self.image_subdir)
+        if anno_file:
+            self.anno_files = (anno_file,)  # op.join keeps an absolute path as it is
         self.anno_path = self._check_before_run()
         annos = self._read_annos(self.anno_path)
         self.train_annos, self.test_annos, self.val_annos = self._split_anno(annos)
@@ -94,7 +99,9 @@ class BaseDataset:
             if not op.isdir(self.img_dir):
                 problems.append(f"image folder '{self.img_dir}' is not available")
             if not any(op.isfile(p) for p in anno_paths):
-                problems.append("annotation file " + " or ".join(f"'{p}'" for p in anno_paths) + " is not available")
+                given = " (--anno_file)" if self.anno_files != type(self).anno_files else ""
+                problems.append("annotation file " + " or ".join(f"'{p}'" for p in anno_paths) + given
+                                + " is not available")
         if problems:
             raise FileNotFoundError("; ".join(problems) + ".\n" + self._layout_help())
         return next(p for p in anno_paths if op.isfile(p))
@@ -244,6 +251,10 @@ class BaseDataset:
                 raise DatasetFormatError(
                     f"{self.anno_path}: train pids must be 0..{len(pid_container) - 1} without gaps "
                     f"(pid = id - {self.train_pid_offset}); {found}")
+
+    def raw_train_id(self, pid: int) -> int:
+        """The annotation's id of train pid ``pid`` (the inverse of the train pid mapping)."""
+        return pid + self.train_pid_offset
 
     # ------------------------------------------------------------------ info
     def show_dataset_info(self) -> None:

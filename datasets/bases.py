@@ -40,17 +40,23 @@ LOG_TOKENIZE_ABOVE = 10000
 
 
 def tokenize_all(captions: Sequence[str], tokenizer: SimpleTokenizer, text_length: int = 77,
-                 truncate: bool = True) -> torch.Tensor:
-    """Tokenize every distinct caption once; returns int32 ids ``[len(captions), text_length]``."""
-    cache: Dict[str, torch.Tensor] = {}
+                 truncate: bool = True, what: str = "captions") -> torch.Tensor:
+    """Tokenize every distinct caption once; returns int32 ids ``[len(captions), text_length]``. Logs once how many
+    captions ``text_length`` cuts ("<what>: N of M captions cut at L tokens")."""
+    cache: Dict[str, Tuple[torch.Tensor, bool]] = {}
     out = torch.zeros(len(captions), text_length, dtype=torch.int32)  # [N, L]
     if len(captions) >= LOG_TOKENIZE_ABOVE:
         logger.info("tokenizing %d captions once (cached for all epochs)", len(captions))
+    n_cut = 0
     for i, c in enumerate(captions):
-        ids = cache.get(c)
-        if ids is None:
-            ids = cache[c] = tokenize(c, tokenizer, text_length=text_length, truncate=truncate).to(torch.int32)
-        out[i] = ids
+        hit = cache.get(c)
+        if hit is None:
+            ids, cut = tokenize(c, tokenizer, text_length=text_length, truncate=truncate, return_cut=True)
+            hit = cache[c] = (ids.to(torch.int32), cut)
+        out[i] = hit[0]
+        n_cut += hit[1]
+    if captions:
+        logger.info("%s: %d of %d captions cut at %d tokens (--text_length)", what, n_cut, len(captions), text_length)
     return out
 
 
@@ -132,7 +138,7 @@ class ImageTextDataset(Dataset):
         self.caption_aug = caption_aug if caption_aug is not None and caption_aug.active else None
         self.captions_bt = captions_bt
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
-        self.caption_ids = tokenize_all([row[3] for row in dataset], self.tokenizer, text_length, truncate)
+        self.caption_ids = tokenize_all([row[3] for row in dataset], self.tokenizer, text_length, truncate, "train")
         # set by datasets.build: each sample also returns its "index" (a method's hooks look samples up by it);
         # ``token_aug`` turns on --txt_aug;
         # ``real_correspondences`` [N] (1 = the pair is true) when noise was injected
@@ -218,9 +224,10 @@ class TextDataset(Dataset):
 
     def __init__(self, caption_pids: Sequence[int], captions: Sequence[str], text_length: int = 77,
                  truncate: bool = True, tokenizer: Optional[SimpleTokenizer] = None,
-                 tokenize_fn: Optional[Callable[[str], torch.Tensor]] = None) -> None:
+                 tokenize_fn: Optional[Callable[[str], torch.Tensor]] = None, split: str = "query") -> None:
         """``tokenize_fn``: caption -> ids [text_length] (a method's own test-time tokenization); default the CLIP
-        tokenization at ``text_length`` (cut with ``truncate``)."""
+        tokenization at ``text_length`` (cut with ``truncate``). ``split``: the split's name in the log line that
+        counts the captions ``text_length`` cuts."""
         if len(caption_pids) != len(captions):
             raise ValueError(f"TextDataset: {len(caption_pids)} pids but {len(captions)} captions")
         self.caption_pids = caption_pids
@@ -229,7 +236,7 @@ class TextDataset(Dataset):
         self.truncate = truncate
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
         if tokenize_fn is None:
-            self.caption_ids = tokenize_all(captions, self.tokenizer, text_length, truncate)
+            self.caption_ids = tokenize_all(captions, self.tokenizer, text_length, truncate, split)
         else:
             self.caption_ids = torch.stack([tokenize_fn(c) for c in captions]) if captions else \
                 torch.zeros(0, text_length, dtype=torch.long)

@@ -34,6 +34,7 @@ from datasets.rstpreid import RSTPReid
 from datasets.sampler import EpochRandomSampler, RandomIdentitySampler, check_identity_batch
 from datasets.sampler_ddp import DistributedRandomSampler, RandomIdentitySampler_DDP
 from datasets.synthpedes import SynthPEDES
+from datasets.ufine6926 import UFine6926
 from methods.registry import get_method
 from utils.choices import DATASETS, IMG_AUG_POOL, SAMPLERS, VAL_DATASETS, check_choice
 from utils.comm import get_rank, get_world_size, is_main_process
@@ -45,6 +46,7 @@ DATASET_REGISTRY = {
     "ICFG-PEDES": ICFGPEDES,
     "RSTPReid": RSTPReid,
     "SynthPEDES": SynthPEDES,
+    "UFine6926": UFine6926,
 }
 __factory = DATASET_REGISTRY  # the original's name (its users reach it)
 assert tuple(DATASET_REGISTRY) == DATASETS, "utils/choices.py:DATASETS must list the registry"
@@ -54,9 +56,12 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def build_dataset(name: str, root: str = "./data", verbose: bool = True, **kwargs):
-    """Instantiate a registered dataset parser; an unknown name lists the valid ones."""
+def build_dataset(name: str, root: str = "./data", verbose: bool = True, anno_file: str = "", **kwargs):
+    """Instantiate a registered dataset parser; an unknown name lists the valid ones. ``anno_file``
+    (``--anno_file``): an annotation file read instead of the dataset's own ("" = its own)."""
     check_choice("dataset_name", name, DATASET_REGISTRY)
+    if anno_file:
+        kwargs["anno_file"] = anno_file
     return DATASET_REGISTRY[name](root=root, verbose=verbose, **kwargs)
 
 
@@ -248,7 +253,7 @@ def build_eval_loaders(args: argparse.Namespace, split: Dict[str, list], split_n
     transform = transform if transform is not None else method.test_transform(args)
     img_set = ImageDataset(split["image_pids"], split["img_paths"], transform)
     txt_set = TextDataset(split["caption_pids"], split["captions"], text_length=args.text_length,
-                          tokenize_fn=method.caption_tokenizer(args))
+                          tokenize_fn=method.caption_tokenizer(args), split=split_name)
     img_loader = DataLoader(img_set, batch_size=args.test_batch_size, shuffle=False, num_workers=args.num_workers)
     txt_loader = DataLoader(txt_set, batch_size=args.test_batch_size, shuffle=False, num_workers=args.num_workers)
     return img_loader, txt_loader
@@ -270,7 +275,7 @@ def build_dataloader(args: argparse.Namespace, tranforms: Optional[Callable] = N
     empty (``datasets.check.check_image_files``, ``ImageFilesMissingError``).
     """
     if dataset is None:
-        dataset = build_dataset(args.dataset_name, root=args.root_dir)
+        dataset = build_dataset(args.dataset_name, root=args.root_dir, anno_file=args.anno_file)
     num_classes = len(dataset.train_id_container)
     if args.training:
         check_choice("val_dataset", args.val_dataset, VAL_DATASETS)

@@ -392,8 +392,8 @@ class SynthPEDES(CUHKPEDES):
 
     def __init__(self, root: str = "", verbose: bool = True, num_train_ids: int = 240, num_val_ids: int = 40,
                  num_test_ids: int = 80, images_per_id: int = 4, img_height: int = 128, img_width: int = 64,
-                 seed: int = 0, show_progress: bool = True) -> None:
+                 seed: int = 0, show_progress: bool = True, anno_file: str = "") -> None:
         ensure_synthpedes(root, show_progress=show_progress, num_train_ids=num_train_ids, num_val_ids=num_val_ids,
                           num_test_ids=num_test_ids, images_per_id=images_per_id, img_height=img_height,
                           img_width=img_width, seed=seed)
-        super().__init__(root=root, verbose=verbose)
+        super().__init__(root=root, verbose=verbose, anno_file=anno_file)

@@ -22,14 +22,14 @@ from model.clip_model import (LayerNorm, QuickGELU, ResidualAttentionBlock, Tran
                               init_transformer_)
 from methods.registry import METHODS, get_method
 from model.lengths import caption_cut, host_lengths, masked_first, mlm_lengths
+from model.pretrain_report import check_backbone, format_group_report, group_report
 from model.pretrained import (BACKBONE_PREFIX, ImagePositions, check_image_grid, checkpoint_num_classes,
                               image_grid, image_positions, is_pretrained_file,
                               load_pretrained_file, resize_image_pos_embed)
 from utils.choices import PRECISIONS
 from methods.irra.options import LOSSES
 from utils.choices import parse_loss_names
-from utils.checkpoint import (count_by_module, load_matching_state_dict, load_state_dict, strip_prefix_if_present,
-                              summarize_names)
+from utils.checkpoint import load_matching_state_dict, load_state_dict, strip_prefix_if_present
 from utils.comm import all_reduce_sum, gather_with_grad, get_world_size, resolve_device, scale_grad
 from utils.options import load_config_args
 from utils.run_dir import CONFIG_FILE
@@ -321,7 +321,13 @@ def build_model(args: argparse.Namespace, num_classes: int, device: Optional[Uni
     method = get_method(args.method)
     if clip_state_dict is None and is_pretrained_file(args.pretrain_choice) and not method.reads_pretrain_file:
         clip_state_dict, irra_state_dict = _read_pretrain_file(args)  # the file is read once
-    model = method.build_model(args, num_classes, clip_state_dict=clip_state_dict)
+    try:
+        model = method.build_model(args, num_classes, clip_state_dict=clip_state_dict)
+    except ValueError as e:  # the backbone built from the file's weights cannot take them all (CLIP.load_param)
+        if irra_state_dict is None or not str(e).startswith("CLIP"):
+            raise
+        raise ValueError(f"--pretrain_choice {args.pretrain_choice}: the checkpoint's backbone does not match: {e}") \
+            from None
     if irra_state_dict is not None:
         _load_irra_pretrain(model, irra_state_dict, args.pretrain_choice)
     if args.grad_checkpointing:
@@ -385,38 +391,23 @@ def trained_image_grid(path: str, pos: ImagePositions) -> Optional[Tuple[int, in
     return None
 
 
-def _load_irra_pretrain(model: IRRA, state_dict: Dict[str, torch.Tensor], source: str) -> None:
+def _load_irra_pretrain(model: IRRA, state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, dict]:
     """After the backbone was built from the ``base_model.*`` weights of the IRRA ``state_dict`` (positional
-    embeddings resized), load its other tensors whose name and shape match and log what was loaded / resized /
-    skipped."""
+    embeddings resized; a backbone that does not match is refused, ``model/pretrain_report.py``), load its other
+    tensors whose name and shape match (non-strict, as MLLM4Text-ReID's fine-tuning) and log what was loaded /
+    resized / skipped / missing per group (backbone / cross-modal / classifier / method layers); returns that
+    report (``{group: {kind: names}}``)."""
+    loaded, resized = check_backbone(state_dict, model.base_model.state_dict(), source)
     report = load_matching_state_dict(model, state_dict, ignore_prefixes=(BACKBONE_PREFIX,))
-    base = model.base_model.state_dict()
-    loaded, resized, unexpected = [], [], []
-    for name, v in state_dict.items():  # the backbone's weights as stored, before the resize
-        if not name.startswith(BACKBONE_PREFIX):
-            continue
-        k = name[len(BACKBONE_PREFIX):]
-        if k not in base:
-            unexpected.append(name)
-        elif tuple(v.shape) != tuple(base[k].shape):
-            resized.append(f"{name} {tuple(v.shape)} -> {tuple(base[k].shape)}")
-        else:
-            loaded.append(name)
-    loaded += report["loaded"]
-    unexpected += report["unexpected"]
-    mismatched, fresh = report["mismatched"], report["fresh"]
+    groups = group_report(loaded + report["loaded"], resized, report["mismatched"], report["fresh"],
+                          report["unexpected"])
     logger.info("fine-tuning from the IRRA checkpoint %s: %d tensors loaded, %d resized, %d skipped, %d of this model "
-                "not in the checkpoint", source, len(loaded), len(resized), len(mismatched) + len(unexpected),
-                len(fresh))
-    logger.info("  loaded (per module): %s", count_by_module(loaded))
-    if resized:
-        logger.info("  resized: %s", summarize_names(resized))
-    if mismatched:
-        logger.info("  skipped, other shape (the model's keep their initialisation): %s", summarize_names(mismatched))
-    if unexpected:
-        logger.info("  skipped, not in this model (per module): %s", count_by_module(unexpected))
-    if fresh:
-        logger.info("  not in the checkpoint (keep their initialisation): %s", summarize_names(fresh))
+                "not in the checkpoint (kept at their initialisation), %d not in this model", source,
+                len(loaded) + len(report["loaded"]), len(resized), len(report["mismatched"]), len(report["fresh"]),
+                len(report["unexpected"]))
+    for line in format_group_report(groups):
+        logger.info("  %s", line)
+    return groups
 
 
 def build_model_from_checkpoint(args: argparse.Namespace, weights: Dict[str, torch.Tensor], source: str = "checkpoint",

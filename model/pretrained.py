@@ -459,7 +459,8 @@ def load_pretrained_file(path: str, image_size: Optional[Size2] = None, stride_s
     resized here (:func:`resize_image_pos_embed`; its grid ``old_grid``, or inferred when None); a CLIP file's square
     grid is resized by :meth:`~model.clip_model.CLIP.load_param`.
     """
-    sd = strip_prefix_if_present(load_clip_state_dict(path), "module.")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v  # per key, as MLLM4Text-ReID's finetune.py
+          for k, v in load_clip_state_dict(path).items()}
     irra_sd = sd if is_irra_state_dict(sd) else None
     clip_sd = clip_state_dict_from_checkpoint(sd) if irra_sd is not None else sd
     try:

@@ -283,11 +283,12 @@ def _report_interruption(stop, args, epoch: int, finished: int, counted: _Counti
     stop.reported = True
 
 
-def do_inference(model, test_img_loader, test_txt_loader, i2t_metric: bool = False, method=None) -> Dict[str, float]:
-    """Evaluate ``model`` on the test loaders (``method``: its feature sets, see ``Evaluator``); logs the table and
-    returns the metrics dict."""
+def do_inference(model, test_img_loader, test_txt_loader, i2t_metric: bool = False, method=None,
+                 metrics: Sequence[str] = ()) -> Dict[str, float]:
+    """Evaluate ``model`` on the test loaders (``method``: its feature sets, see ``Evaluator``; ``metrics``: the
+    Evaluator's extra metrics); logs the table and returns the metrics dict."""
     logging.getLogger("IRRA.test").info("Enter inferencing")
-    evaluator = Evaluator(test_img_loader, test_txt_loader, split="test", method=method)
+    evaluator = Evaluator(test_img_loader, test_txt_loader, split="test", method=method, metrics=metrics)
     return evaluator.eval(unwrap_model(model).eval(), i2t_metric=i2t_metric)
 
 

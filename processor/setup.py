@@ -21,6 +21,7 @@ from methods.registry import get_method
 from model.build import build_model
 from solver import build_optimizer
 from utils.checkpoint import Checkpointer, OptimizerStateError
+from utils.choices import eval_metrics
 from utils.comm import broadcast_object, get_rank, get_world_size, init_distributed, is_main_process
 from utils.env import describe_environment, environment_info
 from utils.iotools import check_output_dir, make_output_dir, save_train_configs
@@ -168,7 +169,8 @@ def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
     optimizer = build_optimizer(args, model)
     scheduler = method.build_lr_scheduler(args, optimizer, len(train_loader))
     checkpointer = Checkpointer(model, optimizer, scheduler, args.output_dir, save_to_disk=is_main_process())
-    evaluator = Evaluator(val_img_loader, val_txt_loader, split=args.val_dataset, method=method)
+    evaluator = Evaluator(val_img_loader, val_txt_loader, split=args.val_dataset, method=method,
+                          metrics=eval_metrics(args.metrics, args.dataset_name))
     parts = TrainingParts(args, device, model, train_loader, evaluator, optimizer, scheduler, checkpointer)
     if args.resume:
         ckpt = resume_checkpoint(checkpointer, args.resume_ckpt_file)

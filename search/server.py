@@ -48,7 +48,9 @@ import torch
 from search import guard as G
 from search.retrieval import Gallery, Retriever
 from search.split_queries import encode_test_captions, encode_test_gallery
+from utils.choices import eval_metrics
 from utils.metrics import rank
+from utils.msd import MSDAccumulator
 
 logger = logging.getLogger("IRRA.search")
 
@@ -88,7 +90,7 @@ class TestQueries:
     pids: list[int]           # identity of each caption
     gallery_pids: list[int]   # identity of each gallery image (gallery order)
     top1: list[int]           # gallery index ranked first for each caption
-    metrics: dict             # R1, R5, R10 (as far as the gallery size allows), mAP, mINP in percent
+    metrics: dict             # R1, R5, R10 (as far as the gallery size allows), mAP, mINP (mSD...) in percent
 
     def failures(self) -> list[int]:
         """Captions whose top-1 image has another identity (what ``visualize.py --failures`` draws)."""
@@ -97,14 +99,16 @@ class TestQueries:
 
 def rank_test_split(retriever: Retriever, gallery: Gallery, captions: Sequence[str], caption_pids: Sequence[int],
                     gallery_pids: Sequence[int], chunk: int = METRIC_CHUNK,
-                    caption_embeddings: torch.Tensor | None = None) -> TestQueries:
+                    caption_embeddings: torch.Tensor | None = None, metrics: Sequence[str] = ()) -> TestQueries:
     """R1/R5/R10/mAP/mINP and each caption's top-1, with the Retriever's own score (``Retriever.search``).
 
     ``caption_embeddings`` [Q, D] (e.g. read from the caption cache) are ranked instead of encoding ``captions``.
 
     The captions are ranked ``chunk`` at a time over the whole gallery; the metrics are ``utils.metrics.rank``'s
     (the Evaluator's), averaged over chunks weighted by their number of captions (every metric is a mean over queries).
+    ``metrics``: the extra metrics (``--metrics``; "mSD" adds ``mSD`` and ``mSD_rank_order``, utils/msd.py).
     """
+    msd = MSDAccumulator() if "mSD" in metrics else None
     n = len(gallery)
     g_pids = torch.as_tensor(list(gallery_pids), dtype=torch.long)
     max_rank = min(10, n)
@@ -115,14 +119,15 @@ def rank_test_split(retriever: Retriever, gallery: Gallery, captions: Sequence[s
         scores, idx = retriever.search(query, gallery, topk=n)  # [c, N] each, every image ranked
         sim = torch.empty_like(scores).scatter_(1, idx, scores)  # [c, N] back in gallery order
         q_pids = torch.as_tensor(list(caption_pids[s:s + chunk]), dtype=torch.long)
-        cmc, mAP, mINP, _ = rank(sim, q_pids, g_pids, max_rank=max_rank, get_mAP=True, need_indices=False)
+        cmc, mAP, mINP, _ = rank(sim, q_pids, g_pids, max_rank=max_rank, get_mAP=True, need_indices=False,
+                                 observer=msd)
         cmc_sum += cmc * len(part)
         map_sum += float(mAP) * len(part)
         minp_sum += float(mINP) * len(part)
         top1 += idx[:, 0].tolist()
     nq = max(len(captions), 1)
     metrics = {f"R{r}": float(cmc_sum[r - 1]) / nq for r in (1, 5, 10) if r <= max_rank}
-    metrics.update(mAP=map_sum / nq, mINP=minp_sum / nq)
+    metrics.update(mAP=map_sum / nq, mINP=minp_sum / nq, **(msd.result() if msd is not None else {}))
     return TestQueries(list(captions), [int(p) for p in caption_pids], [int(p) for p in gallery_pids], top1, metrics)
 
 
@@ -188,9 +193,10 @@ class SearchPage:
         g_pids = [int(split["image_pids"][i]) for i in gallery.indices]
         logger.info("ranking the %d test captions against %d images (R1/mAP, failures)", len(split["captions"]),
                     len(gallery))
-        test = rank_test_split(retriever, gallery, split["captions"], split["caption_pids"], g_pids,
-                               caption_embeddings=encode_test_captions(retriever, split))
         name = retriever.args.dataset_name if retriever.args is not None else "the dataset"
+        extra = eval_metrics(retriever.args.metrics, name) if retriever.args is not None else ()
+        test = rank_test_split(retriever, gallery, split["captions"], split["caption_pids"], g_pids,
+                               caption_embeddings=encode_test_captions(retriever, split), metrics=extra)
         return cls(retriever, gallery, _run_title(retriever), f"the test split of {name}", test=test,
                    start_view=start_view)
 

@@ -22,7 +22,7 @@ from search.grid import DEFAULT_TILE_SIZE, GT_COLOR, MATCH_COLOR, MISMATCH_COLOR
 
 def load_test_split(args) -> dict:
     """The run dataset's test dict {image_pids, img_paths, caption_pids, captions} (datasets.build registry)."""
-    return build_dataset(args.dataset_name, root=args.root_dir, verbose=False).test
+    return build_dataset(args.dataset_name, root=args.root_dir, verbose=False, anno_file=args.anno_file).test
 
 
 @dataclass

@@ -138,7 +138,9 @@ def test_other_num_classes_keeps_a_fresh_classifier(saved, caplog):
     n = len(sd) - 2
     assert f"{n} tensors loaded, 0 resized, 2 skipped" in text
     assert "classifier.weight: another number of identities, checkpoint (6, 64) vs model (9, 64)" in text
-    assert "cross_modal_transformer: " in text and "base_model: " in text
+    n_backbone = sum(k.startswith("base_model.") for k in sd)
+    assert f"backbone: {n_backbone} loaded\n" in text and f"cross-modal: {n - n_backbone} loaded\n" in text
+    assert "classifier: 2 skipped (other shape)" in text
 
 
 def test_other_text_length_resizes_text_pos_embed(saved):
@@ -163,8 +165,10 @@ def test_other_losses_load_the_common_part(saved, caplog):
     assert all(k.startswith("base_model.") for k in got)
     assert_same(got, {k: v for k, v in sd.items() if k in got})
     n_skipped = sum(not k.startswith("base_model.") for k in sd)
-    assert f"{n_skipped} skipped" in caplog.text
-    assert "not in this model (per module): classifier: 2, cross_attn: 4, cross_modal_transformer: " in caplog.text
+    assert f"0 skipped, 0 of this model not in the checkpoint (kept at their initialisation), {n_skipped} not in this " \
+           f"model" in caplog.text
+    assert "classifier: 2 not in the model (classifier.weight, classifier.bias)" in caplog.text
+    assert f"cross-modal: {n_skipped - 2} not in the model (cross_attn." in caplog.text
 
 
 def test_modules_absent_from_the_checkpoint_start_fresh(saved, tmp_path, caplog):
@@ -181,7 +185,8 @@ def test_modules_absent_from_the_checkpoint_start_fresh(saved, tmp_path, caplog)
     for k in got:
         assert torch.equal(got[k], plain[k] if k in fresh else sd[k]), k
     assert f"0 skipped, {len(fresh)} of this model not in the checkpoint" in caplog.text
-    assert "not in the checkpoint (keep their initialisation): classifier.weight, classifier.bias, " in caplog.text
+    assert "classifier: 2 not in the checkpoint (classifier.weight, classifier.bias)" in caplog.text
+    assert f"cross-modal: {len(fresh) - 2} not in the checkpoint" in caplog.text
 
 
 def test_clip_file_is_not_an_irra_checkpoint(saved, tmp_path, caplog):

@@ -412,3 +412,18 @@ def test_browser_test_split_failures_view(browser, retriever, split, live):
     assert gt.count() == split["image_pids"].count(first["pid"])
     assert errors == [] and all(u.startswith(srv.url) for u in requests)
     ctx.close()
+
+
+def test_test_split_metrics_with_msd(run_dir, retriever, split):
+    """--metrics mSD (or UFine6926): the page's metrics carry mSD and mSD_rank_order, over chunks of captions."""
+    from benchmarks.reference import msd_rank_naive
+
+    page = S.SearchPage.for_test_split(retriever, split, progress=False)
+    assert "mSD" not in page.info()["metrics"]  # not asked
+    test = S.rank_test_split(retriever, page.gallery, split["captions"], split["caption_pids"], split["image_pids"],
+                             chunk=7, metrics=("mSD",))
+    sim = independent_similarity(run_dir, split)
+    q_pids, g_pids = torch.tensor(split["caption_pids"]), torch.tensor(split["image_pids"])
+    assert test.metrics["mSD"] == pytest.approx(float(msd_rank_naive(sim, q_pids, g_pids)[1]), abs=1e-3)
+    ref = float(msd_rank_naive(sim, q_pids, g_pids, rank_order=True)[1])
+    assert test.metrics["mSD_rank_order"] == pytest.approx(ref, abs=1e-3)

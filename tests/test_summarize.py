@@ -262,7 +262,7 @@ def test_test_script_records_its_results(tiny_cuhk_root, tmp_path, capsys):
     for ck, metrics in results.items():
         epoch = torch.load(os.path.join(run_dir, ck), weights_only=True)["epoch"]
         assert table[ck] == {"checkpoint": os.path.join(os.path.abspath(run_dir), ck), "epoch": epoch,
-                             "split": "test", "dataset_name": "CUHK-PEDES",
+                             "split": "test", "dataset_name": "CUHK-PEDES", "trained_on": "CUHK-PEDES",
                              "root_dir": os.path.abspath(tiny_cuhk_root), **{k: float(v) for k, v in metrics.items()}}
     assert table["best.pth"]["epoch"] == res["best_epoch"] and table["last.pth"]["epoch"] == 2
 

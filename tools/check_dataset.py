@@ -57,8 +57,7 @@ def length_histogram(lengths: Sequence[int], bins: int = HIST_BINS, bar_width: i
 def _entries(dataset, split: str) -> Tuple[List[int], List[str], List[str]]:
     """Raw annotation ids (one per image), image paths and captions of a split."""
     if split == "train":
-        offset = dataset.train_pid_offset
-        by_image = {image_id: (pid + offset, path) for pid, image_id, path, _ in dataset.train}
+        by_image = {image_id: (dataset.raw_train_id(pid), path) for pid, image_id, path, _ in dataset.train}
         return ([pid for pid, _ in by_image.values()], [path for _, path in by_image.values()],
                 [row[3] for row in dataset.train])
     d = getattr(dataset, split)
@@ -151,13 +150,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dataset_name", default="CUHK-PEDES",
                         help=f"one of {', '.join(DATASET_REGISTRY)} (datasets/build.py DATASET_REGISTRY)")
     parser.add_argument("--root_dir", default="./data", help="folder that holds the dataset folder")
+    parser.add_argument("--anno_file", default="", help="annotation file instead of the dataset's own (as in training)")
     parser.add_argument("--text_length", type=int, default=77, help="report how many captions this length cuts")
     parser.add_argument("--max_shown", type=int, default=MAX_BAD_SHOWN, help="files listed per finding (0: all)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
     try:
-        dataset = build_dataset(args.dataset_name, root=args.root_dir, verbose=False)
+        dataset = build_dataset(args.dataset_name, root=args.root_dir, verbose=False, anno_file=args.anno_file)
     except (OSError, ValueError) as err:  # FileNotFoundError, DatasetFormatError, malformed json, unknown name
         print(f"error: cannot parse {args.dataset_name} under '{args.root_dir}':\n{err}", file=sys.stderr)
         return EXIT_BAD_DATASET

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from prettytable import PrettyTable
 
+from tools.cross_domain import cross_domain_cells, format_cross_domain, read_tables
 from utils.iotools import read_yaml
 from utils.run_dir import (BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, METRICS_FILE, RUN_FILES, RUN_STATE_KEYS,
                            TEST_METRICS_FILE, finite_number, is_run_dir, read_metrics, read_test_metrics)
@@ -31,11 +32,14 @@ from utils.run_dir import (BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, METRIC
 logger = logging.getLogger("IRRA.summarize")
 
 METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
+# Metrics shown when some run has them (test.py --metrics / UFine6926; utils/msd.py).
+OPTIONAL_METRICS = ("mSD", "mSD_rank_order")
 # configs.yaml keys that do not make two runs different experiments: the seed, the run's name and directory, and
 # the run-state keys.
 IGNORED_CONFIG_KEYS = ("seed", "name", "output_dir", *RUN_STATE_KEYS)
 # The table's numeric columns: the val-best epoch and best.pth's test metrics, the last epoch and last.pth's.
-COLUMNS = ("best_epoch", *(f"best_{m}" for m in METRIC_NAMES), "last_epoch", *(f"last_{m}" for m in METRIC_NAMES))
+COLUMNS = ("best_epoch", *(f"best_{m}" for m in METRIC_NAMES + OPTIONAL_METRICS), "last_epoch",
+           *(f"last_{m}" for m in METRIC_NAMES + OPTIONAL_METRICS))
 DECIMALS = 2  # metrics in the table
 EPOCH_DECIMALS = 1  # mean / std of epochs
 MAX_DIFFERING_SHOWN = 4  # options named in a group's row when groups differ
@@ -172,7 +176,7 @@ def read_run(run_dir: str) -> Dict[str, Any]:
             if prefix == "last":
                 row["last_epoch"] = last_logged
             continue
-        for m in METRIC_NAMES:
+        for m in METRIC_NAMES + OPTIONAL_METRICS:
             row[f"{prefix}_{m}"] = finite_number(rec.get(m))
         missing = [m for m in METRIC_NAMES if row[f"{prefix}_{m}"] is None]
         if missing:
@@ -283,23 +287,26 @@ def _short(value: Any) -> str:
 
 def format_table(summary: Dict[str, Any]) -> str:
     """The summary as a text table: each group's runs, then its ``mean ± std`` row."""
-    headers = ["run", "seed", "val-best ep", *(f"{m}@best" for m in METRIC_NAMES),
-               "last ep", *(f"{m}@last" for m in METRIC_NAMES), "note"]
+    rows = summary["runs"]
+    shown = [m for m in METRIC_NAMES + OPTIONAL_METRICS
+             if m in METRIC_NAMES or any(r[f"{p}_{m}"] is not None for r in rows for p in ("best", "last"))]
+    columns = ("best_epoch", *(f"best_{m}" for m in shown), "last_epoch", *(f"last_{m}" for m in shown))
+    headers = ["run", "seed", "val-best ep", *(f"{m}@best" for m in shown), "last ep", *(f"{m}@last" for m in shown),
+               "note"]
     table = PrettyTable(headers)
     table.align = "r"
     table.align["run"] = table.align["note"] = "l"
-    rows = summary["runs"]
     for gi, group in enumerate(summary["groups"]):
         for i in group["runs"]:
             r = rows[i]
-            table.add_row([r["run"], "-" if r["seed"] is None else r["seed"], *(_fmt(r[c], c) for c in COLUMNS),
+            table.add_row([r["run"], "-" if r["seed"] is None else r["seed"], *(_fmt(r[c], c) for c in columns),
                            "; ".join(r["notes"])])
         options = ", ".join(f"{k}={_short(v)}" for k, v in list(group["options"].items())[:MAX_DIFFERING_SHOWN])
         if len(group["options"]) > MAX_DIFFERING_SHOWN:
             options += f", +{len(group['options']) - MAX_DIFFERING_SHOWN} more"
         seeds = " ".join("-" if s is None else str(s) for s in group["seeds"])
         table.add_row([f"mean ± std ({len(group['runs'])} run{'s' if len(group['runs']) > 1 else ''})", seeds,
-                       *(_fmt_mean_std(group["mean"][c], group["std"][c], c) for c in COLUMNS),
+                       *(_fmt_mean_std(group["mean"][c], group["std"][c], c) for c in columns),
                        "; ".join(([options] if options else []) + group["notes"])],
                       divider=gi < len(summary["groups"]) - 1)
     legend = (f"@best: {BEST_CHECKPOINT}, the epoch with the best R1 on the val_dataset split ({METRICS_FILE}); "
@@ -313,9 +320,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m tools.summarize", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories (logs/<dataset>/<run>) or folders of runs")
+    parser.add_argument("--cross_domain", action="store_true",
+                        help="also print the train set x test set table (test.py --dataset_name results)")
+    parser.add_argument("--metric", default="R1", choices=METRIC_NAMES + OPTIONAL_METRICS,
+                        help="--cross_domain: the metric of the cells")
+    parser.add_argument("--checkpoint", default=BEST_CHECKPOINT, choices=(BEST_CHECKPOINT, LAST_CHECKPOINT),
+                        help="--cross_domain: the checkpoint of the cells")
     cli = parser.parse_args(argv)
     summary = summarize_runs(cli.runs)
     print(format_table(summary))
+    if cli.cross_domain:
+        rows = summary["runs"]
+        cells = cross_domain_cells(rows, read_tables([r["run_dir"] for r in rows], read_test_metrics),
+                                   cli.checkpoint, cli.metric)
+        summary["cross_domain"] = {f"{a} -> {b}": v for (a, b), v in cells.items()}
+        print(format_cross_domain(cells, cli.checkpoint, cli.metric))
     return summary
 
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 from typing import Iterable, List, Sequence
 
 PRECISIONS = ("auto", "fp32", "fp16", "amp_bf16", "amp_fp16")
-DATASETS = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid", "SynthPEDES")
+DATASETS = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid", "SynthPEDES", "UFine6926")
+# Metrics reported besides R@k / mAP / mINP when asked (--metrics); mSD reports its two variants (utils/msd.py).
+EXTRA_METRICS = ("mSD",)
+# Extra metrics a benchmark always reports (its paper's protocol): UFineBench's mSD on UFine6926.
+DATASET_METRICS = {"UFine6926": ("mSD",)}
 SAMPLERS = ("identity", "random")
 VAL_DATASETS = ("test", "val")
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
@@ -24,6 +28,11 @@ def check_choice(option: str, value: object, valid: Iterable[str]) -> None:
     valid = tuple(valid)
     if value not in valid:
         raise ValueError(f"--{option} {value!r}: unknown; valid: {list(valid)}")
+
+
+def eval_metrics(metrics: Iterable[str], dataset_name: str) -> tuple:
+    """The extra metrics an evaluation reports: ``--metrics`` plus the dataset's own (:data:`DATASET_METRICS`)."""
+    return tuple(dict.fromkeys((*metrics, *DATASET_METRICS.get(dataset_name, ()))))
 
 
 def parse_loss_names(loss_names: str, valid: Sequence[str]) -> List[str]:

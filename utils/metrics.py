@@ -27,7 +27,7 @@ warning with their number.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from prettytable import PrettyTable
 from torch.utils.data import DataLoader, Subset
 
 from utils import comm
+from utils.msd import MSD_NAMES, MSDAccumulator
 
 logger = logging.getLogger("IRRA.eval")
 
@@ -89,8 +90,9 @@ def _positive_index(q_pids: torch.Tensor, g_pids: torch.Tensor):
     return order, starts[slot], num_rel
 
 
-def _count_ge(sim: torch.Tensor, thr: torch.Tensor, workspace: Optional[dict] = None) -> torch.Tensor:
-    """Per row, the number of entries >= the row's threshold: sim [n, ng], thr [n] -> [n] int64.
+def _count_ge(sim: torch.Tensor, thr: torch.Tensor, workspace: Optional[dict] = None, with_sum: bool = False):
+    """Per row, the number of entries >= the row's threshold: sim [n, ng], thr [n] -> [n] int64; with ``with_sum``
+    also the sum of those entries ([n] float64, mSD's rank-order variant): ``(count, sum)``.
 
     ``workspace``: a dict reused across calls to keep the boolean scratch buffer (fresh allocations page-fault).
     """
@@ -102,12 +104,19 @@ def _count_ge(sim: torch.Tensor, thr: torch.Tensor, workspace: Optional[dict] = 
         if buf is None or buf.size < a.size:
             buf = ws["ge"] = np.empty(a.size, dtype=bool)
         ge = np.greater_equal(a, t[:, None], out=buf[:a.size].reshape(a.shape))  # [n, ng]
-        return torch.from_numpy(np.count_nonzero(ge, axis=1).astype(np.int64))
-    return (sim >= thr[:, None]).sum(1)  # [n]
+        count = torch.from_numpy(np.count_nonzero(ge, axis=1).astype(np.int64))
+        if with_sum:  # einsum of the values and the mask: one pass, no float copy of the mask
+            return count, torch.from_numpy(np.einsum("ij,ij->i", a, ge).astype(np.float64))
+        return count
+    ge = sim >= thr[:, None]  # [n, ng]
+    if with_sum:
+        return ge.sum(1), torch.where(ge, sim, torch.zeros_like(sim)).sum(1, dtype=torch.float64)
+    return ge.sum(1)  # [n]
 
 
 def _rank_chunk(sim: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, max_rank: int, get_mAP: bool,
-                pos_index=None, need_indices: bool = True, workspace: Optional[dict] = None):
+                pos_index=None, need_indices: bool = True, workspace: Optional[dict] = None,
+                observer: Optional[MSDAccumulator] = None):
     """Metrics of one chunk of queries.
 
     Args:
@@ -116,6 +125,7 @@ def _rank_chunk(sim: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, m
         pos_index: ``_positive_index`` of (q_pids, g_pids) restricted to the chunk (computed here when None).
         need_indices: also return the top-k gallery indices (else None).
         workspace: scratch buffers reused across chunks (optional).
+        observer: an ``MSDAccumulator`` (utils/msd.py) given the positives' ranks of the chunk.
     Returns:
         hits [k] (number of queries with a positive within the top-j, j = 1..k, k = min(max_rank, ng)),
         indices [c, k] or None, and when get_mAP: AP [c] float64, INP [c] float64, has_pos [c] bool (else None x3).
@@ -149,13 +159,21 @@ def _rank_chunk(sim: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, m
     pos_desc, _ = torch.sort(pos_sim, dim=1, descending=True)  # [c, P], -inf pads last
     n_rows = (num_rel[None, :] > slots[:, None]).sum(1).tolist()  # [P]: rows having a (k+1)-th positive
     ge = torch.zeros(c, pmax, dtype=torch.int64, device=dev)  # [c, P] items with sim >= p_k
+    with_sum = observer is not None and observer.need_sums
+    ge_sum = torch.zeros(c, pmax, dtype=torch.float64, device=dev) if with_sum else None  # [c, P] their sum
     for j, n in enumerate(n_rows):  # loop over positive slots (<= max positives per id), not over queries
-        ge[:n, j] = _count_ge(sim[:n], pos_desc[:n, j].contiguous(), workspace).to(dev)
+        if with_sum:
+            cnt, tot = _count_ge(sim[:n], pos_desc[:n, j].contiguous(), workspace, with_sum=True)
+            ge[:n, j], ge_sum[:n, j] = cnt.to(dev), tot.to(dev)
+        else:
+            ge[:n, j] = _count_ge(sim[:n], pos_desc[:n, j].contiguous(), workspace).to(dev)
     pos_ge = (pos_desc[:, None, :] >= pos_desc[:, :, None]).sum(-1)  # [c, P] positives with sim >= p_k
     ks = torch.arange(1, pmax + 1, device=dev, dtype=torch.float64)  # [P]
     pos_rank = (ge - pos_ge).to(torch.float64) + ks  # [c, P] 1-based rank of the k-th positive (ties: pessimistic)
     first = torch.where(num_rel > 0, pos_rank[:, 0], torch.full_like(pos_rank[:, 0], float("inf")))  # [c]
     hits = (first[:, None] <= torch.arange(1, k + 1, device=dev, dtype=torch.float64)[None, :]).sum(0)  # [k]
+    if observer is not None:  # mSD (row order does not matter: a mean over queries)
+        observer.observe(sim, pos_desc, pos_rank, valid, num_rel, ge_sum)
     pos_rank = torch.where(valid, pos_rank, torch.full_like(pos_rank, float("inf")))  # slots without a positive
     ap = (ks / pos_rank).sum(1) / num_rel.to(torch.float64).clamp(min=1)  # [c]
     last = (num_rel - 1).clamp(min=0).to(torch.int64)[:, None]  # [c, 1]
@@ -216,7 +234,8 @@ def _unpermute(indices: Optional[torch.Tensor], qorder: torch.Tensor) -> Optiona
 
 
 def rank(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, max_rank: int = 10,
-         get_mAP: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE, need_indices: bool = True):
+         get_mAP: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE, need_indices: bool = True,
+         observer: Optional[MSDAccumulator] = None):
     """CMC / mAP / mINP of a query x gallery similarity matrix, chunked over queries (see module docstring).
 
     Args:
@@ -227,6 +246,7 @@ def rank(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, m
         chunk_size: queries processed at once (bounds the temporary memory to O(chunk_size * ng)).
         need_indices: with get_mAP, False skips the top-k search (``indices`` is then None; the metrics need
             only the ranks of the positives, so this is the faster path the Evaluator takes).
+        observer: with get_mAP, an ``MSDAccumulator`` fed every chunk (mSD, utils/msd.py).
     Returns:
         ``(cmc [max_rank], mAP [], mINP [], indices [nq, max_rank])`` in percent (float32 tensors), ``indices`` the
         top-``max_rank`` gallery indices per query by descending similarity; ``(cmc, indices)`` when not get_mAP.
@@ -254,13 +274,14 @@ def rank(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, m
         sim = torch.index_select(similarity.detach(), 0, rows, out=buf[:rows.numel()])  # [c, ng]
         _check_finite_chunk(sim, similarity.shape[0], what, rows=rows)  # per chunk: no [nq, ng] temporary
         acc.add(*_rank_chunk(sim, q_pids[rows], g_pids, max_rank, True, (order, start[rows], num_rel[rows]),
-                             need_indices=need_indices, workspace=workspace))
+                             need_indices=need_indices, workspace=workspace, observer=observer))
     cmc, mAP, mINP, indices = acc.result()
     return cmc, mAP, mINP, _unpermute(indices, qorder)
 
 
 def rank_from_features(q_feats: torch.Tensor, g_feats: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor,
-                       max_rank: int = 10, chunk_size: int = DEFAULT_CHUNK_SIZE, need_indices: bool = True):
+                       max_rank: int = 10, chunk_size: int = DEFAULT_CHUNK_SIZE, need_indices: bool = True,
+                       observer: Optional[MSDAccumulator] = None):
     """``rank(q_feats @ g_feats.T, ...)`` (get_mAP=True) without materialising the similarity matrix.
 
     Args:
@@ -284,9 +305,20 @@ def rank_from_features(q_feats: torch.Tensor, g_feats: torch.Tensor, q_pids: tor
         rows = qorder[s:s + chunk_size]  # [c]
         sim = torch.matmul(q_feats[rows].to(dtype), g_t.to(dtype), out=buf[:rows.numel()])  # [c, ng]
         acc.add(*_rank_chunk(sim, q_pids[rows], g_pids, max_rank, True, (order, start[rows], num_rel[rows]),
-                             need_indices, workspace))
+                             need_indices, workspace, observer))
     cmc, mAP, mINP, indices = acc.result()
     return cmc, mAP, mINP, _unpermute(indices, qorder)
+
+
+def mSD_rank(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, max_rank: int = 10,
+             rank_order: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """UFineBench's ``mSD_rank`` (utils/msd.py): ``(cmc [max_rank], mSD [], mAP [])`` in percent, float32 tensors.
+
+    ``rank_order=False``: the published value (depends on the gallery's storage order); True: the order-consistent
+    variant. Chunked over queries as :func:`rank` (the same pass gives the CMC and mAP)."""
+    acc = MSDAccumulator(faithful=not rank_order, rank_order=rank_order)
+    cmc, mAP, _, _ = rank(similarity, q_pids, g_pids, max_rank, True, chunk_size, need_indices=False, observer=acc)
+    return cmc, torch.tensor(acc.result()[MSD_NAMES[int(rank_order)]], dtype=torch.float32), mAP
 
 
 def _shard_loader(loader: DataLoader, rank_: int, world: int) -> DataLoader:
@@ -327,6 +359,8 @@ class Evaluator:
             sets, ``feature_sets`` their order, ``default_feature_set`` the one reported as "R1", "mAP", ...; every
             other set is reported too, prefixed with its name: "tse_R1", ...). Default: the model's own
             ``encode_image`` / ``encode_text``, one set.
+        metrics: extra metrics (``--metrics``, utils/choices.py:EXTRA_METRICS): "mSD" adds t2i ``mSD`` and
+            ``mSD_rank_order`` (utils/msd.py), computed in the same ranking pass.
 
     Distributed (torch.distributed initialised, world size > 1): each rank encodes a contiguous shard of both
     datasets, features are gathered in rank order, rank 0 computes the metrics and broadcasts the result dict, so
@@ -334,12 +368,13 @@ class Evaluator:
     """
 
     def __init__(self, img_loader: DataLoader, txt_loader: DataLoader, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 split: str = "evaluation", method=None):
+                 split: str = "evaluation", method=None, metrics: Sequence[str] = ()):
         self.img_loader = img_loader  # gallery
         self.txt_loader = txt_loader  # query
         self.chunk_size = chunk_size
         self.split = split
         self.method = method if method is not None else _PlainFeatures()
+        self.metrics = tuple(metrics)
         self.logger = logger
 
     @torch.no_grad()
@@ -420,19 +455,22 @@ class Evaluator:
         if n_no_pos:
             self.logger.warning("%d of %d text queries have no image of their identity in the gallery: they count "
                                 "as misses in R@k and are left out of mAP/mINP", n_no_pos, qids.numel())
+        msd = MSDAccumulator() if "mSD" in self.metrics else None
         cmc, mAP, mINP, _ = rank_from_features(qfeats, gfeats, qids, gids, max_rank=10,
-                                               chunk_size=self.chunk_size, need_indices=False)
-        table = PrettyTable(["task", "R1", "R5", "R10", "mAP", "mINP"])
-        out = _as_dict(cmc, mAP, mINP, "")
-        table.add_row(["t2i", out["R1"], out["R5"], out["R10"], out["mAP"], out["mINP"]])
+                                               chunk_size=self.chunk_size, need_indices=False, observer=msd)
+        extra = msd.result() if msd is not None else {}
+        table = PrettyTable(["task", "R1", "R5", "R10", "mAP", "mINP", *extra])
+        out = {**_as_dict(cmc, mAP, mINP, ""), **extra}
+        table.add_row(["t2i", out["R1"], out["R5"], out["R10"], out["mAP"], out["mINP"], *extra.values()])
         if i2t_metric:
             cmc, mAP, mINP, _ = rank_from_features(gfeats, qfeats, gids, qids, max_rank=10,
                                                    chunk_size=self.chunk_size, need_indices=False)
             i2t = _as_dict(cmc, mAP, mINP, "i2t_")
-            table.add_row(["i2t", i2t["i2t_R1"], i2t["i2t_R5"], i2t["i2t_R10"], i2t["i2t_mAP"], i2t["i2t_mINP"]])
+            table.add_row(["i2t", i2t["i2t_R1"], i2t["i2t_R5"], i2t["i2t_R10"], i2t["i2t_mAP"], i2t["i2t_mINP"],
+                           *(["-"] * len(extra))])
             out.update(i2t)
-        for col in ("R1", "R5", "R10", "mAP", "mINP"):
-            table.custom_format[col] = lambda f, v: f"{v:.3f}"
+        for col in ("R1", "R5", "R10", "mAP", "mINP", *extra):
+            table.custom_format[col] = lambda f, v: f"{v:.3f}" if isinstance(v, float) else str(v)
         self.logger.info("\n" + str(table))
         return out
 

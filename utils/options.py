@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
 from methods.registry import DEFAULT_METHOD, METHODS, check_method, method_options
-from utils.choices import (DATASETS, IMG_AUG_POOL, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, SAMPLERS, VAL_DATASETS,
-                           WARMUP_METHODS, check_choice, parse_loss_names)
+from utils.choices import (DATASETS, EXTRA_METRICS, IMG_AUG_POOL, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, SAMPLERS,
+                           VAL_DATASETS, WARMUP_METHODS, check_choice, parse_loss_names)
 from utils.iotools import load_train_configs
 from utils import run_dir
 from utils.run_dir import RUN_STATE_KEYS, FileReadError
@@ -155,11 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", default="random", help=f"choose sampler from {list(SAMPLERS)}")
     parser.add_argument("--num_instance", type=int, default=4)
     parser.add_argument("--root_dir", default="./data")
+    parser.add_argument("--anno_file", default="",
+                        help="annotation file (a name under the dataset folder, or a path) read instead of the "
+                             "dataset's own, e.g. UFine6926_Annotations_1024.json's re-captioned versions; '' = its own")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--test_batch_size", type=int, default=512)
     parser.add_argument("--num_workers", type=int, default=8)
     parser.add_argument("--test", dest="training", default=True, action="store_false")
     parser.add_argument("--i2t_metric", default=False, action="store_true", help="also report image-to-text metrics")
+    parser.add_argument("--metrics", nargs="*", default=(), choices=EXTRA_METRICS, metavar="NAME",
+                        help=f"metrics reported besides R@k / mAP / mINP, of {list(EXTRA_METRICS)} (mSD: UFineBench's, "
+                             f"reported as mSD and mSD_rank_order; always on UFine6926)")
     parser.add_argument("--skip_image_check", default=False, action="store_true",
                         help="do not verify every image of the run's splits before training")
 
@@ -324,6 +330,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if len(args.img_size) != 2:
         raise ValueError(f"--img_size expects two ints H W, got {args.img_size}")
     args.milestones = tuple(int(v) for v in args.milestones)
+    args.metrics = tuple(dict.fromkeys(args.metrics))
+    for name in args.metrics:
+        check_choice("metrics", name, EXTRA_METRICS)
     args.method, tasks = resolve_method(args.method, args.loss_names)
     method = method_options(args.method)
     # --MLM (the dataset side) and 'mlm' in --loss_names (the model side) must agree: one implies the other.

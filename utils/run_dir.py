@@ -387,8 +387,15 @@ def test_metrics_file(checkpoint: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), TEST_METRICS_FILE)
 
 
+def test_metrics_key(checkpoint: str, dataset_name: Optional[str] = None, trained_on: Optional[str] = None) -> str:
+    """The entry of ``checkpoint``'s result in ``test_metrics.json``: its file name when tested on the dataset it was
+    trained on (or unknown), ``<file name>@<dataset_name>`` when tested on another (cross-domain, kept per dataset)."""
+    name = os.path.basename(checkpoint)
+    return name if dataset_name is None or dataset_name == trained_on else f"{name}@{dataset_name}"
+
+
 def write_test_metrics(checkpoint: str, metrics: Dict[str, float], epoch: Optional[int], split: str = "test",
-                       **data: Any) -> str:
+                       key: Optional[str] = None, **data: Any) -> str:
     """Record the test metrics of ``checkpoint`` in ``test_metrics.json`` next to it; returns that file's path.
 
     The file maps a checkpoint's file name to ``{"checkpoint": absolute path, "epoch", "split", **data, **metrics}``,
@@ -401,12 +408,15 @@ def write_test_metrics(checkpoint: str, metrics: Dict[str, float], epoch: Option
         metrics: the evaluation's results (``R1``, ``R5``, ``R10``, ``mAP``, ``mINP``, ...), stored as floats.
         epoch: the checkpoint's epoch (its ``"epoch"`` entry), ``None`` when it has none.
         split: the evaluated split.
-        data: what else describes the measurement (``dataset_name``, ``root_dir``: the data it was measured on).
+        key: the entry (default the checkpoint's file name; :func:`test_metrics_key` for cross-domain results).
+        data: what else describes the measurement (``dataset_name``, ``root_dir``: the data it was measured on;
+            ``trained_on``: the run's dataset).
     """
     checkpoint = os.path.abspath(checkpoint)
     path = test_metrics_file(checkpoint)
-    table = _existing_test_metrics(path, os.path.basename(checkpoint))
-    table[os.path.basename(checkpoint)] = {"checkpoint": checkpoint, "epoch": None if epoch is None else int(epoch),
+    key = key or os.path.basename(checkpoint)
+    table = _existing_test_metrics(path, key)
+    table[key] = {"checkpoint": checkpoint, "epoch": None if epoch is None else int(epoch),
                                            "split": split, **data, **{k: float(v) for k, v in metrics.items()}}
     atomic_write_json(path, table)
     return path

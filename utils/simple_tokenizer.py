@@ -174,8 +174,10 @@ def get_tokenizer(bpe_path: Optional[str] = None) -> SimpleTokenizer:
     return SimpleTokenizer(bpe_path)
 
 
-def tokenize(caption: str, tokenizer: SimpleTokenizer, text_length: int = 77, truncate: bool = True) -> torch.LongTensor:
-    """SOT + BPE ids + EOT, zero-padded to ``text_length`` -> LongTensor[text_length].
+def tokenize(caption: str, tokenizer: SimpleTokenizer, text_length: int = 77, truncate: bool = True,
+             return_cut: bool = False):
+    """SOT + BPE ids + EOT, zero-padded to ``text_length`` -> LongTensor[text_length] (with ``return_cut``:
+    ``(ids, whether the caption was cut)``).
 
     Too long: with ``truncate`` cut to ``text_length`` and the last id replaced by EOT (as the original);
     otherwise a ValueError.
@@ -193,5 +195,8 @@ def tokenize(caption: str, tokenizer: SimpleTokenizer, text_length: int = 77, tr
             )
         tokens = tokens[:text_length]
         tokens[-1] = eot_token
+        cut = True
+    else:
+        cut = False
     result[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    return result
+    return (result, cut) if return_cut else result

@@ -172,7 +172,9 @@ async function init() {
     const m = info.metrics;
     $("metrics").textContent = `this run on the test split: R1 ${m.R1.toFixed(2)} · ` +
       (m.R5 !== undefined ? `R5 ${m.R5.toFixed(2)} · ` : "") + (m.R10 !== undefined ? `R10 ${m.R10.toFixed(2)} · ` : "") +
-      `mAP ${m.mAP.toFixed(2)} (green = right identity, red = wrong, blue = ground truth)`;
+      `mAP ${m.mAP.toFixed(2)}` +
+      (m.mSD !== undefined ? ` · mSD ${m.mSD.toFixed(2)} (rank order ${m.mSD_rank_order.toFixed(2)})` : "") +
+      " (green = right identity, red = wrong, blue = ground truth)";
     $("metrics").hidden = false;
     $("views").hidden = false;
     $("show-failures").textContent = `Failures (${info.num_failures})`;
