@@ -150,10 +150,9 @@ def _build(args, device: torch.device, logger: logging.Logger) -> TrainingParts:
     logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 
     train_loader, val_img_loader, val_txt_loader, num_classes = build_dataloader(args)
-    # the noise rate the training pairs really have (a --noisy_file may not match --noisy_rate): saved in
-    # configs.yaml, ignored when that file is reused, as the environment
-    real = train_loader.dataset.real_correspondences
-    args = args.replace(noisy_rate_measured=0.0 if real is None else measured_noisy_rate(real))
+    if args.noisy_rate > 0:  # the noise rate the training pairs really have (a --noisy_file may not match
+        # --noisy_rate): saved in configs.yaml, ignored when that file is reused, as the environment
+        args = args.replace(noisy_rate_measured=measured_noisy_rate(train_loader.dataset.real_correspondences))
     if is_main_process():
         if args.resume:
             warn_config_changes(args, os.path.join(args.output_dir, CONFIG_FILE), logger)

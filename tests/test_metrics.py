@@ -295,6 +295,9 @@ def test_evaluator_ddp_gather(tmp_path):
     for r in range(2):
         emb = torch.load(tmp_path / f"emb{r}.pt", weights_only=True)  # gathered in rank order = dataset order
         for a, b in zip(emb, single_emb):
+            if isinstance(b, dict):  # the feature sets {name: [N, D]}
+                assert a.keys() == b.keys()
+                a, b = torch.stack(list(a.values())), torch.stack(list(b.values()))
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
         res = torch.load(tmp_path / f"res{r}.pt", weights_only=True)
         assert res.keys() == single.keys()
