@@ -227,7 +227,7 @@ def test_retriever_ranks_by_both_branches(tmp_path):
     torch.testing.assert_close(q @ g.embeddings.t(), want, atol=1e-5, rtol=1e-5)
 
 
-# The RDE options' range checks are in tests/test_reliability.py's REFUSED, with every other option's.
+# The RDE options' range checks are in tests/test_option_checks.py's REFUSED, with every other option's.
 
 
 def test_irra_defaults_untouched_by_rde_options():
