@@ -44,7 +44,14 @@ REFUSED = [
     ("loss_names", dict(loss_names="tal+id")), ("loss_names", dict(loss_names="tal", MLM=True)),
     # methods as plug-ins (issue 22)
     ("loss_names", dict(method="clip_itc", loss_names="sdm")), ("MLM", dict(method="clip_itc", MLM=True)),
-    ("method", dict(method="tbps_nope")),
+    ("method", dict(method="tbps_nope")), ("metrics", dict(metrics=("R1",))),
+    # TBPS-CLIP (issue 23)
+    ("loss_names", dict(method="tbps", loss_names="ritc")), ("simplified", dict(method="tbps", simplified=True,
+                                                                               loss_names="nitc+ss")),
+    ("MLM", dict(method="tbps", MLM=True)), ("softlabel_ratio", dict(method="tbps", softlabel_ratio=1.5)),
+    ("simclr_temperature", dict(method="tbps", simclr_temperature=0.0)), ("ritc_eps", dict(method="tbps", ritc_eps=0.0)),
+    ("tbps_dropout", dict(method="tbps", tbps_dropout=1.0)), ("head_width", dict(method="tbps", head_width=0)),
+    ("simclr_mlp", dict(method="tbps", simclr_mlp=(32, 16))), ("simclr_mlp", dict(method="tbps", simclr_mlp=(32, 0, 32))),
 ]
 
 
