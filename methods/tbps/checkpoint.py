@@ -142,7 +142,8 @@ def load_tbps_weights(model: TBPS, sd: Dict[str, torch.Tensor], source: str = "c
     missing backbone weight raises naming ``source``; heads the weights lack (simclr_mlp, classifier) keep their
     initialisation (logged)."""
     loaded, extra = copy_tbps_weights(model, sd, source, old_grid)
-    missing = [k for k in model.state_dict() if k not in set(loaded)]
+    done = set(loaded)
+    missing = [k for k in model.state_dict() if k not in done]
     backbone = [k for k in missing if k.startswith(("visual.", TEXT_PREFIX)) or k == "logit_scale"]
     if backbone:
         raise ValueError(f"{source}: lacks {len(backbone)} weights of the TBPS model, e.g. {backbone[:5]}")
