@@ -22,14 +22,14 @@ from model.clip_model import (LayerNorm, QuickGELU, ResidualAttentionBlock, Tran
                               init_transformer_)
 from methods.registry import METHODS, get_method
 from model.lengths import caption_cut, host_lengths, masked_first, mlm_lengths
-from model.pretrain_report import check_backbone, format_group_report, group_report
-from model.pretrained import (BACKBONE_PREFIX, ImagePositions, check_image_grid, checkpoint_num_classes,
+from model.pretrain_report import load_pretrain_report
+from model.pretrained import (ImagePositions, check_image_grid, checkpoint_num_classes,
                               image_grid, image_positions, is_pretrained_file,
                               load_pretrained_file, resize_image_pos_embed)
 from utils.choices import PRECISIONS
 from methods.irra.options import LOSSES
 from utils.choices import parse_loss_names
-from utils.checkpoint import load_matching_state_dict, load_state_dict, strip_prefix_if_present
+from utils.checkpoint import load_state_dict, strip_prefix_if_present
 from utils.comm import all_reduce_sum, gather_with_grad, get_world_size, resolve_device, scale_grad
 from utils.options import load_config_args
 from utils.run_dir import CONFIG_FILE
@@ -328,8 +328,8 @@ def build_model(args: argparse.Namespace, num_classes: int, device: Optional[Uni
             raise
         raise ValueError(f"--pretrain_choice {args.pretrain_choice}: the checkpoint's backbone does not match: {e}") \
             from None
-    if irra_state_dict is not None:
-        _load_irra_pretrain(model, irra_state_dict, args.pretrain_choice)
+    if irra_state_dict is not None:  # the backbone was built from its base_model.*: check it, load the rest, report
+        load_pretrain_report(model, irra_state_dict, args.pretrain_choice)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if precision == "fp16" or (precision == "auto" and device.type != "cpu"):
@@ -389,25 +389,6 @@ def trained_image_grid(path: str, pos: ImagePositions) -> Optional[Tuple[int, in
     logger.warning("%s: img_size %s gives a %dx%d grid but the checkpoint has %d image positions: ignored",
                    cfg_file, tuple(cfg["img_size"]), grid[0], grid[1], pos.count)
     return None
-
-
-def _load_irra_pretrain(model: IRRA, state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, dict]:
-    """After the backbone was built from the ``base_model.*`` weights of the IRRA ``state_dict`` (positional
-    embeddings resized; a backbone that does not match is refused, ``model/pretrain_report.py``), load its other
-    tensors whose name and shape match (non-strict, as MLLM4Text-ReID's fine-tuning) and log what was loaded /
-    resized / skipped / missing per group (backbone / cross-modal / classifier / method layers); returns that
-    report (``{group: {kind: names}}``)."""
-    loaded, resized = check_backbone(state_dict, model.base_model.state_dict(), source)
-    report = load_matching_state_dict(model, state_dict, ignore_prefixes=(BACKBONE_PREFIX,))
-    groups = group_report(loaded + report["loaded"], resized, report["mismatched"], report["fresh"],
-                          report["unexpected"])
-    logger.info("fine-tuning from the IRRA checkpoint %s: %d tensors loaded, %d resized, %d skipped, %d of this model "
-                "not in the checkpoint (kept at their initialisation), %d not in this model", source,
-                len(loaded) + len(report["loaded"]), len(resized), len(report["mismatched"]), len(report["fresh"]),
-                len(report["unexpected"]))
-    for line in format_group_report(groups):
-        logger.info("  %s", line)
-    return groups
 
 
 def build_model_from_checkpoint(args: argparse.Namespace, weights: Dict[str, torch.Tensor], source: str = "checkpoint",

@@ -12,12 +12,20 @@ absent from the checkpoint (kept at their initialisation) and absent from the mo
 
 The backbone must match: :func:`check_backbone` refuses a checkpoint whose ``base_model.*`` tensors do not fit the
 backbone built from them (other than the positional embeddings, which are resized), naming the first such key.
+:func:`load_pretrain_report` does the whole non-strict loading for any model: a model whose backbone has other key
+names (another layout of the same CLIP encoders) says so through a ``backbone_name`` function.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+import logging
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
+
+from utils.checkpoint import load_matching_state_dict
+
+logger = logging.getLogger("IRRA.model.pretrain_report")
 
 GROUPS = ("backbone", "cross-modal", "classifier", "method layers")
 KINDS = ("loaded", "resized", "skipped (other shape)", "not in the checkpoint", "not in the model")
@@ -100,3 +108,39 @@ def format_group_report(report: Dict[str, Dict[str, List[str]]], limit: int = 3)
         if parts:
             lines.append(f"{g}: " + "; ".join(parts))
     return lines
+
+
+def irra_backbone_name(model_key: str) -> Optional[str]:
+    """IRRA's layout: the CLIP key (``base_model.`` removed) of a model's backbone tensor; None for the others."""
+    return model_key[len(BACKBONE_PREFIX):] if model_key.startswith(BACKBONE_PREFIX) else None
+
+
+def load_pretrain_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                         backbone_name: Callable[[str], Optional[str]] = irra_backbone_name
+                         ) -> Dict[str, Dict[str, List[str]]]:
+    """The non-strict start of ``model`` from the IRRA-layout ``state_dict`` (``module.`` stripped) of file
+    ``source``, and its report by group, logged and returned (``{group: {kind: names}}``).
+
+    The backbone is the caller's to load (built from the checkpoint's ``base_model.*``, positional embeddings
+    resized): here it is checked (:func:`check_backbone`: a mismatch raises naming the first mismatched key) and
+    reported under the checkpoint's names. ``backbone_name(model key)`` is the CLIP key of a model's backbone tensor
+    (None for the model's other tensors; default: IRRA's ``base_model.<clip key>``). Every other tensor of the
+    checkpoint whose name and shape match one of the model's other tensors is loaded; the rest is reported (other
+    shape, not in the model); the model's other tensors that the checkpoint lacks keep their initialisation."""
+    own = model.state_dict()
+    names = {k: backbone_name(k) for k in own}
+    model_backbone = {clip: own[k] for k, clip in names.items() if clip is not None}
+    loaded, resized = check_backbone(state_dict, model_backbone, source)
+    rest = {k: v for k, v in state_dict.items() if not k.startswith(BACKBONE_PREFIX)}
+    clash = [k for k in rest if k in names and names[k] is not None]  # a model backbone name outside base_model.*
+    report = load_matching_state_dict(model, {k: v for k, v in rest.items() if k not in clash})
+    fresh = [k for k in report["fresh"] if names[k] is None]
+    groups = group_report(loaded + report["loaded"], resized, report["mismatched"], fresh,
+                          report["unexpected"] + clash)
+    logger.info("fine-tuning from the IRRA checkpoint %s: %d tensors loaded, %d resized, %d skipped, %d of this model "
+                "not in the checkpoint (kept at their initialisation), %d not in this model", source,
+                len(loaded) + len(report["loaded"]), len(resized), len(report["mismatched"]), len(fresh),
+                len(report["unexpected"]) + len(clash))
+    for line in format_group_report(groups):
+        logger.info("  %s", line)
+    return groups
