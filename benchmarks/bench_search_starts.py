@@ -37,6 +37,7 @@ from search.gallery import Gallery
 from search.retrieval import QueryTokenizer, Retriever
 from search.server import SearchPage
 from utils.options import get_args
+from utils.run_dir import BEST_CHECKPOINT
 from utils.simple_tokenizer import get_tokenizer
 
 COLOURS = ["red", "blue", "black", "white", "grey", "green", "yellow", "pink", "brown", "purple"]
@@ -75,7 +76,7 @@ def _setup(opt, root: Path):
     build_s = time.perf_counter() - t0
     run = root / "run"
     run.mkdir()
-    ckpt = run / "best.pth"
+    ckpt = run / BEST_CHECKPOINT
     ckpt.write_bytes(b"stands for the weights: the caches key its path, mtime and size")
     transform = build_transforms(img_size=tuple(args.img_size), is_train=False)
     tokenizer = QueryTokenizer(get_tokenizer(), int(args.text_length))

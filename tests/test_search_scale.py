@@ -237,7 +237,7 @@ def test_a_second_start_of_the_test_split_page_encodes_nothing(tmp_path):
     names = sorted(paths)
     split = {"img_paths": [paths[n] for n in names], "image_pids": list(range(len(names))),
              "captions": [f"a {n} shirt" for n in names] + ["red and blue"], "caption_pids": list(range(len(names))) + [0]}
-    args = SimpleNamespace(dataset_name="Colours", img_size=(16, 8))
+    args = SimpleNamespace(dataset_name="Colours", img_size=(16, 8), metrics=())  # the options the page reads
     metrics, seen = [], []
     for start in range(2):
         r = make_retriever(run_dir=run, checkpoint=ckpt)
