@@ -1,4 +1,5 @@
-"""Time one IRRA training step (forward + backward + Adam) with and without the model's fast path.
+"""Time one IRRA training step (forward + backward + Adam) with and without the model's fast path; or, with
+``--methods irra tbps``, the training steps of several methods at the same backbone, batch and image size.
 
 The fast path (``model.fast = True``, the default) (a) runs the MLM head only at masked positions and (b) cuts
 the caption ids to the longest caption of the batch before the text transformer; both give the same numbers.
@@ -7,6 +8,15 @@ two paths give the same losses, then times both and prints samples/s (median of 
 
     python -m benchmarks.bench_train_step                       # defaults: bs 32, 192x64, sdm+mlm+id
     python -m benchmarks.bench_train_step --profile             # + a torch.profiler table for each path
+    python -m benchmarks.bench_train_step --methods irra tbps    # IRRA's step against TBPS-CLIP's, same run
+
+Methods mode: each method is built by the registry from its own defaults (its losses: IRRA sdm+mlm+id with
+--cmt_depth, TBPS nitc+mvs+ss+citc+ritc with the --simclr_mlp head; its optimizer: IRRA Adam, TBPS AdamW) on the same
+--arch, --batch_size, --img_size and captions; the step is the trainer's (processor.prepare_batch + train_step). A
+TBPS batch also holds its three extra views (aug1, aug_ss_1, aug_ss_2: random images of the same size) and N-ITC's
+alpha (--softlabel_ratio, as after the first epoch). The steps of the methods are interleaved so that background load
+hits them alike; medians and the ratio to the first method are printed. The loaders' work (TBPS makes four views of
+each image, IRRA one) is not in the step.
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ import torch
 
 
 from model.build import build_model
+from processor.processor import prepare_batch, train_step
 from solver import build_optimizer
 from utils.options import get_args
 from utils.simple_tokenizer import get_tokenizer, tokenize
@@ -92,6 +103,64 @@ def time_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     return out
 
 
+def method_args(opt: argparse.Namespace, method: str) -> argparse.Namespace:
+    """A method's own options (its defaults) at the benchmark's backbone, image size and caption length."""
+    argv = ["--method", method, "--pretrain_choice", opt.arch, "--img_size", *map(str, opt.img_size),
+            "--text_length", str(opt.text_length), "--precision", "fp32", "--device", "cpu"]
+    if method == "irra":
+        argv += ["--loss_names", opt.loss_names, "--cmt_depth", str(opt.cmt_depth)]
+    elif method == "tbps":
+        argv += ["--simclr_mlp", *map(str, opt.simclr_mlp)]
+    return get_args(argv)
+
+
+def method_batch(method: str, args: argparse.Namespace, batch: Dict[str, torch.Tensor], seed: int = 1
+                 ) -> Dict[str, torch.Tensor]:
+    """The benchmark batch as the method's train loader gives it (TBPS: + its three extra views and alpha)."""
+    if method != "tbps":
+        return dict(batch)
+    g = torch.Generator().manual_seed(seed)
+    views = {k: torch.randn(batch["images"].shape, generator=g) for k in ("aug1", "aug_ss_1", "aug_ss_2")}
+    return {"images": batch["images"], "caption_ids": batch["caption_ids"], "pids": batch["pids"], **views,
+            "alpha": torch.tensor(args.softlabel_ratio)}
+
+
+def compare_methods(opt: argparse.Namespace, clock) -> Dict[str, Dict[str, float]]:
+    """Time the trainer's step of each method of ``opt.methods`` (interleaved); print medians and ratios."""
+    base = make_batch(opt.batch_size, tuple(opt.img_size), opt.text_length, opt.num_classes)
+    parts = {}
+    for method in opt.methods:
+        torch.manual_seed(0)
+        args = method_args(opt, method)
+        model = build_model(args, opt.num_classes)
+        model.train()
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        parts[method] = [args, model, prepare_batch(model, method_batch(method, args, base), torch.device("cpu"))]
+        print(f"{method}: losses {args.loss_names}, {n_params / 1e6:.2f}M trained parameters, optimizer "
+              f"{args.optimizer}")
+    results: Dict[str, Dict[str, float]] = {}
+    for impl in (("plain", "fused") if opt.adam == "both" else (opt.adam,)):
+        times: Dict[str, List[float]] = {m: [] for m in opt.methods}
+        optimizers = {m: build_optimizer(a.replace(fused_optimizer=impl == "fused"), model)
+                      for m, (a, model, _) in parts.items()}
+        for i in range(opt.warmup + opt.runs):
+            for method, (_, model, batch) in parts.items():
+                t0 = clock()
+                train_step(model, batch, optimizers[method])
+                if i >= opt.warmup:
+                    times[method].append(clock() - t0)
+        print(f"--- optimizers: {impl}")
+        med = {m: statistics.median(t) for m, t in times.items()}
+        for method in opt.methods:
+            print(f"{method:6}: median {med[method] * 1e3:8.1f} ms/step  {opt.batch_size / med[method]:8.1f} "
+                  f"samples/s  (runs: " + ", ".join(f"{t * 1e3:.0f}" for t in times[method]) + " ms)")
+        first = opt.methods[0]
+        for method in opt.methods[1:]:
+            print(f"step time {method}/{first} ({impl}): {med[method] / med[first]:.2f}x")
+        results[impl] = med
+    return results
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="scratch:ViT-Tiny")
@@ -111,10 +180,21 @@ def main(argv=None) -> None:
                    help="wall: time.perf_counter; cpu: time.process_time (CPU seconds of this process, less sensitive "
                         "to other processes on a shared machine; use with --threads 1)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table for one step of each path")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="time these methods' training steps against each other (e.g. irra tbps) instead of IRRA's "
+                        "fast path against the original computation")
+    p.add_argument("--simclr_mlp", type=int, nargs=3, default=(128, 32, 128),
+                   help="TBPS's SS head IN HIDDEN OUT (IN = the backbone's embedding width; configs/tbps_demo.yaml's)")
     opt = p.parse_args(argv)
     if opt.threads:
         torch.set_num_threads(opt.threads)
     torch.manual_seed(0)
+    clock = time.perf_counter if opt.clock == "wall" else time.process_time
+    if opt.methods:
+        print(f"arch {opt.arch}, bs {opt.batch_size}, img {tuple(opt.img_size)}, text_length {opt.text_length}, "
+              f"threads {torch.get_num_threads()}, clock {opt.clock}, adam {opt.adam}")
+        compare_methods(opt, clock)
+        return
 
     args = make_args(opt)
     model = build_model(args, opt.num_classes)
@@ -138,7 +218,6 @@ def main(argv=None) -> None:
     print("max |fast - full| over the forward dict:", f"{max(diffs.values()):.2e}",
           {k: f"{float(fast[k]):.5f}" for k in fast})
 
-    clock = time.perf_counter if opt.clock == "wall" else time.process_time
     for impl in (("plain", "fused") if opt.adam == "both" else (opt.adam,)):
         args = args.replace(fused_optimizer=impl == "fused")
         optimizer = build_optimizer(args, model)

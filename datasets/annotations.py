@@ -4,6 +4,13 @@ Annotation format (CUHK-PEDES ``reid_raw.json``, ICFG-PEDES ``ICFG-PEDES.json``,
 a json list of entries ``{"split": "train"|"test"|"val", "id": int, <path_key>: str, "captions": [str]}``; any other
 split name is an error (the original filed it under val), an id must fit in int64, and the image path must stay
 inside ``imgs/`` (relative, no '..' component; a symlink inside imgs/ is followed).
+
+The per-split reid layout (the one TBPS-CLIP's loader reads) is read too, when the dataset folder has none of the
+dataset's own annotation files: ``train_reid.json`` and ``test_reid.json`` (required) and ``val_reid.json``
+(optional: without it the val split is empty), each a json list of entries ``{"id": int, "file_path": str,
+"captions": [str]}`` (``"file_path"`` for every dataset, RSTPReid included, relative to ``imgs/``). A ``"split"`` key is
+not needed; one that disagrees with its file is an error. The entries are checked and parsed as above (train pid = id
+- ``train_pid_offset``, 0..N-1 without gaps), so a dataset written in both layouts gives the same splits.
 An entry may also hold ``"captions_bt": [str]``, the back-translations of its captions (the key TBPS-CLIP reads),
 aligned one-to-one: ``captions_bt[j]`` is the back-translation of ``captions[j]``, ``""`` where a caption has none; a
 list of another length is a DatasetFormatError naming the entry. Only the train split uses them
@@ -37,6 +44,10 @@ EvalSplit = Dict[str, list]
 BACKTRANS_KEY = "captions_bt"
 # The valid values of an entry's 'split'.
 SPLIT_NAMES = ("train", "test", "val")
+# The per-split reid layout: one file per split (train and test required, val optional) and its image path key.
+SPLIT_FILE_PATTERN = "{split}_reid.json"
+SPLIT_FILES_REQUIRED = ("train", "test")
+SPLIT_FILE_PATH_KEY = "file_path"
 # Identity ids are stored in int64 tensors.
 ID_MIN, ID_MAX = -2 ** 63, 2 ** 63 - 1
 # How many dropped ids / entries a message names.
@@ -71,8 +82,12 @@ class BaseDataset:
         self.img_dir = op.join(self.dataset_dir, self.image_subdir)
         if anno_file:
             self.anno_files = (anno_file,)  # op.join keeps an absolute path as it is
-        self.anno_path = self._check_before_run()
-        annos = self._read_annos(self.anno_path)
+        self.anno_paths = self._check_before_run()  # split -> the file that holds it
+        self.anno_path = self.anno_paths["train"]    # the file of the train split (named by train-time errors)
+        if len(set(self.anno_paths.values())) == 1:  # the dataset's own layout: one file, entries name their split
+            annos = self._read_annos(self.anno_path)
+        else:                                        # the per-split reid layout
+            annos = self._read_split_files(self.anno_paths)
         self.train_annos, self.test_annos, self.val_annos = self._split_anno(annos)
         self.train, self.train_id_container = self._process_anno(self.train_annos, training=True)
         self.train_captions_bt = self._process_backtrans(self.train_annos)
@@ -85,33 +100,91 @@ class BaseDataset:
     # ------------------------------------------------------------------ parsing
     def _layout_help(self) -> str:
         name = type(self).dataset_dir
+        split_files = ", ".join(SPLIT_FILE_PATTERN.format(split=sp) for sp in SPLIT_NAMES)
         return (f"Expected layout for {self.display_name or name}:\n"
                 f"  {op.join(self.root, name)}/\n{self.expected_tree}"
+                f"  (or the per-split reid layout: imgs/ with {split_files} in place of the annotation file;\n"
+                f"   val optional, entries {{\"id\", \"{SPLIT_FILE_PATH_KEY}\", \"captions\"[, "
+                f"\"{BACKTRANS_KEY}\"]}})\n"
                 f"Get the data from {self.source_url} and point --root_dir at the folder that contains '{name}/'.")
 
-    def _check_before_run(self) -> str:
-        """Check the dataset folder, imgs/ and the annotation file; return the annotation path."""
+    def _split_file(self, split: str) -> str:
+        return op.join(self.dataset_dir, SPLIT_FILE_PATTERN.format(split=split))
+
+    def _check_before_run(self) -> Dict[str, str]:
+        """Check the dataset folder, imgs/ and the annotation file(s); return ``{split: annotation path}``.
+
+        The dataset's own annotation file (the first of ``anno_files`` that exists) wins; without one, the per-split
+        reid layout (``train_reid.json`` + ``test_reid.json`` [+ ``val_reid.json``])."""
         anno_paths = [op.join(self.dataset_dir, f) for f in self.anno_files]
         problems = []
+        found: Dict[str, str] = {}
         if not op.isdir(self.dataset_dir):
             problems.append(f"dataset folder '{self.dataset_dir}' is not available")
         else:
             if not op.isdir(self.img_dir):
                 problems.append(f"image folder '{self.img_dir}' is not available")
-            if not any(op.isfile(p) for p in anno_paths):
-                given = " (--anno_file)" if self.anno_files != type(self).anno_files else ""
+            own = next((p for p in anno_paths if op.isfile(p)), None)
+            given = " (--anno_file)" if self.anno_files != type(self).anno_files else ""
+            split_files = {} if given else {sp: self._split_file(sp) for sp in SPLIT_NAMES
+                                            if op.isfile(self._split_file(sp))}
+            if own is not None:
+                found = {sp: own for sp in SPLIT_NAMES}
+                if split_files:
+                    self.logger.warning("%s: the annotation file '%s' is used; the per-split files %s are ignored",
+                                        self.dataset_dir, own, sorted(split_files.values()))
+            elif split_files:
+                missing = [self._split_file(sp) for sp in SPLIT_FILES_REQUIRED if sp not in split_files]
+                if missing:
+                    needed = " and ".join(SPLIT_FILE_PATTERN.format(split=sp) for sp in SPLIT_FILES_REQUIRED)
+                    problems.append(f"per-split annotation files {sorted(split_files.values())} found, but "
+                                    + " and ".join(f"'{p}'" for p in missing)
+                                    + f" is not available (the per-split layout needs {needed})")
+                found = split_files
+            elif given:
                 problems.append("annotation file " + " or ".join(f"'{p}'" for p in anno_paths) + given
                                 + " is not available")
+            else:
+                needed = " and ".join(SPLIT_FILE_PATTERN.format(split=sp) for sp in SPLIT_FILES_REQUIRED)
+                problems.append("annotation file " + " or ".join(f"'{p}'" for p in anno_paths)
+                                + f" is not available (nor the per-split files {needed})")
         if problems:
             raise FileNotFoundError("; ".join(problems) + ".\n" + self._layout_help())
-        return next(p for p in anno_paths if op.isfile(p))
+        return found
 
     def _read_annos(self, anno_path: str) -> List[dict]:
         """Read and validate the annotation list; drop empty / whitespace-only captions (with a warning)."""
-        annos = read_json(anno_path, "annotation file")  # errors name the file (and the encoding found)
+        annos, self.dropped_ids = self._clean_annos(read_json(anno_path, "annotation file"), anno_path)
+        return annos
+
+    def _read_split_files(self, anno_paths: Dict[str, str]) -> List[dict]:
+        """The per-split reid layout: read and validate each split's file (entries as :meth:`_read_annos`, keyed
+        ``file_path``, no ``split`` needed); return the entries of all splits, each with its file's split."""
+        annos: List[dict] = []
+        self.dropped_ids = {}
+        for split in SPLIT_NAMES:
+            if split not in anno_paths:
+                continue
+            path = anno_paths[split]
+            cleaned, dropped = self._clean_annos(read_json(path, "annotation file"), path,
+                                                 path_key=SPLIT_FILE_PATH_KEY, split=split)
+            if split == "train":  # the pid-gap message of the train split names its dropped ids
+                self.dropped_ids = dropped
+            annos.extend(cleaned)
+        return annos
+
+    def _clean_annos(self, annos: Any, anno_path: str, path_key: Optional[str] = None,
+                     split: Optional[str] = None) -> Tuple[List[dict], Dict[int, List[int]]]:
+        """Validate the entries of ``anno_path``; return the kept ones (empty captions dropped, with a warning) and
+        the ids left without any entry (``{id: entry indices}``).
+
+        ``path_key``: the entry key of the image path (default ``self.path_key``; the kept entries hold it under
+        ``self.path_key``). ``split``: the file holds only this split (the per-split layout): entries need no
+        ``split`` key, one that names another split is an error."""
+        path_key = path_key or self.path_key
         if not isinstance(annos, list):
             raise DatasetFormatError(f"{anno_path}: expected a JSON list of entries, got {type(annos).__name__}")
-        required = ("split", "id", self.path_key, "captions")
+        required = (() if split else ("split",)) + ("id", path_key, "captions")
         cleaned, n_dropped, n_entries_dropped = [], 0, 0
         dropped_entries: Dict[int, List[int]] = {}  # id -> indices of its entries dropped for having no caption
         kept_ids: set = set()
@@ -128,13 +201,17 @@ class BaseDataset:
             if not ID_MIN <= int(pid) <= ID_MAX:
                 raise DatasetFormatError(f"{where}: key 'id' is {int(pid)}, outside the 64-bit integer range "
                                          f"[{ID_MIN}, {ID_MAX}] that identity ids are stored in")
-            if anno["split"] not in SPLIT_NAMES:
+            if split is not None and anno.get("split", split) != split:
+                raise DatasetFormatError(f"{where}: key 'split' is {anno['split']!r} in the file of the {split!r} "
+                                         f"split (the per-split layout: '{SPLIT_FILE_PATTERN.format(split=split)}' "
+                                         f"holds only {split!r} entries)")
+            if split is None and anno["split"] not in SPLIT_NAMES:
                 raise DatasetFormatError(f"{where}: key 'split' is {anno['split']!r}; valid: {list(SPLIT_NAMES)} "
                                          f"(exact, lower case)")
-            if not isinstance(anno[self.path_key], str) or not anno[self.path_key]:
-                raise DatasetFormatError(f"{where}: key '{self.path_key}' must be a non-empty string, "
-                                         f"got {anno[self.path_key]!r}")
-            self._check_image_path(anno[self.path_key], where)
+            if not isinstance(anno[path_key], str) or not anno[path_key]:
+                raise DatasetFormatError(f"{where}: key '{path_key}' must be a non-empty string, "
+                                         f"got {anno[path_key]!r}")
+            self._check_image_path(anno[path_key], where, path_key)
             caps = anno["captions"]
             if not isinstance(caps, list) or len(caps) == 0:
                 raise DatasetFormatError(f"{where}: key 'captions' must be a non-empty list of strings, got {caps!r}")
@@ -149,7 +226,9 @@ class BaseDataset:
                 dropped_entries.setdefault(int(pid), []).append(i)
                 continue
             kept_ids.add(int(pid))
-            entry = {**anno, "id": int(pid), "captions": [caps[j] for j in kept]}
+            entry = {**anno, "id": int(pid), "captions": [caps[j] for j in kept], self.path_key: anno[path_key]}
+            if split is not None:
+                entry["split"] = split
             if bts is not None:  # stays aligned with the kept captions
                 entry[BACKTRANS_KEY] = [bts[j] for j in kept]
             cleaned.append(entry)
@@ -157,20 +236,20 @@ class BaseDataset:
             self.logger.warning("%s: dropped %d empty/whitespace-only captions (%d entries left without any caption "
                                 "were dropped too)", anno_path, n_dropped, n_entries_dropped)
         # ids none of whose entries kept a caption: gone from the dataset (named, and named again by the pid check)
-        self.dropped_ids = {pid: idx for pid, idx in dropped_entries.items() if pid not in kept_ids}
-        if self.dropped_ids:
+        dropped_ids = {pid: idx for pid, idx in dropped_entries.items() if pid not in kept_ids}
+        if dropped_ids:
             self.logger.warning("%s: %d ids have no entry with a non-empty caption and were dropped: %s", anno_path,
-                                len(self.dropped_ids), _describe_dropped(self.dropped_ids))
-        return cleaned
+                                len(dropped_ids), _describe_dropped(dropped_ids))
+        return cleaned, dropped_ids
 
-    def _check_image_path(self, path: str, where: str) -> None:
+    def _check_image_path(self, path: str, where: str, path_key: Optional[str] = None) -> None:
         """An entry's image path must stay inside ``imgs/``: relative, without a '..' component or a NUL byte.
         (A symlink inside imgs/ is followed: where it points is the user's choice.)"""
         parts = path.replace("\\", "/").split("/")
         if op.isabs(path) or path.startswith(("/", "\\")) or ".." in parts or "\x00" in path:
             raise DatasetFormatError(
-                f"{where}: image path {path!r} ('{self.path_key}') is outside the image folder '{self.img_dir}': "
-                f"paths must be relative to imgs/, without '..'")
+                f"{where}: image path {path!r} ('{path_key or self.path_key}') is outside the image folder "
+                f"'{self.img_dir}': paths must be relative to imgs/, without '..'")
 
     @staticmethod
     def _check_backtrans(anno: dict, where: str) -> Optional[List[str]]:

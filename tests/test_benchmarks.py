@@ -24,6 +24,18 @@ def test_bench_train_step_small():
     assert diff < 1e-4  # both paths give the same numbers
 
 
+def test_bench_train_step_methods_small():
+    """--methods irra tbps: each method's own losses and optimizer on the same backbone, batch and images."""
+    out = run("-m", "benchmarks.bench_train_step", "--methods", "irra", "tbps", "--arch", "scratch:ViT-Micro",
+              "--batch_size", "4", "--img_size", "64", "32", "--cmt_depth", "1", "--simclr_mlp", "64", "16", "64",
+              "--warmup", "0", "--runs", "1", "--adam", "fused")
+    assert "irra: losses sdm+mlm+id" in out and "optimizer Adam\n" in out
+    assert "tbps: losses nitc+mvs+ss+citc+ritc" in out and "optimizer AdamW" in out
+    medians = {m: float(out.split(f"{m:6}: median")[1].split()[0]) for m in ("irra", "tbps")}
+    ratio = float(out.split("step time tbps/irra (fused):")[1].split("x")[0])
+    assert abs(ratio - medians["tbps"] / medians["irra"]) < 0.01 * ratio + 0.006
+
+
 def test_bench_eval_small():
     out = run("-m", "benchmarks.bench_eval", "--small")
     assert "speed-up vs naive" in out and "ours vs naive" in out

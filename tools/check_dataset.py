@@ -161,7 +161,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as err:  # FileNotFoundError, DatasetFormatError, malformed json, unknown name
         print(f"error: cannot parse {args.dataset_name} under '{args.root_dir}':\n{err}", file=sys.stderr)
         return EXIT_BAD_DATASET
-    print(f"{args.dataset_name}: {dataset.anno_path}")
+    files = list(dict.fromkeys(dataset.anno_paths.values()))  # one file, or one per split (the per-split layout)
+    print(f"{args.dataset_name}: {', '.join(files)}")
     return report(dataset, text_length=args.text_length, max_shown=args.max_shown,
                   show_progress=not args.no_progress)
 
