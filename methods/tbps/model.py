@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.tbps import losses as L
-from model.clip_model import LayerNorm, ResidualAttentionBlock, Transformer, VisionTransformer
+from model.clip_model import LayerNorm, ResidualAttentionBlock, Transformer, VisionTransformer, init_transformer_
 from utils.comm import gather_with_grad, get_world_size, scale_grad
 
 logger = logging.getLogger("IRRA.model.tbps")
@@ -99,7 +99,7 @@ class TextTransformer(nn.Module):
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        _init_blocks(self.transformer)
+        init_transformer_(self.transformer)  # TBPS's (CLIP's) initialisation
         nn.init.normal_(self.text_projection, std=width ** -0.5)
         self.fused = True
         self.train(True)
@@ -127,18 +127,6 @@ class TextTransformer(nn.Module):
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # [B, width] at EOT
         return x @ self.text_projection  # [B, embed_dim]
-
-
-def _init_blocks(transformer: Transformer) -> None:
-    """TBPS's (CLIP's) initialisation of a transformer's blocks."""
-    proj_std = (transformer.width ** -0.5) * ((2 * transformer.layers) ** -0.5)
-    attn_std = transformer.width ** -0.5
-    fc_std = (2 * transformer.width) ** -0.5
-    for block in transformer.resblocks:
-        nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-        nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-        nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-        nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
 
 def build_mlp(in_dim: int = 512, mlp_dim: int = 512, out_dim: int = 512) -> nn.Sequential:
@@ -169,7 +157,7 @@ class TBPS(nn.Module):
                                         stride_size=arch.patch_size, width=arch.vision_width,
                                         layers=arch.vision_layers, heads=arch.vision_heads, output_dim=arch.embed_dim)
         nn.init.normal_(self.visual.positional_embedding, std=0.01)
-        _init_blocks(self.visual.transformer)
+        init_transformer_(self.visual.transformer)
         self.visual.conv1.requires_grad_(False)  # TBPS: freeze_conv1
         self.encode_text = TextTransformer(arch.embed_dim, arch.context_length, arch.vocab_size, arch.text_width,
                                            arch.text_heads, arch.text_layers, dropout)
