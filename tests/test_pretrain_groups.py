@@ -16,19 +16,12 @@ from methods.tbps.functions import interpolate_text, resize_pos_embed
 from model.build import build_model
 from model.pretrain_report import format_group_report, group_report, irra_backbone_name, param_group
 from tests.conftest import tiny_train_argv
-from utils.options import default_args
+from tests.test_pretrain_irra import tiny_args  # the same tiny IRRA options
 
 CKPT_CLASSES = 11  # the pretraining's identities (the fine-tuning set has others)
 TBPS = dict(loss_names="nitc+mvs+ss+citc+ritc", simclr_mlp=(64, 16, 64))  # TBPS's default losses
 BACKBONE_NAME = {"irra": irra_backbone_name, "rde": irra_backbone_name, "clip_itc": irra_backbone_name,
                  "tbps": tbps_backbone_name}  # a model key -> the CLIP key of its backbone tensor (None: not backbone)
-
-
-def tiny_args(**overrides):
-    kw = dict(pretrain_choice="scratch:ViT-Micro", img_size=(64, 32), loss_names="sdm+mlm+id", cmt_depth=1,
-              device="cpu", precision="fp32")
-    kw.update(overrides)
-    return default_args(**kw)
 
 
 @pytest.fixture(scope="module")
